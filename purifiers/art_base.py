@@ -1,0 +1,240 @@
+"""The part every purifier's ART wrapper shares: input checks, layout, internal batching, gradient modes and EOT.
+
+| Please keep in mind the limitations of defences. While adversarial purification can be effective against attacks
+  that ignore it, it can be evaded by adaptive attacks that differentiate through it or approximate it; for details
+  see https://arxiv.org/abs/1802.00420 (Athalye et al.), https://arxiv.org/abs/1902.06705 (Carlini et al.) and
+  https://arxiv.org/abs/2202.13711 (Croce et al., adaptive test-time defenses).
+
+Gradient modes live inside ``forward``, because ``PyTorchClassifier`` backpropagates through ``forward`` and never
+calls ``estimate_forward`` when every preprocessing step is a ``PreprocessorPyTorch``
+(``../shared/reference/art_api.md`` §0, §2). ``forward`` knows it is inside a gradient computation when autograd is on
+and the input requires a gradient; only then does it use the gradient mode and expand the batch for EOT.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
+from torch import nn
+from tqdm import tqdm
+
+from purifiers.validation import check_images
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+def straight_through(x: Tensor, purified: Tensor) -> Tensor:
+    """BPDA with the identity (Athalye et al. 2018): the value of ``purified``, the gradient of the identity."""
+    return x + (purified - x).detach()
+
+
+class PurifierPyTorch(PreprocessorPyTorch):
+    """Base ART wrapper around a pure-torch purification algorithm ``algorithm(x, generator=...) -> x_purified``.
+
+    Subclasses build ``self.algorithm`` and declare their gradient modes in ``gradient_modes`` by overriding
+    :meth:`_gradient_estimators`; ``bpda`` (straight-through identity) is always available.
+
+    :param gradient: how a gradient is taken through the purifier (see the subclass docstring for its modes).
+    :param eot_samples: while a gradient is taken, each input is purified ``eot_samples`` times (one batched call of
+        ``N * eot_samples`` rows, chunked by ``batch_size``) and the loss averages over them, so ``loss_gradient``
+        returns the EOT-averaged gradient; ``predict`` (no gradient) keeps N rows.
+    :param clip_values: ``(min, max)`` of the input images; must be ``(0, 1)`` up to scale (see ``_check_params``).
+    :param channels_first: ``True`` for NCHW input, ``False`` for NHWC.
+    :param batch_size: rows purified at once without a gradient (ART hands ``predict``'s whole input to ``forward``).
+    :param verbose: show a progress bar over batches.
+    :param seed: seed of the purifier's own random generator (noise is reproducible across calls' sequence), or
+        ``None`` for torch's global generator.
+    """
+
+    params = ["gradient", "eot_samples", "clip_values", "channels_first", "batch_size", "verbose", "seed"]
+    gradient_modes: tuple[str, ...] = ("bpda",)
+
+    def __init__(self, algorithm: nn.Module, *, gradient: str = "bpda", eot_samples: int = 1,
+                 clip_values: tuple[float, float] = (0.0, 1.0), channels_first: bool = True, batch_size: int = 128,
+                 verbose: bool = False, seed: int | None = None, device_type: str = "gpu"):
+        super().__init__(device_type=device_type, is_fitted=True, apply_fit=False, apply_predict=True)
+        self.algorithm = algorithm
+        self.gradient = gradient
+        self.eot_samples = eot_samples
+        self.clip_values = clip_values
+        self.channels_first = channels_first
+        self.batch_size = batch_size
+        self.verbose = verbose
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._check_params()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if self.gradient not in self.gradient_modes:
+            raise ValueError(f"gradient must be one of {self.gradient_modes}, got {self.gradient!r}.")
+        if not isinstance(self.eot_samples, (int, np.integer)) or self.eot_samples < 1:
+            raise ValueError(f"eot_samples must be a positive integer, got {self.eot_samples!r}.")
+        if len(self.clip_values) != 2:
+            raise ValueError("'clip_values' should be a tuple of 2 floats (min, max).")
+        if self.clip_values[0] >= self.clip_values[1]:
+            raise ValueError("Invalid 'clip_values': min >= max.")
+        if tuple(float(v) for v in self.clip_values) != (0.0, 1.0):
+            raise ValueError(f"clip_values must be (0, 1): the priors work on [0, 1] images, got {self.clip_values}. "
+                             "Rescale the data (e.g. divide 0-255 images by 255).")
+        if not isinstance(self.channels_first, bool):
+            raise ValueError("channels_first must be a bool.")
+        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        if not isinstance(self.verbose, bool):
+            raise ValueError("The argument `verbose` has to be of type bool.")
+        if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+
+    def set_params(self, **kwargs) -> None:
+        super().set_params(**kwargs)
+        if "seed" in kwargs:
+            self._generators.clear()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The wrapper's random generator on ``device`` (``None`` when no seed was given: torch's global RNG)."""
+        if self.seed is None:
+            return None
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(int(self.seed))
+        return self._generators[device]
+
+    def reset_generator(self) -> None:
+        """Restart the seeded noise stream, so the next call draws the same noise as the first one did."""
+        self._generators.clear()
+
+    def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
+        """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""
+        return {"bpda": lambda x, gen: straight_through(x, self._purify_no_grad(x, gen))}
+
+    def _purify_no_grad(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        with torch.no_grad():
+            return self.algorithm(x, generator=generator)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _to_nchw(self, x: Tensor) -> Tensor:
+        return x if self.channels_first else x.permute(0, 3, 1, 2)
+
+    def _from_nchw(self, x: Tensor) -> Tensor:
+        return x if self.channels_first else x.permute(0, 2, 3, 1)
+
+    def purify(self, x: Tensor, with_gradient: bool) -> Tensor:
+        """Purify an NCHW tensor in [0, 1]: in the gradient mode when ``with_gradient``, else in batches without graph.
+
+        This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT.
+        """
+        check_images(x, name="purifier input")
+        self.algorithm.to(x.device)
+        gen = self.generator(x.device)
+        if with_gradient:
+            return self._gradient_estimators()[self.gradient](x, gen)
+        chunks = range(0, x.shape[0], self.batch_size)
+        out = [self._purify_no_grad(x[i:i + self.batch_size], gen)
+               for i in tqdm(chunks, desc=type(self).__name__, disable=not self.verbose or len(chunks) < 2)]
+        return torch.cat(out).clamp(*self.clip_values)
+
+    def forward(self, x: Tensor, y=None):
+        """ART's entry point: purify ``x`` (as laid out by ``channels_first``), returning ``(x_purified, y)``.
+
+        Inside a gradient computation the batch is expanded ``eot_samples``-fold (and ``y`` with it); otherwise the
+        output has the input's rows.
+        """
+        if not isinstance(x, Tensor):
+            raise ValueError(f"forward expects a torch.Tensor, got {type(x).__name__}.")
+        if x.ndim != 4:
+            raise ValueError(f"purifier input must be a 4-D image batch, got shape {tuple(x.shape)}.")
+        with_gradient = torch.is_grad_enabled() and x.requires_grad
+        x_nchw = self._to_nchw(x)
+        if with_gradient and self.eot_samples > 1:
+            x_nchw = x_nchw.repeat_interleave(self.eot_samples, dim=0)
+            y = _repeat_rows(y, self.eot_samples)
+        return self._from_nchw(self.purify(x_nchw, with_gradient)), y
+
+    def estimate_forward(self, x: Tensor, y=None) -> Tensor:
+        """The same differentiable estimate ``forward`` uses (without EOT expansion, which would change the shape)."""
+        return self._from_nchw(self.purify(self._to_nchw(x), torch.is_grad_enabled()))
+
+    def __call__(self, x: np.ndarray, y=None):
+        check_images(x if self.channels_first else np.moveaxis(x, -1, 1), name="purifier input")
+        return super().__call__(x, y)
+
+
+def _repeat_rows(y, k: int):
+    if y is None:
+        return None
+    if isinstance(y, Tensor):
+        return y.repeat_interleave(k, dim=0)
+    return np.repeat(y, k, axis=0)
+
+
+class PurifiedClassifier(nn.Module):
+    """A purifier in front of a classifier, as one ``torch.nn.Module`` that AutoAttack, torchattacks and RobustBench
+    accept: ``forward(x)`` takes [0, 1] NCHW images and returns scores of shape (N, classes).
+
+    The deployed defense purifies each input ``runs`` times (batched in one call) and combines the runs:
+
+    * ``"softmax"`` (default): log of the mean softmax (log-probabilities, which AutoAttack's CE and DLR losses accept);
+    * ``"logits"``: the mean of the logits;
+    * ``"vote"``: log of the vote fractions of the runs' argmaxes (not differentiable: use for scoring only).
+
+    Gradients flow through the purifier's gradient mode (``purifier.gradient``) when the input requires one. Counts
+    network evaluations per image in ``nfe`` (prior forward/backward, classifier forward).
+
+    :param purifier: a :class:`PurifierPyTorch` (ADPPyTorch, ScoreOptPyTorch, COUPPyTorch, ...).
+    :param classifier: a module mapping [0, 1] images to logits.
+    """
+
+    ENSEMBLES = ("softmax", "logits", "vote")
+
+    def __init__(self, purifier: PurifierPyTorch, classifier: nn.Module, runs: int = 1, ensemble: str = "softmax"):
+        super().__init__()
+        if not isinstance(purifier, PurifierPyTorch):
+            raise ValueError(f"purifier must be a PurifierPyTorch, got {type(purifier).__name__}.")
+        if not isinstance(runs, int) or runs < 1:
+            raise ValueError(f"runs must be a positive integer, got {runs!r}.")
+        if ensemble not in self.ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {self.ENSEMBLES}, got {ensemble!r}.")
+        self.purifier = purifier
+        self.algorithm = purifier.algorithm  # registered, so .to() / .requires_grad_() reach the prior
+        self.classifier = classifier
+        self.runs = runs
+        self.ensemble = ensemble
+        self.classifier_evaluations = 0
+        self.images_seen = 0
+
+    @property
+    def prior_nfe(self):
+        """The prior's :class:`purifiers.priors.NFECounter` (images through the network, forward and backward)."""
+        return self.algorithm.prior.nfe
+
+    def reset_counters(self) -> None:
+        self.prior_nfe.reset()
+        self.classifier_evaluations = 0
+        self.images_seen = 0
+
+    def nfe_per_image(self) -> dict:
+        n = max(self.images_seen, 1)
+        return {"prior_forward": self.prior_nfe.forward / n, "prior_backward": self.prior_nfe.backward / n,
+                "classifier": self.classifier_evaluations / n}
+
+    def forward(self, x: Tensor) -> Tensor:
+        with_gradient = torch.is_grad_enabled() and x.requires_grad
+        n = x.shape[0]
+        x_runs = x.repeat(self.runs, 1, 1, 1) if self.runs > 1 else x
+        logits = self.classifier(self.purifier.purify(x_runs, with_gradient))
+        self.classifier_evaluations += logits.shape[0]
+        self.images_seen += n
+        logits = logits.reshape(self.runs, n, -1)
+        if self.ensemble == "softmax":
+            return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - np.log(self.runs)
+        if self.ensemble == "logits":
+            return logits.mean(0)
+        votes = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float().mean(0)
+        return votes.clamp_min(1e-12).log()

@@ -1,0 +1,312 @@
+"""Score priors behind one convention: a denoiser ``D(x, sigma)`` on [0, 1] images, sigma in pixel units.
+
+Each backend is a small wrapper that turns one model parametrisation into that denoiser (in the spirit of
+k-diffusion's ``external.py``); every unit conversion goes through :mod:`purifiers.conventions`.
+
+* :class:`GaussianPrior`: the exact denoiser of N(mean, std^2 I) data, for tests and sanity checks.
+* :class:`EDMDenoiser`: a network F with EDM preconditioning (Karras et al. 2022, Table 1), e.g. the built-in
+  :class:`purifiers.unet.SmallUNet` this package trains by denoising score matching.
+* :class:`EpsilonPrior`: an epsilon-prediction network on [-1, 1] data, with a DDPM-discrete or continuous VP time
+  input: a diffusers ``UNet2DModel`` such as ``google/ddpm-cifar10-32``, or a user's own module.
+* :class:`DenoiserPrior`: a user's own denoiser module, on [0, 1] or [-1, 1] data.
+
+:func:`load_prior` picks the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from purifiers.conventions import DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, to_01, to_pm1
+from purifiers.validation import check_images
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class NFECounter:
+    """Network evaluations, counted in images: ``forward`` calls of the denoiser and ``backward`` passes through it."""
+
+    forward: int = 0
+    backward: int = 0
+
+    def reset(self) -> None:
+        self.forward = 0
+        self.backward = 0
+
+
+class Prior(nn.Module):
+    """Base class: subclasses implement ``_denoise(x, sigma)`` with ``sigma`` a float tensor of shape (N,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nfe = NFECounter()
+
+    def denoise(self, x: Tensor, sigma) -> Tensor:
+        """``D(x, sigma)``: the posterior-mean clean image for a noisy [0, 1] image ``x`` at pixel noise level ``sigma``.
+
+        :param x: (N, C, H, W) float tensor; noisy, so values may leave [0, 1].
+        :param sigma: a positive float, or a tensor of shape (N,) (one level per image).
+        """
+        check_images(x, name="prior input", value_range=None)
+        sigma = self._sigma_batch(sigma, x)
+        if x.abs().max() > 2.0 + 10.0 * float(sigma.max()):
+            raise ValueError(f"prior input has values up to {float(x.abs().max()):g}, far outside [0, 1] for noise level "
+                             f"{float(sigma.max()):g}: this looks like 0-255 images; divide by 255.")
+        out = self._denoise(x, sigma)
+        self.nfe.forward += x.shape[0]
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        return self.denoise(x, sigma)
+
+    def score(self, x: Tensor, sigma) -> Tensor:
+        """``grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` in [0, 1] pixel units."""
+        sigma = self._sigma_batch(sigma, x)
+        return (self.denoise(x, sigma) - x) / _per_image(sigma) ** 2
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _count_backward(self, grad: Tensor) -> None:
+        self.nfe.backward += grad.shape[0]
+
+    @staticmethod
+    def _sigma_batch(sigma, x: Tensor) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        sigma = sigma.reshape(-1)
+        if sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]} images.")
+        if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
+            raise ValueError("sigma must be positive and finite.")
+        return sigma
+
+
+def _per_image(v: Tensor) -> Tensor:
+    return v.reshape(-1, 1, 1, 1)
+
+
+class GaussianPrior(Prior):
+    """Data ~ N(mean, std^2 I) on the pixel scale; the denoiser is exact: ``mean + std^2/(std^2+sigma^2) (x - mean)``.
+
+    :param mean: a float or a tensor broadcastable to one image (C, H, W).
+    :param std: the per-pixel standard deviation of the data.
+    """
+
+    def __init__(self, mean=0.5, std: float = 0.2):
+        super().__init__()
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std}.")
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.std = float(std)
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        shrink = self.std**2 / (self.std**2 + _per_image(sigma) ** 2)
+        return self.mean + shrink * (x - self.mean)
+
+
+class EDMDenoiser(Prior):
+    """EDM preconditioning (Karras et al. 2022, Table 1, "Ours") around a network ``F(x_in, c_noise)``.
+
+    The network works on [-1, 1] data with ``sigma_data = 0.5``:
+    ``D = c_skip x + c_out F(c_in x, c_noise)``, ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``,
+    ``c_in = 1/sqrt(s^2+sd^2)``, ``c_noise = ln(s)/4``, where ``s`` is the [-1, 1]-scale sigma.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        x_pm1, s = to_pm1(x), pixel_sigma_to_pm1(sigma)
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        c_in = 1.0 / (s**2 + sd2).sqrt()
+        f = self.net(_per_image(c_in) * x_pm1, s.log() / 4.0)
+        return to_01(_per_image(c_skip) * x_pm1 + _per_image(c_out) * f)
+
+
+class EpsilonPrior(Prior):
+    """An epsilon-prediction model ``eps(x_t, time)`` on [-1, 1] data, trained on the VP process
+    ``x_t = sqrt(a) x0 + sqrt(1-a) eps``.
+
+    A noisy [0, 1] image at pixel sigma is the VE form of ``x_t``: ``x_t = sqrt(a) (2x - 1)`` with
+    ``a = 1/(1 + sigma_pm1^2)``; then ``D = (2x - 1 - sigma_pm1 eps_hat + 1) / 2``.
+
+    :param model: called as ``model(x_t, time)``, returning the predicted noise (a tensor, or an object with ``.sample``
+        as diffusers returns).
+    :param time_of_sigma: maps pixel sigma (N,) to the model's time input (N,); see :meth:`ddpm` and :meth:`vp`.
+    """
+
+    def __init__(self, model: nn.Module, time_of_sigma: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.model = model
+        self.time_of_sigma = time_of_sigma
+
+    @classmethod
+    def ddpm(cls, model: nn.Module, schedule: DDPMSchedule | None = None) -> "EpsilonPrior":
+        """Discrete DDPM time input: the fractional timestep (0..999) whose sigma matches (diffusers' convention)."""
+        schedule = schedule or DDPMSchedule()
+        return cls(model, lambda sigma: schedule.timestep_of_sigma(sigma).to(sigma))
+
+    @classmethod
+    def vp(cls, model: nn.Module, schedule: VPSchedule | None = None, time_scale: float = 999.0) -> "EpsilonPrior":
+        """Continuous VP-SDE time input ``time_scale * t`` (score_sde's DDPM++ takes 999 t)."""
+        schedule = schedule or VPSchedule()
+        return cls(model, lambda sigma: time_scale * schedule.t_of_sigma(sigma))
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        y, s = to_pm1(x), pixel_sigma_to_pm1(sigma)
+        sqrt_a = _per_image((1.0 + s**2).rsqrt())
+        eps = self.model(sqrt_a * y, self.time_of_sigma(sigma))
+        eps = getattr(eps, "sample", eps)
+        return to_01(y - _per_image(s) * eps)
+
+
+class DenoiserPrior(Prior):
+    """A user's own denoiser ``module(x, sigma)``, on [0, 1] data (``data_range="01"``, pixel sigma) or on [-1, 1] data
+    (``data_range="pm1"``, sigma on that scale, as EDM networks take it)."""
+
+    def __init__(self, module: nn.Module, data_range: str = "01"):
+        super().__init__()
+        if data_range not in ("01", "pm1"):
+            raise ValueError(f"data_range must be '01' or 'pm1', got {data_range!r}.")
+        self.module = module
+        self.data_range = data_range
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if self.data_range == "01":
+            return self.module(x, sigma)
+        return to_01(self.module(to_pm1(x), pixel_sigma_to_pm1(sigma)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+BUILTIN_FORMAT = "art-purifiers/edm-small-unet"
+
+
+def save_builtin_prior(prior: EDMDenoiser, path: str, card: dict | None = None) -> None:
+    """Write a built-in prior as safetensors (architecture in the metadata) plus an optional JSON card beside it."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": BUILTIN_FORMAT, "config": json.dumps(prior.net.config), "sigma_data": str(prior.sigma_data)}
+    state = {k: v.detach().contiguous().cpu() for k, v in prior.net.state_dict().items()}
+    save_file(state, path, metadata=metadata)
+    if card is not None:
+        with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump(card, f, indent=2)
+
+
+def _load_builtin_prior(path: str) -> EDMDenoiser:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from purifiers.unet import SmallUNet
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != BUILTIN_FORMAT:
+        raise ValueError(f"{path} is a safetensors file without the {BUILTIN_FORMAT!r} metadata of a built-in prior; "
+                         "wrap your own network with load_prior(module, kind=...) instead.")
+    net = SmallUNet(**json.loads(metadata["config"]))
+    net.load_state_dict(load_file(path))
+    return EDMDenoiser(net, sigma_data=float(metadata["sigma_data"])).eval()
+
+
+def load_state_dict_safely(path: str) -> dict:
+    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)`` for pickles."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for pickles that hold code
+        raise ValueError(f"refusing to load {path}: it is a pickle that holds more than tensors (arbitrary code could "
+                         f"run). Convert it to safetensors. ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+
+
+def _load_diffusers_unet(folder: str) -> nn.Module:
+    import diffusers
+
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    class_name = config.get("_class_name")
+    if class_name != "UNet2DModel":
+        raise ValueError(f"{config_path} describes a {class_name!r}; only diffusers UNet2DModel epsilon-prediction "
+                         "models are supported (the model folder inside a pipeline is usually 'unet/').")
+    weights = [n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+               if os.path.exists(os.path.join(folder, n))]
+    if not weights:
+        raise ValueError(f"{folder} holds no diffusion_pytorch_model.safetensors (or .bin) weights.")
+    unet = diffusers.UNet2DModel.from_config(config)
+    unet.load_state_dict(load_state_dict_safely(os.path.join(folder, weights[0])))
+    return unet.eval()
+
+
+def _resolve_diffusers_folder(path: str) -> str | None:
+    for folder in (path, os.path.join(path, "unet")):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    return None
+
+
+def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_input: str = "ddpm",
+               device: str | torch.device = "cpu", **gaussian_kwargs) -> Prior:
+    """Return a :class:`Prior` for ``source``.
+
+    :param source: one of
+        * ``"gaussian"``: a :class:`GaussianPrior` (``mean=``, ``std=`` keyword arguments);
+        * a path to a built-in prior ``.safetensors`` file (as shipped in ``benchmarks/models/``);
+        * a path to a local diffusers folder holding a ``UNet2DModel`` (e.g. a download of ``google/ddpm-cifar10-32``,
+          or its ``unet/`` subfolder): DDPM epsilon-prediction on [-1, 1] with 1000 linear betas;
+        * a ``torch.nn.Module``: with ``kind="denoiser"`` it is called ``module(x, sigma)`` on ``data_range`` data
+          ("01" or "pm1"); with ``kind="epsilon"`` it is called ``module(x_t, time)`` on [-1, 1] VP data, ``time_input``
+          "ddpm" (fractional timestep 0..999) or "vp" (999 t, t the continuous VP-SDE time);
+        * an existing :class:`Prior`, returned as is.
+    :param device: where the prior's parameters go.
+    """
+    if isinstance(source, Prior):
+        prior = source
+    elif isinstance(source, nn.Module):
+        if kind == "denoiser":
+            prior = DenoiserPrior(source, data_range=data_range)
+        elif kind == "epsilon":
+            if time_input not in ("ddpm", "vp"):
+                raise ValueError(f"time_input must be 'ddpm' or 'vp', got {time_input!r}.")
+            prior = EpsilonPrior.ddpm(source) if time_input == "ddpm" else EpsilonPrior.vp(source)
+        else:
+            raise ValueError("for a torch.nn.Module, say what it computes: kind='denoiser' (module(x, sigma)) or "
+                             "kind='epsilon' (module(x_t, time) predicting the noise).")
+    elif isinstance(source, str) and source == "gaussian":
+        prior = GaussianPrior(**gaussian_kwargs)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise ValueError(f"prior path {path!r} does not exist.")
+        folder = _resolve_diffusers_folder(path) if os.path.isdir(path) else None
+        if folder is not None:
+            prior = EpsilonPrior.ddpm(_load_diffusers_unet(folder))
+        elif path.endswith(".safetensors"):
+            prior = _load_builtin_prior(path)
+        else:
+            raise ValueError(f"cannot tell what prior {path!r} is: expected a built-in .safetensors file or a diffusers "
+                             "folder with config.json (UNet2DModel).")
+    else:
+        raise ValueError(f"unsupported prior source of type {type(source).__name__}.")
+    return prior.to(device).eval()
