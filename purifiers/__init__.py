@@ -1,12 +1,26 @@
 """Score/diffusion-based adversarial purifiers as ART preprocessors.
 
-Public names: :func:`load_prior` and the prior backends, :class:`PurifierPyTorch` (the shared ART wrapper base) and
-:class:`PurifiedClassifier`; the purifiers (ADP, ScoreOpt, COUP, DiffPure) and their ART wrappers.
+Public names: :func:`load_prior` and the prior backends; :class:`PurifierPyTorch` (the shared ART wrapper base) and
+:class:`PurifiedClassifier`; the purifiers ADP, ScoreOpt, COUP, DiffPure (pure torch) and their ART wrappers
+ADPPyTorch, ScoreOptPyTorch, COUPPyTorch, DiffPurePyTorch. The purifiers load lazily on first access.
 """
+
+import importlib
 
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch, straight_through
 from purifiers.conventions import DDPMSchedule, VPSchedule
-from purifiers.priors import (DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, NFECounter, Prior, load_prior)
+from purifiers.priors import DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, NFECounter, Prior, load_prior
+
+_LAZY = {"ADP": "purifiers.adp", "ADPPyTorch": "purifiers.adp_pytorch",
+         "ScoreOpt": "purifiers.scoreopt", "ScoreOptPyTorch": "purifiers.scoreopt_pytorch",
+         "COUP": "purifiers.vpsde", "DiffPure": "purifiers.vpsde",
+         "COUPPyTorch": "purifiers.vpsde_pytorch", "DiffPurePyTorch": "purifiers.vpsde_pytorch"}
 
 __all__ = ["load_prior", "Prior", "GaussianPrior", "EDMDenoiser", "EpsilonPrior", "DenoiserPrior", "NFECounter",
-           "VPSchedule", "DDPMSchedule", "PurifierPyTorch", "PurifiedClassifier", "straight_through"]
+           "VPSchedule", "DDPMSchedule", "PurifierPyTorch", "PurifiedClassifier", "straight_through", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'purifiers' has no attribute {name!r}")

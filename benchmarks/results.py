@@ -1,0 +1,83 @@
+"""The one shape of every results file of this package.
+
+``{"rows": [row, ...], "meta": {...}}`` where each row is
+``{defense, attack, gradient, scoring, eps, norm, n, seed, clean_acc, robust_acc, nfe_per_image, seconds}``
+(accuracies as fractions in [0, 1], ``None`` where not applicable) and may carry more keys (e.g. ``eot``, ``iterations``,
+``note``); ``meta`` holds versions, device, command line, dataset and split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+ROW_FIELDS = ("defense", "attack", "gradient", "scoring", "eps", "norm", "n", "seed", "clean_acc", "robust_acc",
+              "nfe_per_image", "seconds")
+
+
+def make_row(**fields) -> dict:
+    """A results row: every field of :data:`ROW_FIELDS` present (missing ones ``None``), extra fields kept."""
+    for key in ("clean_acc", "robust_acc"):
+        value = fields.get(key)
+        if value is not None and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{key} must be a fraction in [0, 1], got {value}.")
+    row = {key: fields.pop(key, None) for key in ROW_FIELDS}
+    row.update(fields)
+    return row
+
+
+def collect_meta(dataset: str, split: str, **extra) -> dict:
+    """Versions, device, command line, dataset and split, plus ``extra``."""
+    import numpy
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for name in ("art", "pyautoattack", "torchattacks", "diffusers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            versions[name] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    meta = {"versions": versions, "device": device, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "dataset": dataset, "split": split, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta.update(extra)
+    return meta
+
+
+def write_results(path: str, rows: list[dict], meta: dict) -> str:
+    """Write ``{"rows": rows, "meta": meta}`` atomically (a crash never leaves a half-written file)."""
+    missing = [key for row in rows for key in ROW_FIELDS if key not in row]
+    if missing:
+        raise ValueError(f"results rows lack fields {sorted(set(missing))}; build rows with make_row().")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"rows": rows, "meta": meta}, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data.get("rows"), list) or not isinstance(data.get("meta"), dict):
+        raise ValueError(f"{path} is not a results file (needs a 'rows' list and a 'meta' object).")
+    return data
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of rows (accuracies in %)."""
+    head = "| defense | attack | gradient | scoring | eps | n | clean % | robust % | NFE/img | s |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        nfe = r.get("nfe_per_image")
+        nfe = "-" if nfe is None else (f"{nfe:.0f}" if isinstance(nfe, (int, float)) else
+                                       "/".join(f"{v:.0f}" for v in nfe.values()))
+        lines.append(f"| {r['defense']} | {r['attack']} | {r['gradient'] or '-'} | {r['scoring'] or '-'} | "
+                     f"{'-' if r['eps'] is None else r['eps']} | {r['n']} | {pct(r['clean_acc'])} | "
+                     f"{pct(r['robust_acc'])} | {nfe} | {'-' if r['seconds'] is None else round(r['seconds'], 1)} |")
+    return "\n".join(lines)
