@@ -1,63 +1,39 @@
-"""Command line: ``python -m benchmarks <command> [options]``; ``python -m benchmarks --help`` lists the commands."""
+"""Command line: ``python -m benchmarks <command> [options]``; ``python -m benchmarks <command> --help`` for options.
+
+Each command is a module of this package with a ``main(argv)`` function; the table below maps names to modules.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import importlib
+import sys
 
-from benchmarks.models import MODELS_DIR
-
-
-def _train_classifier(args):
-    card = args_call("benchmarks.train", "train_classifier", out=args.out, epochs=args.epochs, seed=args.seed,
-                     verbose=not args.quiet)
-    print(json.dumps(card["metrics"], indent=2))
-
-
-def _train_prior(args):
-    card = args_call("benchmarks.train", "train_prior", out=args.out, minutes=args.minutes, max_steps=args.max_steps,
-                     seed=args.seed, verbose=not args.quiet)
-    print(json.dumps(card["metrics"], indent=2))
-
-
-def _quickstart(args):
-    from benchmarks.quickstart import run_quickstart
-
-    run_quickstart(out_dir=args.out, verbose=not args.quiet)
-
-
-def args_call(module: str, name: str, **kwargs):
-    import importlib
-
-    return getattr(importlib.import_module(module), name)(**kwargs)
+COMMANDS = {
+    "quickstart": ("benchmarks.quickstart", "the main job on bundled MNIST with the shipped models"),
+    "train-classifier": ("benchmarks.train", "train the MNIST reference classifier"),
+    "train-prior": ("benchmarks.train", "train the MNIST built-in score prior"),
+    "attacks": ("benchmarks.attacks_run", "adaptive attacks and the worst-case table (attacks.json)"),
+    "autoattack": ("benchmarks.autoattack_eval", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
+    "robustbench": ("benchmarks.robustbench_eval", "RobustBench-style evaluation writing model_info JSON"),
+    "leaderboard": ("benchmarks.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
+    "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),
+    "plots": ("benchmarks.plots", "robustness curves, image grids, score-norm histograms"),
+    "coup-toy": ("benchmarks.coup_toy", "COUP's 1-D toy experiment (Fig. 3b)"),
+}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train-classifier", help="train the MNIST reference classifier")
-    p.add_argument("--out", default=os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_train_classifier)
-
-    p = sub.add_parser("train-prior", help="train the MNIST built-in score prior (EDM denoising score matching)")
-    p.add_argument("--out", default=os.path.join(MODELS_DIR, "mnist_prior.safetensors"))
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
-    p.add_argument("--max-steps", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_train_prior)
-
-    p = sub.add_parser("quickstart", help="the main job on bundled MNIST and the shipped models; writes quickstart.json")
-    p.add_argument("--out", default="results")
-    p.set_defaults(func=_quickstart)
-
-    for p in sub.choices.values():
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print(__doc__.strip().splitlines()[0] + "\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<{width}}  {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"\nunknown command {argv[0]!r}")
+        return
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module.main(argv)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,29 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
     save_builtin_prior(ema, out, card)
     return card
 
+
+
+def main(argv: list[str]) -> None:
+    """``python -m benchmarks train-classifier|train-prior [options]``."""
+    import argparse
+    import json
+
+    from benchmarks.models import MODELS_DIR
+
+    command, rest = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if command == "train-classifier":
+        parser.add_argument("--out", default=os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
+        parser.add_argument("--epochs", type=int, default=30)
+        args = parser.parse_args(rest)
+        card = train_classifier(args.out, epochs=args.epochs, seed=args.seed, verbose=not args.quiet)
+    else:
+        parser.add_argument("--out", default=os.path.join(MODELS_DIR, "mnist_prior.safetensors"))
+        parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
+        parser.add_argument("--max-steps", type=int, default=100_000)
+        args = parser.parse_args(rest)
+        card = train_prior(args.out, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed,
+                           verbose=not args.quiet)
+    print(json.dumps(card["metrics"], indent=2))
