@@ -259,6 +259,23 @@ def _load_diffusers_unet(folder: str) -> nn.Module:
     return unet.eval()
 
 
+def _diffusers_schedule(folder: str) -> DDPMSchedule:
+    """The DDPM schedule from a ``scheduler_config.json`` beside (or in ``../scheduler/`` of) the UNet folder, or
+    DDPM's defaults when there is none. Only linear betas and epsilon prediction are supported."""
+    for path in (os.path.join(folder, "scheduler_config.json"),
+                 os.path.join(folder, os.pardir, "scheduler", "scheduler_config.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                config = json.load(f)
+            if config.get("beta_schedule", "linear") != "linear" or config.get("prediction_type", "epsilon") != "epsilon":
+                raise ValueError(f"{path}: only linear-beta epsilon-prediction DDPM models are supported, got "
+                                 f"beta_schedule={config.get('beta_schedule')!r}, "
+                                 f"prediction_type={config.get('prediction_type')!r}.")
+            return DDPMSchedule(config.get("beta_start", 1e-4), config.get("beta_end", 0.02),
+                                config.get("num_train_timesteps", 1000))
+    return DDPMSchedule()
+
+
 def _resolve_diffusers_folder(path: str) -> str | None:
     for folder in (path, os.path.join(path, "unet")):
         if os.path.isfile(os.path.join(folder, "config.json")):
@@ -301,7 +318,7 @@ def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_
             raise ValueError(f"prior path {path!r} does not exist.")
         folder = _resolve_diffusers_folder(path) if os.path.isdir(path) else None
         if folder is not None:
-            prior = EpsilonPrior.ddpm(_load_diffusers_unet(folder))
+            prior = EpsilonPrior.ddpm(_load_diffusers_unet(folder), _diffusers_schedule(folder))
         elif path.endswith(".safetensors"):
             prior = _load_builtin_prior(path)
         else:

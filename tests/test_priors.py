@@ -146,9 +146,14 @@ def test_diffusers_round_trip_matches_the_ddpm_formula(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_pipeline_folder_with_unet_subfolder(tmp_path):
+def test_diffusers_pipeline_folder_with_unet_subfolder_and_scheduler(tmp_path):
+    from diffusers import DDPMScheduler
+
     _tiny_unet2d().save_pretrained(tmp_path / "pipe" / "unet")
     assert isinstance(load_prior(str(tmp_path / "pipe")), EpsilonPrior)
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "pipe" / "scheduler")
+    with pytest.raises(ValueError, match="linear-beta"):
+        load_prior(str(tmp_path / "pipe"))
 
 
 def test_builtin_prior_save_load_round_trip(tmp_path):
