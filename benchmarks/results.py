@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,10 +36,12 @@ def collect_meta(dataset: str, split: str, **extra) -> dict:
     import torch
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for name in ("art", "pyautoattack", "torchattacks", "diffusers"):
+    # Installed versions from the package metadata: importing diffusers just for its version costs seconds.
+    for name, dist in (("art", "adversarial-robustness-toolbox"), ("pyautoattack", "pyautoattack"),
+                       ("torchattacks", "torchattacks"), ("diffusers", "diffusers")):
         try:
-            versions[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
+            versions[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     meta = {"versions": versions, "device": device, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
