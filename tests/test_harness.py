@@ -1,0 +1,285 @@
+"""The evaluation harnesses: AutoAttack 'rand'/'standard' with resumable per-batch checkpoints, the RobustBench-style
+model_info JSON, the leaderboard.
+
+Most tests use a toy purifier (Gaussian noise, then the exact denoiser of a Gaussian prior) in front of the shipped
+MNIST classifier, with scaled-down AutoAttack settings, so the whole file stays fast on a loaded 2-core CPU.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import autoattack_eval as aa
+from benchmarks.data import load_mnist
+from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
+from purifiers import GaussianPrior, PurifierPyTorch
+
+torch.set_num_threads(1)
+
+SMALL = dict(batch_size=4, rescore_draws=3, n_iter=3, eot_iter=2, n_target_classes=1, n_queries=10)
+
+
+class NoiseDenoise(nn.Module):
+    """x -> D(x + sigma n, sigma): one-shot denoising of a noised input."""
+
+    def __init__(self, prior, sigma: float):
+        super().__init__()
+        self.prior, self.sigma = prior, sigma
+
+    def forward(self, x, generator=None):
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.prior.denoise(x + self.sigma * noise, self.sigma).clamp(0, 1)
+
+
+class ToyPurifier(PurifierPyTorch):
+    gradient_modes = ("bpda", "exact")
+
+    def __init__(self, prior, sigma=0.2, **kwargs):
+        super().__init__(NoiseDenoise(prior, sigma), **kwargs)
+
+    def _gradient_estimators(self):
+        modes = super()._gradient_estimators()
+        modes["exact"] = lambda x, generator: self.algorithm(x, generator=generator)
+        return modes
+
+
+def make_toy(prior, classifier=None, sigma=0.2, gradient="exact", **kwargs):
+    return ToyPurifier(prior, sigma=sigma, gradient=gradient, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = load_mnist("val", n=8)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@pytest.fixture
+def toy_defense(monkeypatch):
+    """Register the toy under the name 'toy', as the purifier developers' factories are registered."""
+    module = types.ModuleType("_harness_toy_defenses")
+    module.make_toy = make_toy
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(aa.DEFENSES, "toy", (f"{module.__name__}:make_toy", True))
+    return "toy"
+
+
+def toy_model(classifier, runs=1, sigma=0.2):
+    return aa.defended_model(make_toy(GaussianPrior(mean=0.13, std=0.3), sigma=sigma), classifier, runs=runs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="versions"):
+        aa.AutoAttackConfig(versions=("rand", "plus"))
+    with pytest.raises(ValueError, match="eps"):
+        aa.AutoAttackConfig(eps=0.0)
+    with pytest.raises(ValueError, match="n_iter"):
+        aa.AutoAttackConfig(n_iter=0)
+    with pytest.raises(ValueError, match="unknown defense"):
+        aa.build_purifier("nonexistent", None, None)
+    assert not aa.AutoAttackConfig().scaled_down and aa.AutoAttackConfig(n_iter=5).scaled_down
+    assert aa.parse_overrides(["sigma=0.25", "steps=5", "mode=x"]) == {"sigma": 0.25, "steps": 5, "mode": "x"}
+
+
+def test_make_autoattack_uses_the_protocol_and_rescales_apgd_consistently(classifier):
+    full = aa.make_autoattack(classifier, "rand", aa.AutoAttackConfig(), seed=0, device="cpu")
+    assert full.attacks_to_run == ["apgd-ce", "apgd-dlr"]
+    assert (full.apgd.n_iter, full.apgd.eot_iter, full.apgd.n_restarts) == (100, 20, 1)
+    small = aa.make_autoattack(classifier, "standard", aa.AutoAttackConfig(n_iter=10, n_queries=7), seed=0,
+                               device="cpu")
+    # pyautoattack computes these checkpoints from n_iter in its constructor (0.22, 0.06, 0.03 of the iterations).
+    reference = type(full.apgd)(classifier, n_iter=10, eps=0.3)
+    for apgd in (small.apgd, small.apgd_targeted):
+        assert (apgd.n_iter, apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr) == \
+            (10, reference.n_iter_2, reference.n_iter_min, reference.size_decr)
+    assert small.square.n_queries == 7 and small.fab.n_iter == 10
+
+
+def test_fixed_noise_makes_the_randomized_defense_deterministic(classifier, data):
+    x, _ = data
+    model = toy_model(classifier)
+    model.purifier.set_params(seed=3)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # the deployed defense draws fresh noise per call
+        fixed = aa.FixedNoise(model)
+        assert torch.equal(fixed(x), fixed(x))
+
+
+def test_autoattack_bookkeeping_on_the_undefended_classifier(classifier, data):
+    """A deterministic model: every flagged point is really misclassified within the eps-ball, unflagged points are
+    returned unchanged, re-scores agree with the flags, and AutoAttack is at least as strong as ART's PGD."""
+    x, y = data
+    eps = 0.12
+    config = aa.AutoAttackConfig(eps=eps, versions=("standard",), **dict(SMALL, n_iter=20))
+    result = aa.run_autoattack(aa.defended_model(None, classifier), x, y, config, device="cpu", verbose=False)
+    res = result.versions["standard"]
+    with torch.no_grad():
+        pred = classifier(res.x_adv).argmax(1)
+    assert torch.equal(res.robust, pred.eq(y))
+    assert (res.x_adv - x).abs().amax() <= eps + 1e-6 and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert torch.equal(res.x_adv[res.robust], x[res.robust])
+    assert torch.equal(res.rescore_correct, res.robust.long() * config.rescore_draws)
+    assert result.reported_accuracy() == result.robust_accuracy("standard") <= result.clean_accuracy()
+    assert result.number_forward_passes == 1.0
+
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    art_classifier = PyTorchClassifier(classifier, loss=nn.CrossEntropyLoss(), input_shape=(1, 28, 28), nb_classes=10,
+                                       clip_values=(0.0, 1.0))
+    pgd = ProjectedGradientDescent(art_classifier, eps=eps, eps_step=eps / 4, max_iter=20, verbose=False)
+    pgd_acc = (art_classifier.predict(pgd.generate(x.numpy())).argmax(1) == y.numpy()).mean()
+    assert 0 < result.clean_accuracy() and result.robust_accuracy("standard") <= pgd_acc
+
+
+def test_a_purifier_that_erases_the_input_keeps_clean_accuracy_under_attack(classifier, data):
+    """The toy with a near-zero-variance prior maps every input to (almost) the prior mean, so no perturbation can
+    change the prediction: robust accuracy equals clean accuracy, the fraction of labels of the mean's class."""
+    x, y = data
+    mean = x[0]
+    model = aa.defended_model(make_toy(GaussianPrior(mean=mean, std=1e-4), sigma=0.5), classifier)
+    with torch.no_grad():
+        mean_class = classifier(mean[None]).argmax(1).item()
+    expected = y.eq(mean_class).float().mean().item()
+    config = aa.AutoAttackConfig(eps=0.3, versions=("rand",), **SMALL)
+    result = aa.run_autoattack(model, x, y, config, device="cpu", verbose=False)
+    assert result.clean_accuracy() == expected
+    assert result.robust_accuracy("rand") == expected
+    assert result.worst_case().float().mean().item() == expected
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(classifier, data, tmp_path, monkeypatch):
+    x, y = data
+    config = aa.AutoAttackConfig(eps=0.15, **SMALL)  # 2 batches x (clean, rand, standard)
+    reference = aa.run_autoattack(toy_model(classifier), x, y, config, checkpoint_dir=str(tmp_path / "a"),
+                                  device="cpu", verbose=False)
+
+    run_unit, calls = aa._run_unit, []
+
+    def crash_after_first_batch(*args, **kwargs):
+        calls.append(args[5])
+        if len(calls) > len(config.versions) + 1:
+            raise KeyboardInterrupt("injected after the first batch")
+        return run_unit(*args, **kwargs)
+
+    monkeypatch.setattr(aa, "_run_unit", crash_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        aa.run_autoattack(toy_model(classifier), x, y, config, checkpoint_dir=str(tmp_path / "b"), device="cpu",
+                          verbose=False)
+    calls.clear()
+    monkeypatch.setattr(aa, "_run_unit", lambda *a, **k: calls.append(a[5]) or run_unit(*a, **k))
+    resumed = aa.run_autoattack(toy_model(classifier), x, y, config, checkpoint_dir=str(tmp_path / "b"), device="cpu",
+                                verbose=False)
+    assert calls == ["clean", "rand", "standard"]  # the first batch came from its checkpoints
+    assert torch.equal(resumed.clean_correct, reference.clean_correct)
+    for version in config.versions:
+        a, b = reference.versions[version], resumed.versions[version]
+        for name in ("robust", "x_adv", "y_adv", "rescore_correct"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (version, name)
+    assert aa.result_rows(resumed, "toy", "exact")[0]["robust_acc"] == aa.result_rows(reference, "toy", "exact")[0][
+        "robust_acc"]
+
+    with pytest.raises(ValueError, match="different run"):
+        aa.run_autoattack(toy_model(classifier), x, y, dataclasses.replace(config, seed=1),
+                          checkpoint_dir=str(tmp_path / "b"), device="cpu", verbose=False)
+
+
+def test_autoattack_command_writes_rows(toy_defense, tmp_path, capsys):
+    argv = ["autoattack", "--defense", toy_defense, "--prior", "gaussian", "--n", "4", "--runs", "2", "--out",
+            str(tmp_path), "--versions", "rand", "--eps", "0.2", "--n-iter", "2", "--eot-iter", "1", "--rescore", "2",
+            "--batch-size", "4", "--quiet"]
+    aa.main(argv)
+    data = json.loads((tmp_path / "autoattack_toy.json").read_text())
+    attacks = [r["attack"] for r in data["rows"]]
+    assert attacks[:3] == ["autoattack-rand"] * 3 and "autoattack min(rand)" in attacks
+    assert all(r["scaled_down"] and r["n"] == 4 and r["eps"] == 0.2 and r["gradient"] == "exact" for r in data["rows"])
+    # runs=2: two purifications (one denoiser call each) and two classifier passes per prediction
+    assert data["meta"]["number_forward_passes"] == 4.0
+    assert os.path.exists(tmp_path / "checkpoints" / "autoattack_toy" / "rand_00000.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RobustBench-style entry and leaderboard
+
+def test_eps_is_written_as_robustbench_writes_it():
+    from benchmarks.robustbench_eval import format_eps
+
+    assert [format_eps(e) for e in (8 / 255, 4 / 255, 0.5, 0.3, 0.2, 2 / 255)] == \
+        ["8/255", "4/255", "0.5", "0.3", "0.2", "2/255"]
+
+
+def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, tmp_path, monkeypatch):
+    from benchmarks import robustbench_eval as rbe
+    from benchmarks.rb_compat import import_robustbench
+    from benchmarks.results import make_row, write_results
+
+    import_robustbench()
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import ModelInfo, update_json
+
+    attacks_json = tmp_path / "attacks.json"
+    rows = [make_row(defense="toy", attack="PGD-EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.25),
+            make_row(defense="toy", attack="PGD-EOT", gradient="exact", eps=0.3, norm="Linf", n=4, robust_acc=0.0),
+            make_row(defense="other", attack="PGD-EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.0)]
+    write_results(str(attacks_json), rows, {})
+    out = tmp_path / "rb"
+    result = rbe.evaluate(rbe.build_parser().parse_args(
+        ["--defense", toy_defense, "--prior", "gaussian", "--set", "sigma=0.05", "--n", "4", "--eps", "0.02",
+         "--versions", "rand", "--n-iter", "2", "--eot-iter", "1", "--rescore", "2", "--batch-size", "4",
+         "--out", str(out), "--name", "Toy_MnistCNN", "--attacks-json", str(attacks_json), "--quiet"]))
+    path = out / "model_info" / "mnist" / "Linf" / "Toy_MnistCNN.json"
+    entry = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(ModelInfo)}
+    assert set(entry) == fields | {"external", "unreliable"}
+    ModelInfo(**{k: entry[k] for k in fields})
+    assert entry["eps"] == "0.02" and entry["dataset"] == "mnist" and entry["unreliable"] is True
+    assert entry["number_forward_passes"] == 2  # one denoiser call and one classifier pass per prediction
+    assert entry["external"] == "25.0" and "PGD-EOT" in entry["footnote"]  # the other rows' eps/defense differ
+    for words in ("version='rand'", "EOT 1", "n=4", "seed=0", "gradient mode 'exact'", "SCALED-DOWN"):
+        assert words in entry["footnote"]
+
+    # Percentages as robustbench's own update_json writes them, from the same fractions.
+    aa_result = result["result"]
+    clean = result["rows"][0]["clean_acc"]
+    monkeypatch.chdir(tmp_path)
+    update_json(BenchmarkDataset.cifar_10, ThreatModel.Linf, "ref", clean, aa_result.reported_accuracy(), None)
+    written = json.loads((tmp_path / "model_info" / "cifar10" / "Linf" / "ref.json").read_text())
+    assert (entry["clean_acc"], entry["autoattack_acc"]) == (written["clean_acc"], written["autoattack_acc"])
+
+
+def test_leaderboard_sorts_as_robustbench_and_escapes_footnotes(tmp_path):
+    from benchmarks.leaderboard import load_entries, write_leaderboard
+    from benchmarks.rb_compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo.enums import ThreatModel
+    from robustbench.utils import ACC_FIELDS, get_key
+
+    entries = {"a": {"clean_acc": "90.0", "autoattack_acc": "70.0", "external": "30.0", "unreliable": True,
+                     "footnote": "<script>x</script>"},
+               "b": {"clean_acc": "80.0", "autoattack_acc": "50.0"},
+               "c": {"clean_acc": "85.0", "autoattack_acc": "60.0", "external": "55.0", "unreliable": False}}
+    folder = tmp_path / "model_info" / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    for name, entry in entries.items():
+        (folder / f"{name}.json").write_text(json.dumps(dict(entry, name=name, dataset="cifar10")))
+    ordered = [e["name"] for e in load_entries(str(tmp_path / "model_info"))[("cifar10", "Linf")]]
+    expected = sorted(entries, key=lambda n: get_key(entries[n], ACC_FIELDS[ThreatModel.Linf]), reverse=True)
+    assert ordered == expected == ["c", "b", "a"]
+    md_path, html_path = write_leaderboard(str(tmp_path / "model_info"), str(tmp_path / "out"))
+    markdown, page = open(md_path).read(), open(html_path).read()
+    assert markdown.index("| 1 | c") < markdown.index("| 2 | b") < markdown.index("| 3 | a")
+    assert "| Unknown |" in markdown  # b has no 'unreliable' key
+    assert "<script>" not in page and "&lt;script&gt;" in page
