@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from attacks_adaptive.scoring import multi_draw, single_shot
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
 from purifiers.validation import check_images
@@ -169,7 +170,7 @@ class VersionResult:
     robust: torch.Tensor           # bool (N,): AutoAttack's verdict (one forward pass per point)
     x_adv: torch.Tensor            # (N, C, H, W); the clean image where no adversarial example was found
     y_adv: torch.Tensor            # (N,) AutoAttack's predicted labels
-    rescore_correct: torch.Tensor  # int (N,): correct draws out of ``rescore_draws`` on x_adv
+    rescore: torch.Tensor          # float (N,): fraction of ``rescore_draws`` forward passes correct on x_adv
     seconds: float = 0.0
     nfe: dict = field(default_factory=dict)  # network evaluations in total (prior forward/backward, classifier)
 
@@ -178,13 +179,13 @@ class VersionResult:
 class AutoAttackResult:
     config: AutoAttackConfig
     n: int
-    clean_first: torch.Tensor       # bool (N,): the first clean forward pass correct
-    clean_correct: torch.Tensor     # int (N,): correct draws out of ``rescore_draws`` on the clean images
+    clean_single: torch.Tensor      # float (N,): one forward pass correct on the clean image (1.0 / 0.0)
+    clean_draws: torch.Tensor       # float (N,): fraction of ``rescore_draws`` forward passes correct on it
     versions: dict[str, VersionResult]
-    number_forward_passes: float | None  # network evaluations per prediction of the deployed defense
+    number_forward_passes: float  # network evaluations per prediction of the deployed defense
 
     def clean_accuracy(self) -> float:
-        return self.clean_first.float().mean().item()
+        return self.clean_single.mean().item()
 
     def robust_accuracy(self, version: str) -> float:
         return self.versions[version].robust.float().mean().item()
@@ -195,8 +196,7 @@ class AutoAttackResult:
 
     def worst_case(self) -> torch.Tensor:
         """bool (N,): robust under every version's flags and in every re-score draw of every version."""
-        k = self.config.rescore_draws
-        flags = [r.robust & (r.rescore_correct == k) for r in self.versions.values()]
+        flags = [r.robust & (r.rescore == 1.0) for r in self.versions.values()]
         return torch.stack(flags).all(0)
 
 
@@ -299,13 +299,6 @@ class _NFEMeter:
         self._hook.remove()
 
 
-@torch.no_grad()
-def count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first, count)``: whether the first of ``draws`` forward passes is correct, and how many of them are."""
-    hits = torch.stack([model(x).argmax(1).eq(y) for _ in range(draws)])
-    return hits[0].cpu(), hits.sum(0).cpu()
-
-
 class _Checkpoints:
     """One file per finished (batch, part) in a folder, plus ``run.json`` holding the fingerprint of the run; files are
     written atomically and read back with ``weights_only=True`` (tensors and plain values only, no code)."""
@@ -401,13 +394,12 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
         recs = records[version]
         versions[version] = VersionResult(
             robust=torch.cat([r["robust"] for r in recs]), x_adv=torch.cat([r["x_adv"] for r in recs]),
-            y_adv=torch.cat([r["y_adv"] for r in recs]), rescore_correct=torch.cat([r["rescore_correct"] for r in recs]),
+            y_adv=torch.cat([r["y_adv"] for r in recs]), rescore=torch.cat([r["rescore"] for r in recs]),
             seconds=sum(r["seconds"] for r in recs), nfe=_sum_dicts([r["nfe"] for r in recs]))
     clean_nfe = _sum_dicts([r["nfe"] for r in clean])
-    predictions = sum(r["predictions"] for r in clean)
-    return AutoAttackResult(config=config, n=int(x.shape[0]), clean_first=torch.cat([r["first"] for r in clean]),
-                            clean_correct=torch.cat([r["correct"] for r in clean]), versions=versions,
-                            number_forward_passes=sum(clean_nfe.values()) / predictions if predictions else None)
+    return AutoAttackResult(config=config, n=int(x.shape[0]), clean_single=torch.cat([r["single"] for r in clean]),
+                            clean_draws=torch.cat([r["draws"] for r in clean]), versions=versions,
+                            number_forward_passes=sum(clean_nfe.values()) / x.shape[0])
 
 
 def _sum_dicts(dicts: list[dict]) -> dict:
@@ -425,9 +417,10 @@ def _run_unit(model, purifier, meter, xb, yb, part, config, seed, device) -> dic
         purifier.set_params(seed=seed)
     start, before = time.time(), meter.snapshot()
     if part == "clean":
-        first, correct = count_correct(model, xb, yb, config.rescore_draws)
-        return {"first": first, "correct": correct, "nfe": meter.since(before), "predictions":
-                xb.shape[0] * config.rescore_draws, "seconds": time.time() - start}
+        single = single_shot(model, xb, yb).cpu()
+        nfe = meter.since(before)  # of one prediction per image: the deployed defense's cost
+        draws = multi_draw(model, xb, yb, config.rescore_draws).cpu()
+        return {"single": single, "draws": draws, "nfe": nfe, "seconds": time.time() - start}
     attacked = model
     if part == "standard" and purifier is not None and config.standard_noise == "fixed":
         attacked = FixedNoise(model)
@@ -439,9 +432,9 @@ def _run_unit(model, purifier, meter, xb, yb, part, config, seed, device) -> dic
     torch.manual_seed(rescore_seed)
     if purifier is not None:
         purifier.set_params(seed=rescore_seed)
-    _, rescore_correct = count_correct(model, x_adv, yb, config.rescore_draws)
+    rescore = multi_draw(model, x_adv, yb, config.rescore_draws).cpu()
     return {"robust": y_adv.eq(yb).cpu(), "x_adv": x_adv.detach().cpu(), "y_adv": y_adv.detach().cpu(),
-            "rescore_correct": rescore_correct, "nfe": nfe, "seconds": seconds}
+            "rescore": rescore, "nfe": nfe, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -455,7 +448,7 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
     clean = result.clean_accuracy()
     common = dict(defense=defense, gradient=gradient, eps=cfg.eps, norm=cfg.norm, n=n, seed=cfg.seed, clean_acc=clean,
                   iterations=cfg.iterations(), scaled_down=cfg.scaled_down,
-                  clean_acc_mean_of_draws=result.clean_correct.float().mean().item() / k, **extra)
+                  clean_acc_mean_of_draws=result.clean_draws.mean().item(), **extra)
     rows = []
     for version, res in result.versions.items():
         nfe = {key: value / n for key, value in res.nfe.items()}
@@ -470,9 +463,9 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
         rows.append(make_row(**per_version, scoring="one draw (AutoAttack's flags)",
                              robust_acc=res.robust.float().mean().item()))
         rows.append(make_row(**per_version, scoring=f"rescore-mean of {k} draws",
-                             robust_acc=res.rescore_correct.float().mean().item() / k))
+                             robust_acc=res.rescore.mean().item()))
         rows.append(make_row(**per_version, scoring=f"rescore-worst of {k} draws",
-                             robust_acc=(res.rescore_correct == k).float().mean().item()))
+                             robust_acc=(res.rescore == 1.0).float().mean().item()))
     names = "+".join(result.versions)
     total_seconds = sum(r.seconds for r in result.versions.values())
     rows.append(make_row(**common, attack=f"autoattack min({', '.join(result.versions)})", eot=None,

@@ -151,9 +151,8 @@ def footnote(result, info: dict, gradient: str | None, external_source: str) -> 
                  f"(DiffPure's protocol), each from one forward pass per point.")
     parts.append(f"n={result.n} (first test images), seed={cfg.seed}, eps={format_eps(cfg.eps)} {cfg.norm}.")
     parts.append(f"Re-scoring the adversarial examples with {k} forward passes: mean "
-                 + ", ".join(f"{v} {format_accuracy(r.rescore_correct.float().mean().item() / k)}%"
-                             for v, r in result.versions.items())
-                 + "; worst case " + ", ".join(f"{v} {format_accuracy((r.rescore_correct == k).float().mean().item())}%"
+                 + ", ".join(f"{v} {format_accuracy(r.rescore.mean().item())}%" for v, r in result.versions.items())
+                 + "; worst case " + ", ".join(f"{v} {format_accuracy((r.rescore == 1.0).float().mean().item())}%"
                                                for v, r in result.versions.items()) + ".")
     parts.append(f"external: {external_source}.")
     parts.append("number_forward_passes counts prior forward and backward passes and classifier passes per prediction.")
@@ -178,7 +177,7 @@ def model_info(result, *, name: str, dataset: str, info: dict, gradient: str | N
     entry = {field: None for field in model_info_fields()}
     entry.update(
         link=link, name=name, authors=authors, additional_data=False,
-        number_forward_passes=None if result.number_forward_passes is None else round(result.number_forward_passes),
+        number_forward_passes=round(result.number_forward_passes),
         dataset=dataset, venue=venue, architecture=architecture, eps=format_eps(cfg.eps),
         clean_acc=format_accuracy(clean_acc), reported=None if reported is None else format_accuracy(reported),
         autoattack_acc=format_accuracy(result.reported_accuracy()),

@@ -130,7 +130,7 @@ def test_autoattack_bookkeeping_on_the_undefended_classifier(classifier, data):
     assert torch.equal(res.robust, pred.eq(y))
     assert (res.x_adv - x).abs().amax() <= eps + 1e-6 and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     assert torch.equal(res.x_adv[res.robust], x[res.robust])
-    assert torch.equal(res.rescore_correct, res.robust.long() * config.rescore_draws)
+    assert torch.equal(res.rescore, res.robust.float())
     assert result.reported_accuracy() == result.robust_accuracy("standard") <= result.clean_accuracy()
     assert result.number_forward_passes == 1.0
 
@@ -183,10 +183,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(classifier, data
     resumed = aa.run_autoattack(toy_model(classifier), x, y, config, checkpoint_dir=str(tmp_path / "b"), device="cpu",
                                 verbose=False)
     assert calls == ["clean", "rand", "standard"]  # the first batch came from its checkpoints
-    assert torch.equal(resumed.clean_correct, reference.clean_correct)
+    assert torch.equal(resumed.clean_draws, reference.clean_draws)
     for version in config.versions:
         a, b = reference.versions[version], resumed.versions[version]
-        for name in ("robust", "x_adv", "y_adv", "rescore_correct"):
+        for name in ("robust", "x_adv", "y_adv", "rescore"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (version, name)
     assert aa.result_rows(resumed, "toy", "exact")[0]["robust_acc"] == aa.result_rows(reference, "toy", "exact")[0][
         "robust_acc"]
