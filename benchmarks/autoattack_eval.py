@@ -565,15 +565,25 @@ def main(argv: list[str]) -> None:
     evaluate_mnist(args)
 
 
+def shipped_mnist_classifier() -> nn.Module:
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
+
+    return load_classifier(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
+
+
+def shipped_mnist_prior():
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES
+    from purifiers.priors import load_prior
+
+    return load_prior(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][1]))
+
+
 def evaluate_mnist(args) -> dict:
     """The ``autoattack`` command on bundled MNIST with the shipped classifier; returns the results dict."""
     from benchmarks.data import load_mnist
-    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-    from purifiers.priors import load_prior
 
-    classifier = load_classifier(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
-    model, purifier, info = load_defense(
-        args, classifier, lambda: load_prior(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][1])))
+    classifier = shipped_mnist_classifier()
+    model, purifier, info = load_defense(args, classifier, shipped_mnist_prior)
     x, y = load_mnist(args.split, n=args.n)
     config = config_from_args(args)
     name = info["name"] if ":" not in info["name"] else info["name"].rsplit(":", 1)[1]

@@ -34,7 +34,8 @@ from dataclasses import asdict
 import torch
 
 from benchmarks.autoattack_eval import (NO_DEFENSE, add_autoattack_arguments, add_defense_arguments,
-                                        config_from_args, load_defense, result_rows, run_autoattack)
+                                        config_from_args, import_function, load_defense, result_rows, run_autoattack,
+                                        shipped_mnist_classifier, shipped_mnist_prior)
 from benchmarks.rb_compat import import_robustbench
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 
@@ -101,9 +102,7 @@ def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf", 
     if spec is None:
         if dataset != "mnist":
             raise ValueError(f"{dataset} needs --classifier: 'robustbench:<Name>' (with --model-dir) or module:function.")
-        from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier as load_shipped
-
-        return load_shipped(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
+        return shipped_mnist_classifier()
     kind, _, name = spec.partition(":")
     if kind == "robustbench":
         path = os.path.join(model_dir, dataset, threat_model, f"{name}.pt")
@@ -114,8 +113,6 @@ def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf", 
         from robustbench.utils import load_model
 
         return load_model(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model).eval()
-    from benchmarks.autoattack_eval import import_function
-
     model = import_function(spec)()
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"the classifier factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module.")
@@ -206,9 +203,7 @@ def evaluate(args) -> dict:
     classifier = load_classifier(args.classifier, args.dataset, args.norm, args.model_dir)
     if args.defense != NO_DEFENSE and args.prior is None and args.dataset != "mnist":
         raise ValueError(f"{args.dataset} needs --prior (a diffusers folder or a built-in prior file).")
-    from benchmarks.models import load_reference_models
-
-    model, purifier, info = load_defense(args, classifier, lambda: load_reference_models("mnist")[1])
+    model, purifier, info = load_defense(args, classifier, shipped_mnist_prior)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
     name = args.name or f"{info['name'].rsplit(':', 1)[-1]}_{type(classifier).__name__}"

@@ -283,3 +283,37 @@ def test_leaderboard_sorts_as_robustbench_and_escapes_footnotes(tmp_path):
     assert markdown.index("| 1 | c") < markdown.index("| 2 | b") < markdown.index("| 3 | a")
     assert "| Unknown |" in markdown  # b has no 'unreliable' key
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+
+def test_plots_draw_curves_grids_and_score_norms(classifier, data, toy_defense, tmp_path):
+    import matplotlib.image
+
+    from benchmarks import plots
+    from benchmarks.results import make_row
+    from purifiers.adp import ADP
+
+    rows = [make_row(defense=d, attack=a, scoring="single_shot", eps=e, clean_acc=0.95, robust_acc=r, n=4)
+            for d in ("toy", "other") for a in ("BlindPGD", "PGDEOT") for e, r in ((0.1, 0.8), (0.3, 0.4))]
+    rows.append(make_row(defense="toy", attack="none", clean_acc=0.95, n=4))
+    curves = plots.plot_robustness_curves(rows, str(tmp_path / "curves.png"))
+    assert matplotlib.image.imread(curves).ndim == 3
+    with pytest.raises(ValueError, match="no rows"):
+        plots.plot_robustness_curves(rows[-1:], str(tmp_path / "none.png"))
+
+    plots.main(["plots", "grid", "--defenses", toy_defense, "--prior", "gaussian", "--n", "3", "--steps", "2",
+                "--out", str(tmp_path / "grid.png")])
+    assert matplotlib.image.imread(str(tmp_path / "grid.png")).shape[0] > 100
+
+    # ADP's score on a Gaussian prior N(m, s^2) at level c is -(1 - k)(x - m)/c with k = s^2/(s^2 + c^2).
+    x, y = data
+    prior = GaussianPrior(mean=0.3, std=0.2)
+    norms, level = plots.score_norm_sets(ADP(prior), classifier, x, y, eps=0.2, steps=2)
+    k = 0.2**2 / (0.2**2 + level**2)
+    expected = (1 - k) / level * (x - 0.3).flatten(1).norm(dim=1)
+    assert torch.allclose(torch.from_numpy(norms["natural"]), expected, rtol=1e-4)
+    assert set(norms) == {"natural", "adversarial", "pur_n", "pur_a"}
+    assert not torch.allclose(torch.from_numpy(norms["adversarial"]), expected)
+    plots.plot_score_norms(norms, str(tmp_path / "norms.png"))
