@@ -11,6 +11,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -317,3 +318,67 @@ def test_plots_draw_curves_grids_and_score_norms(classifier, data, toy_defense, 
     assert set(norms) == {"natural", "adversarial", "pur_n", "pur_a"}
     assert not torch.allclose(torch.from_numpy(norms["adversarial"]), expected)
     plots.plot_score_norms(norms, str(tmp_path / "norms.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reproduce
+
+def test_reproduce_mnist_runs_every_attack_and_labels_scaled_settings(toy_defense, tmp_path, monkeypatch):
+    from benchmarks import reproduce
+
+    monkeypatch.setitem(reproduce.PAPER, "mnist", [dict(defense="toy", attack="blind-pgd", clean=98.07, robust=96.41,
+                                                        source="ADP supplement Table 9")])
+    out = tmp_path / "rep"
+    result = reproduce.reproduce(reproduce.build_parser().parse_args(
+        ["--defenses", toy_defense, "--prior", "gaussian", "--n", "3", "--eps", "0.2", "--coup-toy-runs", "50",
+         "--out", str(out), "--quiet"]))
+    cells = result["summary"]["toy"]
+    assert set(cells) == {*reproduce.ATTACKS, "worst-case (adaptive)", "worst-case"}
+    for scoring in ("single_shot", "multi_draw"):
+        assert cells["worst-case"][scoring] == min(v[scoring] for k, v in cells.items() if k != "worst-case")
+    assert all(row["scaled_down"] and row["protocol"] == "scaled-down" for row in result["rows"])
+    [comparison] = result["paper_vs_ours"]
+    assert comparison["ours_robust"] == cells["blind-pgd"]["single_shot"] and comparison["robust"] == 96.41
+    saved = json.loads((out / "reproduce_mnist.json").read_text())
+    assert saved["meta"]["scaled_down"] and saved["meta"]["paper_vs_ours"] == result["paper_vs_ours"]
+    markdown = (out / "reproduce_mnist.md").read_text()
+    assert "Scaled-down settings" in markdown and "| toy | blind-pgd | 98.07 | 96.41 |" in markdown
+    assert "COUP toy experiment" in markdown and (out / "coup_toy" / "coup_toy.png").exists()
+    assert (out / "reproduce_mnist.png").stat().st_size > 0
+
+
+def tiny_cifar_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 10))
+
+
+def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
+    """The CIFAR-10 path end to end: a fake CIFAR-10 folder (the official layout), a tiny random diffusers UNet2DModel
+    saved with save_pretrained, a tiny classifier from a module:function factory."""
+    import pickle
+
+    from diffusers import UNet2DModel
+
+    from benchmarks import reproduce
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(tmp_path / "unet")
+    module = types.ModuleType("_harness_cifar_fakes")
+    module.tiny_cifar_classifier = tiny_cifar_classifier
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    out = tmp_path / "rep"
+    result = reproduce.reproduce(reproduce.build_parser().parse_args(
+        ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--prior", str(tmp_path / "unet"),
+         "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp", "--attacks", "blind-pgd",
+         "--n", "2", "--out", str(out), "--quiet"]))
+    assert {row["eps"] for row in result["rows"]} == {8 / 255}
+    assert [c["defense"] for c in result["paper_vs_ours"]] == [c["defense"] for c in reproduce.PAPER["cifar10"]]
+    assert result["paper_vs_ours"][0]["ours_robust"] is not None  # ADP blind PGD was run
+    assert (out / "reproduce_cifar10.md").exists()

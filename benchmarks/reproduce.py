@@ -1,0 +1,376 @@
+"""``python -m benchmarks reproduce``: paper-versus-ours tables, and the methods side by side under every attack.
+
+MNIST (default; bundled data, shipped classifier and prior, the purifier developers' MNIST settings):
+
+* ADP's supplement Table 9 row (MNIST, eps 0.3, "Clf pgd": 98.07% clean / 96.41% robust) against ours;
+* COUP's toy experiment (§5.3.2, Fig. 3b) through :mod:`benchmarks.coup_toy`;
+* every purifier under every attack: preprocessor-blind PGD, BPDA+EOT, full-gradient PGD+EOT and AutoAttack (the
+  harness of :mod:`benchmarks.autoattack_eval`), scored single-shot (what the papers report) and multi-draw (the
+  mean over ``draws`` forward passes of the deployed defense), with the worst case over the attacks.
+
+CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior DIFFUSERS_DIR --classifier robustbench:Standard``): the same
+table with each purifier class's defaults (the papers' CIFAR-10 settings) at eps 8/255, against the papers' CIFAR-10
+numbers (ADP Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
+
+By default the attack settings are scaled down to fit a CPU (fewer iterations and EOT samples, AutoAttack 'rand'
+only, small ``n``): every row and table says so, and such numbers are smoke tests, not robustness claims. ``--full``
+uses the protocols (blind PGD 40 it.; BPDA+EOT 40 it. x 15 EOT; PGD+EOT 200 it. x 20 EOT; AutoAttack 'rand' and
+'standard' with the reported minimum) and is meant for a GPU.
+
+Writes ``<out>/reproduce_<dataset>.json`` (the package's rows; the paper comparison in ``meta["paper_vs_ours"]``),
+``.md`` and ``.png``, the attack runner's per-defense files and state (resumable), and for MNIST ``coup_toy/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from benchmarks.autoattack_eval import (AutoAttackConfig, build_purifier, defended_model, import_function,
+                                        result_rows, run_autoattack)
+from benchmarks.results import collect_meta, write_results
+
+ATTACKS = ("blind-pgd", "bpda-eot", "pgd-eot", "autoattack")
+MNIST_DEFENSES = ("adp", "scoreopt", "coup", "diffpure")
+# CIFAR-10: each purifier class with its defaults (the paper's CIFAR-10 settings); True: it needs the classifier.
+CIFAR10_DEFENSES = {"adp": ("purifiers:ADPPyTorch", False), "scoreopt": ("purifiers:ScoreOptPyTorch", False),
+                    "coup": ("purifiers:COUPPyTorch", True), "diffpure": ("purifiers:DiffPurePyTorch", False)}
+# Purifications per prediction of the deployed defense: ADP averages S = 10 runs (ADP §5); the others use one.
+PAPER_RUNS = {"adp": 10}
+
+# The papers' numbers (clean %, robust %) this package can be compared with; "attack" names one of ATTACKS.
+PAPER = {
+    "mnist": [
+        dict(defense="adp", attack="blind-pgd", clean=98.07, robust=96.41,
+             source="ADP supplement Table 9 (MNIST, eps 0.3, Clf pgd)"),
+    ],
+    "cifar10": [
+        dict(defense="adp", attack="blind-pgd", clean=86.14, robust=80.24, source="ADP Table 2 (WRN-28-10)"),
+        dict(defense="adp", attack="bpda-eot", clean=86.14, robust=70.01, source="ADP Table 3 (BPDA 40+EOT)"),
+        dict(defense="scoreopt", attack="bpda-eot", clean=90.78, robust=82.85, source="ScoreOpt Table 1 (ScoreOpt-O)"),
+        dict(defense="diffpure", attack="autoattack", clean=89.02, robust=70.64, source="COUP Table 1 (DiffPure)"),
+        dict(defense="diffpure", attack="bpda-eot", clean=89.02, robust=81.40, source="COUP Table 3 (DiffPure)"),
+        dict(defense="coup", attack="autoattack", clean=90.04, robust=73.05, source="COUP Table 1"),
+        dict(defense="coup", attack="bpda-eot", clean=90.04, robust=83.20, source="COUP Table 3"),
+    ],
+}
+DEFAULT_EPS = {"mnist": 0.3, "cifar10": 8 / 255}
+
+
+@dataclass
+class Protocol:
+    """The attack settings of a run: the papers' (``full``) or scaled down to fit a CPU."""
+
+    name: str
+    blind_pgd_steps: int
+    bpda_steps: int
+    bpda_eot: int
+    pgd_eot_steps: int
+    pgd_eot_eot: int
+    autoattack: AutoAttackConfig
+    draws: int = 20
+    runs: dict = field(default_factory=lambda: dict(PAPER_RUNS))
+
+    @property
+    def scaled_down(self) -> bool:
+        return self.name != "full"
+
+
+def full_protocol(eps: float, seed: int = 0) -> Protocol:
+    """Blind PGD 40 it. (ADP's Clf pgd), BPDA+EOT 40 x 15 (ADP / Hill et al.), PGD+EOT 200 x 20 (Lee & Kim),
+    AutoAttack 'rand' + 'standard' (DiffPure's minimum), multi-draw scoring with 20 draws, ADP with 10 runs."""
+    return Protocol("full", 40, 40, 15, 200, 20, AutoAttackConfig(eps=eps, seed=seed))
+
+
+def scaled_protocol(eps: float, seed: int = 0) -> Protocol:
+    """A few minutes on 2 CPU cores for a handful of images: every count cut down, AutoAttack 'rand' only."""
+    return Protocol("scaled-down", 10, 5, 2, 5, 2,
+                    AutoAttackConfig(eps=eps, seed=seed, versions=("rand",), n_iter=5, eot_iter=2, rescore_draws=5,
+                                     batch_size=16),
+                    draws=5, runs={"adp": 2})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every attack on one defense
+
+def make_attacks(model, eps: float, norm: str, protocol: Protocol, seed: int, names=ATTACKS) -> dict:
+    """The attacks_adaptive attacks of ``names`` (AutoAttack runs through its own harness) on ``model``."""
+    from attacks_adaptive import BPDAEOT, PGDEOT, BlindPGD
+
+    norm = norm.lower()
+    builders = {
+        "blind-pgd": lambda: BlindPGD(model, eps=eps, norm=norm, steps=protocol.blind_pgd_steps, seed=seed),
+        "bpda-eot": lambda: BPDAEOT(model, eps=eps, norm=norm, steps=protocol.bpda_steps, eot=protocol.bpda_eot,
+                                    seed=seed),
+        "pgd-eot": lambda: PGDEOT(model, eps=eps, norm=norm, steps=protocol.pgd_eot_steps, eot=protocol.pgd_eot_eot,
+                                  gradient="exact", seed=seed),
+    }
+    return {name: builders[name]() for name in names if name in builders}
+
+
+def evaluate_defense(name: str, model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, protocol: Protocol,
+                     out_dir: str, attacks=ATTACKS, seed: int = 0, verbose: bool = True) -> list[dict]:
+    """Every attack of ``attacks`` on one defended model; returns the rows (the attack runner's, then AutoAttack's).
+
+    The attacks_adaptive ones run through :func:`attacks_adaptive.run_worst_case` (single-shot and multi-draw scoring,
+    per-batch state in ``out_dir``); AutoAttack through :func:`benchmarks.autoattack_eval.run_autoattack` with the
+    purifier's exact gradient when it has one. Every row carries ``protocol`` and ``scaled_down``."""
+    from attacks_adaptive import run_worst_case
+
+    rows = []
+    stamp = {"protocol": protocol.name, "scaled_down": protocol.scaled_down, "runs": model.runs}
+    adaptive = make_attacks(model, eps, norm, protocol, seed, attacks)
+    if adaptive:
+        report = run_worst_case(adaptive, x, y, out=os.path.join(out_dir, f"attacks_{name}.json"), defense=name,
+                                model=model, scorings=("single_shot", "multi_draw"), draws=protocol.draws,
+                                batch_size=protocol.autoattack.batch_size, seed=seed, verbose=verbose)
+        rows += [dict(row, **stamp) for row in report["rows"]]
+    if "autoattack" in attacks:
+        purifier = model.purifier
+        previous = purifier.gradient
+        if "exact" in purifier.gradient_modes:
+            purifier.set_params(gradient="exact")
+        config = dataclasses.replace(protocol.autoattack, eps=eps, norm=_aa_norm(norm), seed=seed)
+        try:
+            result = run_autoattack(model, x, y, config, checkpoint_dir=os.path.join(out_dir, f"autoattack_{name}"),
+                                    defense_info={"name": name, "runs": model.runs}, device=x.device, verbose=verbose)
+            rows += [dict(row, **stamp) for row in result_rows(result, name, purifier.gradient)]
+        finally:
+            purifier.set_params(gradient=previous)
+    return rows
+
+
+def _aa_norm(norm: str) -> str:
+    return {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(norm.lower(), norm)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summaries
+
+def summarize(rows: list[dict]) -> dict:
+    """``{defense: {attack: {"clean", "single_shot", "multi_draw"}, "worst-case": {...}}}`` in percent.
+
+    AutoAttack's single-shot number is its reported min(rand, standard); its multi-draw number the lowest re-score
+    mean of its versions. "worst-case" is the minimum over the attacks of each protocol (for the attack runner's
+    attacks it is per example: its own worst-case row)."""
+    table: dict[str, dict] = {}
+    for row in rows:
+        attack, scoring = row["attack"], str(row.get("scoring"))
+        if attack.startswith("worst-case("):
+            key = "worst-case (adaptive)"
+        elif attack.startswith("autoattack min("):
+            key, scoring = "autoattack", "single_shot"
+        elif attack.startswith("autoattack-") and scoring.startswith("rescore-mean"):
+            key, scoring = "autoattack", "multi_draw"
+        elif attack in ATTACKS:
+            key = attack
+        else:
+            continue
+        if scoring not in ("single_shot", "multi_draw"):
+            continue
+        cell = table.setdefault(row["defense"], {}).setdefault(key, {})
+        cell["clean"] = 100 * row["clean_acc"]
+        cell[scoring] = min(cell.get(scoring, 101.0), 100 * row["robust_acc"])
+    for attacks in table.values():
+        for scoring in ("single_shot", "multi_draw"):
+            values = [v[scoring] for k, v in attacks.items() if scoring in v]
+            if values:
+                attacks.setdefault("worst-case", {})[scoring] = min(values)
+    return table
+
+
+def paper_vs_ours(dataset: str, summary: dict, protocol: Protocol, n: int) -> list[dict]:
+    out = []
+    for ref in PAPER.get(dataset, []):
+        ours = summary.get(ref["defense"], {})
+        cell = ours.get(ref["attack"], {})
+        out.append(dict(ref, ours_clean=cell.get("clean"), ours_robust=cell.get("single_shot"),
+                        ours_multi_draw=cell.get("multi_draw"), ours_worst_case=ours.get("worst-case", {}).get(
+                            "single_shot"), protocol=protocol.name, n=n))
+    return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def render_markdown(dataset: str, comparison: list[dict], summary: dict, protocol: Protocol, n: int, eps: float,
+                    toy: dict | None) -> str:
+    caveat = ("**Scaled-down settings** (fewer iterations and EOT samples, small n): smoke-test numbers, not "
+              "robustness claims; `--full` runs the protocols." if protocol.scaled_down else "Full protocols.")
+    lines = [f"# Paper versus ours: {dataset}, eps {eps:.4g}, n = {n}", "", caveat, "",
+             "| defense | attack | paper clean % | paper robust % | ours clean % | ours robust % (single-shot) | "
+             "ours multi-draw % | ours worst case over attacks % | source |", "|---" * 9 + "|"]
+    for c in comparison:
+        lines.append(f"| {c['defense']} | {c['attack']} | {c['clean']:.2f} | {c['robust']:.2f} | {_pct(c['ours_clean'])}"
+                     f" | {_pct(c['ours_robust'])} | {_pct(c['ours_multi_draw'])} | {_pct(c['ours_worst_case'])} | "
+                     f"{c['source']} |")
+    columns = [a for a in (*ATTACKS, "worst-case") if any(a in v for v in summary.values())]
+    lines += ["", "## Every method under every attack (robust %: single-shot / multi-draw)", "",
+              "| defense | clean % | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for defense, attacks in summary.items():
+        clean = next((v["clean"] for v in attacks.values() if "clean" in v), None)
+        cells = [f"{_pct(attacks.get(a, {}).get('single_shot'))} / {_pct(attacks.get(a, {}).get('multi_draw'))}"
+                 for a in columns]
+        lines.append(f"| {defense} | {_pct(clean)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Settings: {json.dumps(_protocol_dict(protocol))}", ""]
+    if toy is not None:
+        lines += ["## COUP toy experiment (§5.3.2, Fig. 3b): label flip probability", "",
+                  "Paper: guidance keeps the label under small or no classifier noise; under high noise an "
+                  "appropriate lambda must be chosen.", "",
+                  "| noise level c | flip prob. at lambda=0 | lowest flip prob. (lambda) |", "|---|---|---|"]
+        for c in sorted({r["noise_level"] for r in toy["results"]}):
+            rs = [r for r in toy["results"] if r["noise_level"] == c]
+            base = [f"{r['flip_probability']:.4f}" for r in rs if r["guidance_scale"] == 0.0]
+            best = min(rs, key=lambda r: r["flip_probability"])
+            lines.append(f"| {c:g} | {base[0] if base else '-'} | "
+                         f"{best['flip_probability']:.4f} ({best['guidance_scale']:g}) |")
+        lines += ["", f"{toy['settings']['runs']:,} paths per setting; see coup_toy/coup_toy.png.", ""]
+    return "\n".join(lines)
+
+
+def _protocol_dict(protocol: Protocol) -> dict:
+    d = dataclasses.asdict(protocol)
+    d["autoattack"]["versions"] = list(d["autoattack"]["versions"])
+    return d
+
+
+def plot_summary(summary: dict, comparison: list[dict], path: str, title: str) -> str:
+    """Grouped bars: per defense, clean and each attack's single-shot robust accuracy; paper numbers as markers."""
+    from benchmarks.plots import _pyplot, _save
+
+    plt = _pyplot()
+    defenses = list(summary)
+    columns = ["clean"] + [a for a in (*ATTACKS, "worst-case") if any(a in v for v in summary.values())]
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(1.9 * len(defenses) + 3, 3.8))
+    for j, column in enumerate(columns):
+        heights = []
+        for defense in defenses:
+            cells = summary[defense]
+            if column == "clean":
+                heights.append(next((v["clean"] for v in cells.values() if "clean" in v), np.nan))
+            else:
+                heights.append(cells.get(column, {}).get("single_shot", np.nan))
+        ax.bar(np.arange(len(defenses)) + (j - (len(columns) - 1) / 2) * width, heights, width, label=column)
+    for c in comparison:
+        if c["defense"] in defenses:
+            i = defenses.index(c["defense"])
+            j = columns.index(c["attack"]) if c["attack"] in columns else 0
+            ax.plot(i + (j - (len(columns) - 1) / 2) * width, c["robust"], "k*", ms=9)
+    ax.plot([], [], "k*", label="paper (robust)")
+    ax.set_xticks(range(len(defenses)), defenses)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
+    parser.add_argument("--defenses", nargs="+", default=list(MNIST_DEFENSES))
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--n", type=int, default=8, help="first n test images")
+    parser.add_argument("--eps", type=float, default=None, help="default: 0.3 (MNIST), 8/255 (CIFAR-10)")
+    parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    parser.add_argument("--full", action="store_true", help="the papers' attack settings (for a GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10: the folder holding cifar-10-batches-py/")
+    parser.add_argument("--classifier", default=None, help="CIFAR-10: robustbench:<Name> or module:function")
+    parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
+    parser.add_argument("--coup-toy-runs", type=int, default=None,
+                        help="paths per setting of COUP's toy (paper: 100,000; scaled-down default 10,000; 0 skips)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="results/reproduce")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def load_setting(args):
+    """``(classifier, prior, x, y, purifier factory)`` for the dataset of ``args``."""
+    from purifiers.priors import load_prior
+
+    if args.dataset == "mnist":
+        from benchmarks.autoattack_eval import shipped_mnist_classifier, shipped_mnist_prior
+        from benchmarks.data import load_mnist
+
+        classifier = shipped_mnist_classifier()
+        prior = load_prior(args.prior) if args.prior else shipped_mnist_prior()
+        x, y = load_mnist("test", n=args.n)
+        return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier)
+    from benchmarks.data import load_cifar10
+    from benchmarks.robustbench_eval import load_classifier
+
+    if args.prior is None or args.data_dir is None or args.classifier is None:
+        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder) and --classifier.")
+    classifier = load_classifier(args.classifier, "cifar10", "Linf" if args.norm == "linf" else "L2", args.model_dir)
+    prior = load_prior(args.prior)
+    x, y = load_cifar10(args.data_dir, "test", n=args.n)
+
+    def factory(name):
+        if name not in CIFAR10_DEFENSES:
+            raise ValueError(f"unknown CIFAR-10 defense {name!r}; choose from {sorted(CIFAR10_DEFENSES)}.")
+        spec, needs_classifier = CIFAR10_DEFENSES[name]
+        cls = import_function(spec)
+        return cls(prior, classifier) if needs_classifier else cls(prior)
+
+    return classifier, prior, x, y, factory
+
+
+def reproduce(args) -> dict:
+    start = time.time()
+    eps = args.eps if args.eps is not None else DEFAULT_EPS[args.dataset]
+    protocol = (full_protocol if args.full else scaled_protocol)(eps, args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    classifier, prior, x, y, factory = load_setting(args)
+    classifier = classifier.to(device).eval().requires_grad_(False)
+    x, y = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name in args.defenses:
+        purifier = factory(name)
+        purifier.set_params(seed=args.seed)
+        model = defended_model(purifier, classifier, runs=protocol.runs.get(name, 1)).to(device)
+        rows += evaluate_defense(name, model, x, y, eps=eps, norm=args.norm, protocol=protocol, out_dir=args.out,
+                                 attacks=args.attacks, seed=args.seed, verbose=not args.quiet)
+    toy = None
+    toy_runs = args.coup_toy_runs if args.coup_toy_runs is not None else (100_000 if args.full else 10_000)
+    if args.dataset == "mnist" and toy_runs > 0:
+        from benchmarks.coup_toy import run_toy
+
+        toy = run_toy(os.path.join(args.out, "coup_toy"), runs=toy_runs, seed=args.seed, verbose=not args.quiet)
+    summary = summarize(rows)
+    comparison = paper_vs_ours(args.dataset, summary, protocol, len(y))
+    base = os.path.join(args.out, f"reproduce_{args.dataset}")
+    meta = collect_meta(args.dataset, f"test[:{len(y)}]", protocol=_protocol_dict(protocol), eps=eps,
+                        scaled_down=protocol.scaled_down, paper_vs_ours=comparison, summary=summary,
+                        seconds=time.time() - start)
+    write_results(base + ".json", rows, meta)
+    markdown = render_markdown(args.dataset, comparison, summary, protocol, len(y), eps, toy)
+    with open(base + ".md", "w") as f:
+        f.write(markdown)
+    title = f"{args.dataset}, eps {eps:.4g}, n = {len(y)}" + (" [scaled-down: not a robustness claim]"
+                                                              if protocol.scaled_down else "")
+    plot_summary(summary, comparison, base + ".png", title)
+    if not args.quiet:
+        print(markdown)
+        print(f"wrote {base}.json, .md and .png")
+    return {"rows": rows, "summary": summary, "paper_vs_ours": comparison, "markdown": markdown}
+
+
+def main(argv: list[str]) -> None:
+    reproduce(build_parser().parse_args(argv[1:]))
