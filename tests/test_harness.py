@@ -382,3 +382,17 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
     assert [c["defense"] for c in result["paper_vs_ours"]] == [c["defense"] for c in reproduce.PAPER["cifar10"]]
     assert result["paper_vs_ours"][0]["ours_robust"] is not None  # ADP blind PGD was run
     assert (out / "reproduce_cifar10.md").exists()
+
+
+def test_quickstart_table_has_every_defense_and_attack(toy_defense, tmp_path):
+    from benchmarks.quickstart import run_quickstart
+    from benchmarks.reproduce import ATTACKS
+
+    result = run_quickstart(str(tmp_path), n=2, n_clean=10, defenses=[toy_defense], prior="gaussian", verbose=False)
+    assert set(result["summary"]) == {"none", "toy"}
+    assert set(ATTACKS) <= set(result["summary"]["toy"]) and "blind-pgd" in result["summary"]["none"]
+    assert all(row["scaled_down"] for row in result["rows"][2:]) and result["meta"]["scaled_down"]
+    assert 0 < result["rows"][0]["clean_acc"] <= 1 and set(result["rows"][1]["psnr_db"]) == {"0.1", "0.25", "0.5"}
+    text = (tmp_path / "quickstart.md").read_text()
+    assert "SCALED-DOWN" in text and "| toy |" in text and "| none |" in text
+    assert json.loads((tmp_path / "quickstart.json").read_text())["rows"] == result["rows"]
