@@ -407,3 +407,30 @@ def test_off_grid_brownian_query_raises():
     torch.testing.assert_close(bm(-grid[0], -grid[-1]), bm._path[-1])
     with pytest.raises(ValueError, match="off its grid"):
         bm(-grid[0], -grid[0] + 0.0005)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the MNIST factories and the validation selection rule
+
+def test_mnist_factories_use_the_validation_settings(prior32):
+    from benchmarks.vpsde_eval import MNIST_SETTINGS, make_mnist_coup, make_mnist_diffpure
+
+    coup = make_mnist_coup(prior32, _tiny_classifier(torch.float32), gradient="exact")
+    assert isinstance(coup, COUPPyTorch) and coup.gradient == "exact"
+    assert coup.t_star == MNIST_SETTINGS["coup"]["t_star"]
+    assert coup.guidance_scale == MNIST_SETTINGS["coup"]["guidance_scale"]
+    diffpure = make_mnist_diffpure(prior32, t_star=0.05)
+    assert isinstance(diffpure, DiffPurePyTorch) and diffpure.t_star == 0.05
+
+
+def test_selection_prefers_robustness_within_the_clean_tolerance():
+    from benchmarks.vpsde_eval import select
+
+    def row(t, clean, robust):
+        return dict(defense="diffpure", t_star=t, guidance_scale=None, clean_acc=clean, robust_acc=robust)
+
+    rows = [row(0.1, 0.99, 0.50), row(0.2, 0.98, 0.60), row(0.3, 0.95, 0.80)]
+    choice = select(rows, "diffpure", undefended_clean=0.99)
+    assert choice["t_star"] == 0.2 and choice["meets_clean_target"]  # 0.3 is more robust but too far below clean
+    choice = select([row(0.3, 0.90, 0.8), row(0.4, 0.85, 0.9)], "diffpure", undefended_clean=0.99)
+    assert choice["t_star"] == 0.4 and not choice["meets_clean_target"]

