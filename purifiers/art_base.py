@@ -53,6 +53,9 @@ class PurifierPyTorch(PreprocessorPyTorch):
 
     params = ["gradient", "eot_samples", "clip_values", "channels_first", "batch_size", "verbose", "seed"]
     gradient_modes: tuple[str, ...] = ("bpda",)
+    #: The values ``purify`` accepts. A subclass or instance may widen it for inputs that legitimately carry additive
+    #: noise (ART's randomized smoothing adds Gaussian noise before the preprocessing defences, without clipping).
+    input_range: tuple[float, float] = (0.0, 1.0)
 
     def __init__(self, algorithm: nn.Module, *, gradient: str = "bpda", eot_samples: int = 1,
                  clip_values: tuple[float, float] = (0.0, 1.0), channels_first: bool = True, batch_size: int = 128,
@@ -110,6 +113,12 @@ class PurifierPyTorch(PreprocessorPyTorch):
         """Restart the seeded noise stream, so the next call draws the same noise as the first one did."""
         self._generators.clear()
 
+    @property
+    def input_channels(self) -> int | None:
+        """The channel count the prior expects, where it records one (the built-in U-Net's config), else ``None``."""
+        prior = getattr(self.algorithm, "prior", None)
+        return getattr(getattr(prior, "net", None), "config", {}).get("in_channels")
+
     def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
         """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""
         return {"bpda": lambda x, gen: straight_through(x, self._purify_no_grad(x, gen))}
@@ -130,7 +139,7 @@ class PurifierPyTorch(PreprocessorPyTorch):
 
         This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT.
         """
-        check_images(x, name="purifier input")
+        check_images(x, name="purifier input", channels=self.input_channels, value_range=self.input_range)
         self.algorithm.to(x.device)
         gen = self.generator(x.device)
         if with_gradient:
@@ -162,7 +171,8 @@ class PurifierPyTorch(PreprocessorPyTorch):
         return self._from_nchw(self.purify(self._to_nchw(x), torch.is_grad_enabled()))
 
     def __call__(self, x: np.ndarray, y=None):
-        check_images(x if self.channels_first else np.moveaxis(x, -1, 1), name="purifier input")
+        check_images(x if self.channels_first else np.moveaxis(x, -1, 1), name="purifier input",
+                     channels=self.input_channels, value_range=self.input_range)
         return super().__call__(x, y)
 
 

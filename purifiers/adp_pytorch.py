@@ -1,0 +1,116 @@
+"""ADP (Yoon, Hwang, Lee, ICML 2021) as an ART preprocessor: ``PyTorchClassifier(..., preprocessing_defences=[ADPPyTorch(...)])``.
+
+| Paper link: https://arxiv.org/abs/2106.06041
+
+| Please keep in mind the limitations of defences. While adversarial purification can be effective against attacks
+  that ignore it, it can be evaded by adaptive attacks that differentiate through it or approximate it; for details
+  see https://arxiv.org/abs/1802.00420, https://arxiv.org/abs/1902.06705 and https://arxiv.org/abs/2202.13711.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from purifiers.adp import ADP, DEFAULT_CONDITIONING, NOISY_INPUT_RANGE, PAPER_LAMBDA, PAPER_STEPS, PAPER_TAU
+from purifiers.art_base import PurifierPyTorch
+from purifiers.priors import Prior
+
+logger = logging.getLogger(__name__)
+
+ALGORITHM_PARAMS = ("sigma", "steps", "lam", "delta", "tau", "step_rule", "conditioning", "sigma_range",
+                    "step_size_gradient", "checkpoint_steps", "detection_threshold", "beta", "detection_sigma")
+
+
+class _AlgorithmParam:
+    """A wrapper attribute that lives on the pure-torch algorithm, so ``set_params`` changes the module in place."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, wrapper, owner=None):
+        return self if wrapper is None else getattr(wrapper.algorithm, self.name)
+
+    def __set__(self, wrapper, value):
+        setattr(wrapper.algorithm, self.name, value)
+
+
+class ADPPyTorch(PurifierPyTorch):
+    """Adaptive Denoising Purification (:class:`purifiers.ADP`, Algorithm 1 of the paper) as an ART
+    ``PreprocessorPyTorch``.
+
+    Gradient modes (``gradient``), used inside ``forward`` whenever ART takes a gradient:
+
+    * ``"bpda"``: the value is the purified image, the backward pass is the identity (Athalye et al. 2018);
+    * ``"exact"``: backpropagation through every purification step (each score evaluation checkpointed, so memory
+      does not grow with ``steps``); step sizes are constants of the backward pass as in Croce et al. (2022), or
+      differentiated with ``step_size_gradient=True``.
+
+    ``eot_samples=k`` averages the gradient over k independent purifications (the batch is expanded only while a
+    gradient is taken). The S-run ensemble of eq. (13) is :class:`purifiers.PurifiedClassifier` with ``runs=S``.
+
+    | Please keep in mind the limitations of defences (see the module docstring).
+
+    :param prior: the score prior (:func:`purifiers.load_prior`).
+    :param sigma, steps, lam, delta, tau, step_rule, conditioning, sigma_range, step_size_gradient, checkpoint_steps,
+        detection_threshold, beta, detection_sigma: the algorithm's hyper-parameters, see :class:`purifiers.ADP`.
+    :param noisy_inputs: accept inputs that carry additive noise, outside [0, 1] (as ART's randomized smoothing
+        produces: ``NumpyRandomizedSmoothing(PyTorchClassifier(..., preprocessing_defences=[ADPPyTorch(...,
+        noisy_inputs=True)]))``); 0-255 images are still rejected. ADP clips ``x + noise`` to [0, 1] first.
+    :param gradient, eot_samples, clip_values, channels_first, batch_size, verbose, seed, device_type: see
+        :class:`purifiers.PurifierPyTorch`.
+    """
+
+    params = PurifierPyTorch.params + list(ALGORITHM_PARAMS) + ["noisy_inputs"]
+    gradient_modes = ("bpda", "exact")
+
+    sigma = _AlgorithmParam()
+    steps = _AlgorithmParam()
+    lam = _AlgorithmParam()
+    delta = _AlgorithmParam()
+    tau = _AlgorithmParam()
+    step_rule = _AlgorithmParam()
+    conditioning = _AlgorithmParam()
+    sigma_range = _AlgorithmParam()
+    step_size_gradient = _AlgorithmParam()
+    checkpoint_steps = _AlgorithmParam()
+    detection_threshold = _AlgorithmParam()
+    beta = _AlgorithmParam()
+    detection_sigma = _AlgorithmParam()
+
+    def __init__(self, prior: Prior, sigma: float = 0.25, steps: int = PAPER_STEPS, lam: float = PAPER_LAMBDA,
+                 delta: float | None = None, tau: float = PAPER_TAU, step_rule: str = "paper",
+                 conditioning: str = DEFAULT_CONDITIONING, sigma_range: tuple[float, float] = (1e-3, 1.0),
+                 step_size_gradient: bool = False, checkpoint_steps: bool = True,
+                 detection_threshold: float | None = None, beta: float = 0.2, detection_sigma: float = 0.1,
+                 noisy_inputs: bool = False, *, gradient: str = "bpda", eot_samples: int = 1, clip_values: tuple[float, float] = (0.0, 1.0),
+                 channels_first: bool = True, batch_size: int = 128, verbose: bool = False, seed: int | None = None,
+                 device_type: str = "gpu"):
+        algorithm = ADP(prior, sigma=sigma, steps=steps, lam=lam, delta=delta, tau=tau, step_rule=step_rule,
+                        conditioning=conditioning, sigma_range=sigma_range, step_size_gradient=step_size_gradient,
+                        checkpoint_steps=checkpoint_steps, detection_threshold=detection_threshold, beta=beta,
+                        detection_sigma=detection_sigma)
+        super().__init__(algorithm, gradient=gradient, eot_samples=eot_samples, clip_values=clip_values,
+                         channels_first=channels_first, batch_size=batch_size, verbose=verbose, seed=seed,
+                         device_type=device_type)
+        self.noisy_inputs = noisy_inputs
+
+    @property
+    def noisy_inputs(self) -> bool:
+        return self.input_range == NOISY_INPUT_RANGE
+
+    @noisy_inputs.setter
+    def noisy_inputs(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"noisy_inputs must be a bool, got {value!r}.")
+        self.input_range = NOISY_INPUT_RANGE if value else PurifierPyTorch.input_range
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        self.algorithm.check_params()
+
+    def _gradient_estimators(self):
+        estimators = super()._gradient_estimators()
+        estimators["exact"] = lambda x, generator: self.algorithm(x, generator=generator)
+        return estimators
