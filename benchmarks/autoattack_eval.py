@@ -495,7 +495,9 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {sorted(DEFENSES)}, '{NO_DEFENSE}' (the bare classifier), or module:function "
                              "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
     parser.add_argument("--prior", default=None, help="prior file or diffusers folder (default: the shipped prior)")
-    parser.add_argument("--gradient", default=None, help="the purifier's gradient mode (default: the factory's)")
+    parser.add_argument("--gradient", default=None,
+                        help="the purifier's gradient mode for the attacks (default: 'exact' where the purifier has it, "
+                             "else the factory's)")
     parser.add_argument("--runs", type=int, default=None,
                         help="purifications per prediction (default: the deployed defense's, ADP 10, others 1)")
     parser.add_argument("--ensemble", default="softmax", choices=PurifiedClassifier.ENSEMBLES)
@@ -545,10 +547,13 @@ def load_defense(args, classifier: nn.Module, prior_default=None):
     if args.gradient is not None:
         overrides["gradient"] = args.gradient
     purifier = build_purifier(args.defense, prior, classifier, **overrides)
+    if args.gradient is None and "exact" in purifier.gradient_modes:
+        purifier.set_params(gradient="exact")  # AutoAttack is a white-box attack: differentiate the real computation
     runs = args.runs if args.runs is not None else deployed_runs(args.defense)
     model = defended_model(purifier, classifier, runs=runs, ensemble=args.ensemble)
     params = {k: _jsonable(getattr(purifier, k, None)) for k in purifier.params}
     info = {"name": args.defense, "purifier": type(purifier).__name__, "params": params, "overrides": overrides,
+            "gradient": purifier.gradient,
             "runs": runs, "ensemble": args.ensemble, "prior": args.prior or "shipped"}
     return model, purifier, info
 

@@ -396,3 +396,31 @@ def test_quickstart_table_has_every_defense_and_attack(toy_defense, tmp_path):
     text = (tmp_path / "quickstart.md").read_text()
     assert "SCALED-DOWN" in text and "| toy |" in text and "| none |" in text
     assert json.loads((tmp_path / "quickstart.json").read_text())["rows"] == result["rows"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real purifiers, through their developers' MNIST factories, with the shipped prior and classifier
+
+CHEAP = {"adp": ["steps=2"], "scoreopt": ["inner_steps=1"], "coup": ["t_star=0.01"], "diffpure": ["t_star=0.01"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", sorted(CHEAP))
+def test_autoattack_then_robustbench_on_each_purifier(defense, tmp_path):
+    """Both commands end to end on bundled MNIST (cheap settings of each purifier: fewer steps); the robustbench
+    command resumes the AutoAttack step from the autoattack command's checkpoints (same run, same fingerprint)."""
+    from benchmarks import robustbench_eval as rbe
+
+    common = ["--defense", defense, "--n", "2", "--batch-size", "2", "--versions", "rand", "--n-iter", "1",
+              "--eot-iter", "1", "--rescore", "1", "--runs", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--quiet"]
+    for item in CHEAP[defense]:
+        common += ["--set", item]
+    aa.main(["autoattack", *common, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / f"autoattack_{defense}.json").read_text())["rows"]
+    assert rows[0]["attack"] == "autoattack-rand" and 0 <= rows[0]["robust_acc"] <= rows[0]["clean_acc"]
+    stamp = os.path.getmtime(tmp_path / "ck" / "rand_00000.pt")
+    result = rbe.evaluate(rbe.build_parser().parse_args([*common, "--out", str(tmp_path / "rb"), "--name", defense]))
+    assert os.path.getmtime(tmp_path / "ck" / "rand_00000.pt") == stamp  # resumed, not recomputed
+    entry = json.loads(open(result["path"]).read())
+    assert set(entry) == set(rbe.model_info_fields()) and entry["unreliable"] is True
+    assert entry["number_forward_passes"] > 1 and entry["autoattack_acc"] == str(round(100 * rows[0]["robust_acc"], 2))
