@@ -21,7 +21,8 @@ from attacks_adaptive.base import Attack, DefendedModel
 from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, single_shot
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe form of a name (defense or attack)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
@@ -48,7 +49,8 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
     :param attacks: a list of :class:`attacks_adaptive.base.Attack` (distinct ``name``s) or a dict name -> attack;
         they must all attack the same purifier.
     :param x: NCHW [0, 1] images (numpy or tensor); ``y``: integer labels.
-    :param out: path of the results JSON; the per-batch state goes to ``<out without .json>_state/<defense>/``.
+    :param out: path of the results JSON; the per-batch state goes to ``<out without .json>_state/<defense>/`` and
+        the strongest adversarial examples to ``<out without .json>_worst_adv.npz``.
     :param defense: the defense's name in the rows.
     :param model: the target scored (default: the first attack's); its deployed defense is what ``single_shot`` and
         ``multi_draw`` query.
@@ -79,7 +81,7 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
 
-    state_dir = os.path.join(os.path.splitext(out)[0] + "_state", _slug(defense))
+    state_dir = os.path.join(os.path.splitext(out)[0] + "_state", slug(defense))
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
     scoring_key = json.dumps({"draws": draws, "scorings": list(scorings), "seed": seed})
     run = _Run(scoring_model, x, y, scorings, draws, seed, state_dir, verbose)
@@ -144,7 +146,7 @@ class _Run:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "config"}
 
     def attack(self, name, attack, batches, config) -> dict:
-        folder = os.path.join(self.state_dir, _slug(name))
+        folder = os.path.join(self.state_dir, slug(name))
         os.makedirs(folder, exist_ok=True)
         parts = []
         for start, stop in tqdm(batches, desc=name, disable=not self.verbose):
@@ -211,6 +213,6 @@ def _report(defense, named, results, clean, scorings, draws, seed, x, out, datas
                              note="per example the minimum over the attacks of this protocol's robustness"))
     full_meta = collect_meta(dataset, split, **meta, attacks_done=names)
     write_results(out, rows, full_meta)
-    np.savez(os.path.splitext(out)[0] + f"_{_slug(defense)}_worst_adv.npz", x_adv=x_worst,
+    np.savez(os.path.splitext(out)[0] + "_worst_adv.npz", x_adv=x_worst,
              attack_index=worst_attack, attack_names=np.array(names))
     return {"rows": rows, "meta": full_meta, "x_worst": x_worst, "worst_attack": worst_attack}

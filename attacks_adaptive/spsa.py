@@ -10,7 +10,8 @@ ADP's setting (Yoon et al. 2021, §5.1 and Table 1): 1,280 queries per step and 
 ``l_inf`` 8/255 (``eps / 4``): ``x_{i+1} = P_B(x_i + alpha sign(g))`` (``update="sign"``, the default). Uesato et al.
 instead feed ``g`` to Adam (``update="adam"``, learning rate ``lr``). ``queries`` counts forward passes: 1,280 queries
 are 640 antithetic pairs. Queries are clipped to [0, 1] (the purifier rejects images outside it). Under ``l_2`` the
-``sign`` step becomes an ``l_2``-normalised step.
+``sign`` step becomes an ``l_2``-normalised step. A query is one pass of the deployed defense (``query="deployed"``,
+ADP's S-run ensemble included) or, ``S`` times cheaper and noisier, one purification (``query="single"``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from attacks_adaptive.base import LOSSES, Attack, ascent_direction, project
 
 UPDATES = ("sign", "adam")
+QUERIES = ("deployed", "single")
 
 
 class SPSA(Attack):
@@ -31,14 +33,15 @@ class SPSA(Attack):
     :param step: the ``sign`` step; ``None`` is ``eps / 4``.
     :param lr: Adam's learning rate for ``update="adam"`` (0.01 in Uesato et al.).
     :param loss: ``"margin"`` (Uesato et al.), ``"ce"`` or ``"dlr"``.
+    :param query: what one query runs: ``"deployed"`` (the deployed defense) or ``"single"`` (one purification).
     """
 
     name = "SPSA"
-    attack_params = Attack.attack_params + ["queries", "delta", "update", "step", "lr", "loss"]
+    attack_params = Attack.attack_params + ["queries", "delta", "update", "step", "lr", "loss", "query"]
 
     def __init__(self, target, *, eps: float, norm: str = "linf", steps: int = 40, queries: int = 1280,
                  delta: float = 0.01, update: str = "sign", step: float | None = None, lr: float = 0.01,
-                 loss: str = "margin", **kwargs):
+                 loss: str = "margin", query: str = "deployed", **kwargs):
         super().__init__(target, eps=eps, norm=norm, steps=steps, **kwargs)
         self.queries = queries
         self.delta = delta
@@ -46,6 +49,7 @@ class SPSA(Attack):
         self.step = step
         self.lr = lr
         self.loss = loss
+        self.query = query
         self._check_params()
 
     def _check_params(self) -> None:
@@ -63,6 +67,8 @@ class SPSA(Attack):
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        if self.query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}.")
 
     def describe(self) -> dict:
         return {**super().describe(), "step": self.step or self.eps / 4}
@@ -87,11 +93,17 @@ class SPSA(Attack):
                 v = 2 * v - 1
                 centre = x_i.unsqueeze(1)
                 queries = torch.cat([(centre + self.delta * v), (centre - self.delta * v)], 1).clamp(0, 1)
-                logits = self.model.deployed_logits(queries.flatten(0, 1), self.max_rows)
+                logits = self._query(queries.flatten(0, 1))
                 loss = loss_fn(logits, y_i.repeat_interleave(2 * pc)).view(m, 2 * pc)
                 diff = (loss[:, :pc] - loss[:, pc:]) / (2 * self.delta)
                 grad[i:i + inputs_per_call] += (diff.view(m, pc, *([1] * (x.ndim - 1))) * v).sum(1)
         return grad / pairs
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.query == "deployed":
+            return self.model.deployed_logits(x, self.max_rows)
+        return torch.cat([self.model.purified_logits(x[i:i + self.max_rows], False)
+                          for i in range(0, x.shape[0], self.max_rows)])
 
     def _attack(self, x, y):
         generator = self._generator(x.device)

@@ -427,3 +427,23 @@ def test_bad_input_gets_a_clear_value_error():
         attack(x, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="4-D"):
         attack(x[0], y)
+
+
+def test_benchmark_suite_holds_every_attack_of_the_issue():
+    from benchmarks.attacks_run import PRESETS, attack_suite
+
+    suite = attack_suite(toy_defended(), 0.1, "linf", PRESETS["cpu"])
+    assert set(suite) == {"BlindPGD", "BPDA+EOT", "Joint(score)+EOT", "Joint(full)+EOT", "SPSA", "PGD+EOT[exact]",
+                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]"}
+    assert suite["SPSA"].query == "single" and suite["PGD+EOT[exact]"].gradient == "exact"
+    assert set(attack_suite(tiny_classifier(), 0.1, "linf", PRESETS["cpu"])) == {"PGD", "APGD-CE", "APGD-DLR"}
+
+
+def test_spsa_single_queries_cost_one_purification_per_query():
+    defended = toy_defended(runs=5)
+    x, y = toy_images(2), torch.tensor([0, 1])
+    model = DefendedModel.from_target(defended)
+    for query, purifications in (("single", 1), ("deployed", 5)):
+        with model.count() as meter:
+            aa.SPSA(defended, eps=0.1, steps=1, queries=8, query=query)(x, y)
+        assert meter.prior_forward == 2 * 8 * purifications  # 2 images x 8 queries, one denoise per purification
