@@ -97,7 +97,8 @@ def run_toy(out_dir: str, runs: int = 100_000, noise_levels=DEFAULT_NOISE_LEVELS
     data = {"experiment": "COUP section 5.3.2 / Fig. 3b toy: label flip probability P(x_0 < 0)",
             "settings": {"mixture": "0.5 N(-0.5, 1) + 0.5 N(0.5, 1)", "x_start": X_START, "t_star": T_STAR, "dt": DT,
                          "t_end": 0.0, "runs": runs, "seed": seed, "noise": "n(x) = sin(100 x) / 100",
-                         "score": "exact VP-marginal score of the mixture", "solver": "purifiers.vpsde (Euler-Maruyama)",
+                         "score": "exact VP-marginal score of the mixture",
+                         "solver": "purifiers.vpsde (Euler-Maruyama)",
                          "same_brownian_paths_for_every_setting": True},
             "results": results, "seconds": time.time() - start}
     os.makedirs(out_dir, exist_ok=True)

@@ -174,9 +174,9 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
         plot_curves([undefended] + rows, os.path.join(out_dir, "vpsde_val_curves.png"))
         return meta
 
-    plan = []
-    for method in methods:
-        for t_star in t_stars:
+    plan = []  # by t*, so that an interrupted sweep has every method's low-t* points
+    for t_star in t_stars:
+        for method in methods:
             settings = {"t_star": t_star}
             if method != "diffpure":
                 settings["guidance_scale"] = 1.0 if method == "coup" else 0.0
@@ -187,7 +187,9 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
             rows.append(_row(method, settings, "val", len(y), seed, scores))
             save()
     if "coup" in methods and lambdas:
-        t_lambda = lambda_t_star if lambda_t_star is not None else select(rows, "coup", undefended["clean_acc"])["t_star"]
+        t_lambda = lambda_t_star
+        if t_lambda is None:
+            t_lambda = select(rows, "coup", undefended["clean_acc"])["t_star"]
         for lam in tqdm(lambdas, desc=f"sweep (lambda at t*={t_lambda})", disable=not verbose):
             settings = {"t_star": t_lambda, "guidance_scale": float(lam)}
             if not done("coup", settings):

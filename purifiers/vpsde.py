@@ -119,8 +119,7 @@ def reverse_vp_drift(x: Tensor, t: float, schedule: VPSchedule, score_fn: Callab
 
 def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSchedule,
                      score_fn: Callable[[Tensor, float], Tensor], guidance_fn: Callable[[Tensor], Tensor] | None = None,
-                     guidance_scale: float = 0.0, checkpoint_steps: bool = False,
-                     progress: Callable | None = None) -> Tensor:
+                     guidance_scale: float = 0.0, checkpoint_steps: bool = False) -> Tensor:
     """Integrate the guided reverse VP-SDE from ``grid[0]`` to ``grid[-1]`` with the given Brownian increments.
 
     :param x: the state at ``grid[0]`` (any shape; batch first).
@@ -137,8 +136,6 @@ def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSc
             x = checkpoint(reverse_vp_step, *args, use_reentrant=False)
         else:
             x = reverse_vp_step(*args)
-        if progress is not None:
-            progress()
     return x
 
 
@@ -208,7 +205,8 @@ class ReverseVPSDE(nn.Module):
     def check_params(self) -> None:
         """Raise ``ValueError`` for settings the solver cannot run."""
         if not isinstance(self.prior, Prior):
-            raise ValueError(f"prior must be a purifiers Prior (see purifiers.load_prior), got {type(self.prior).__name__}.")
+            raise ValueError("prior must be a purifiers Prior (see purifiers.load_prior), "
+                             f"got {type(self.prior).__name__}.")
         if not 0.0 < float(self.t_end) < float(self.t_star) <= 1.0:
             raise ValueError(f"need 0 < t_end < t_star <= 1, got t_end={self.t_end}, t_star={self.t_star}.")
         if not 0.0 < float(self.dt) <= float(self.t_star) - float(self.t_end):
@@ -276,20 +274,16 @@ class ReverseVPSDE(nn.Module):
             alpha_bar = float(ddpm.alphas_cumprod[max(0, round(ddpm.num_steps * float(self.t_star)) - 1)])
         return alpha_bar**0.5 * x_pm1 + (1.0 - alpha_bar) ** 0.5 * noise.start
 
-    def purify(self, x: Tensor, noise: SDENoise, num_steps: int | None = None, verbose: bool = False) -> Tensor:
+    def purify(self, x: Tensor, noise: SDENoise, num_steps: int | None = None) -> Tensor:
         """Purify [0, 1] images ``x`` with the given noise, on ``num_steps`` steps (default: the fine grid).
 
         Differentiable in ``x`` when autograd records (steps checkpointed when ``checkpoint_steps``).
         """
         grid, increments = noise.on_steps(num_steps or len(noise.grid) - 1)
         differentiable = torch.is_grad_enabled() and x.requires_grad
-        bar = _progress(len(grid) - 1, verbose, type(self).__name__)
         out = solve_reverse_vp(self.start_state(x, noise), grid, increments, self.schedule, self.vp_score,
-                               self.guidance_fn,
-                               float(self.guidance_scale), checkpoint_steps=self.checkpoint_steps and differentiable,
-                               progress=bar.update if bar else None)
-        if bar:
-            bar.close()
+                               self.guidance_fn, float(self.guidance_scale),
+                               checkpoint_steps=self.checkpoint_steps and differentiable)
         return to_01(out).clamp(0.0, 1.0)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -416,11 +410,3 @@ class _GridBrownian(torchsde.BaseBrownian):
     @property
     def levy_area_approximation(self):
         return "none"
-
-
-def _progress(total: int, verbose: bool, desc: str):
-    if not verbose:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)

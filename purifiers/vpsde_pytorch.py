@@ -42,8 +42,8 @@ Tensor = torch.Tensor
 
 def _algorithm_setting(name: str, doc: str) -> property:
     """A wrapper attribute that reads and writes the algorithm's, so ART's ``set_params`` reaches the solver."""
-    return property(lambda self: getattr(self.algorithm, name), lambda self, value: setattr(self.algorithm, name, value),
-                    doc=doc)
+    return property(lambda self: getattr(self.algorithm, name),
+                    lambda self, value: setattr(self.algorithm, name, value), doc=doc)
 
 
 class _ReverseVPSDEPyTorch(PurifierPyTorch):
