@@ -378,9 +378,9 @@ class Attack:
 
     def describe(self) -> dict:
         """The settings a results row states (attack, gradient mode, EOT, iterations, ...)."""
-        return {"attack": self.name, "gradient": self.gradient_description(), "eot": getattr(self, "eot", 1),
-                "iterations": self.steps, **{k: getattr(self, k) for k in self.attack_params
-                                             if k not in ("verbose", "track_iterates", "max_rows")}}
+        settings = {k: getattr(self, k) for k in self.attack_params if k not in ("verbose", "track_iterates", "max_rows")}
+        return {**settings, "attack": self.name, "gradient": self.gradient_description(),
+                "eot": getattr(self, "eot", 1), "iterations": self.steps}
 
     def gradient_description(self) -> str:
         return self.model.gradient

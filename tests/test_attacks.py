@@ -447,3 +447,12 @@ def test_spsa_single_queries_cost_one_purification_per_query():
         with model.count() as meter:
             aa.SPSA(defended, eps=0.1, steps=1, queries=8, query=query)(x, y)
         assert meter.prior_forward == 2 * 8 * purifications  # 2 images x 8 queries, one denoise per purification
+
+
+def test_rows_name_the_gradient_mode_actually_used():
+    defended = toy_defended(gradient="exact")
+    assert aa.APGDEOT(defended, eps=0.1).describe()["gradient"] == "exact"  # gradient=None: the purifier's mode
+    assert aa.APGDEOT(defended, eps=0.1, gradient="bpda").describe()["gradient"] == "bpda"
+    assert aa.BPDAEOT(defended, eps=0.1).describe()["gradient"] == "bpda"
+    assert aa.BlindPGD(defended, eps=0.1).describe()["gradient"] == "none (classifier only)"
+    assert aa.JointAttack(defended, eps=0.1, mode="score").describe()["eot"] == 1  # nothing stochastic to average
