@@ -183,6 +183,28 @@ def test_undefended_pgd_equals_arts_projected_gradient_descent(norm):
     np.testing.assert_allclose(ours.numpy(), art_adv, atol=1e-5)
 
 
+def test_spsa_estimate_approaches_the_true_gradient():
+    # On a deterministic smooth model the SPSA estimate is unbiased up to O(delta^2): with many queries it points
+    # along the autograd gradient of the same loss.
+    classifier = tiny_classifier()
+    x = toy_images(2, low=0.3, high=0.7)
+    y = torch.tensor([1, 2])
+    attack = aa.SPSA(classifier, eps=0.1, queries=8000, delta=1e-3)
+    estimate = attack.estimate_gradient(x, y, torch.Generator().manual_seed(0))
+    xg = x.clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(margin_loss(classifier(xg), y).sum(), xg)
+    cosine = torch.nn.functional.cosine_similarity(estimate.flatten(1), true.flatten(1))
+    assert (cosine > 0.95).all(), cosine
+
+
+def test_spsa_adam_update_breaks_an_undefended_model_at_large_eps():
+    classifier = tiny_classifier()
+    x = toy_images(8, low=0.3, high=0.7)
+    y = clean_labels(classifier, x)
+    x_adv = aa.SPSA(classifier, eps=1.0, steps=20, queries=256, update="adam", lr=0.1)(x, y)
+    assert aa.single_shot(classifier, x_adv, y).max() == 0
+
+
 def test_losses_and_projection_match_their_definitions():
     logits = torch.tensor([[3.0, 1.0, 2.0, -1.0], [0.0, 5.0, 4.0, 1.0]])
     y = torch.tensor([0, 2])
@@ -354,6 +376,12 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     assert bpda["gradient"] == "bpda" and bpda["eot"] == 2 and bpda["iterations"] == 3
     assert bpda["nfe_per_image"]["prior_forward"] >= 3 * 2  # 3 steps x 2 EOT purifications per image at least
     assert report["x_worst"].shape == x.shape
+    # The strongest example per input comes from the attack with the lowest multi-draw robustness there.
+    state = os.path.join(str(tmp_path), "attacks_state", "toy")
+    multi = np.stack([np.concatenate([np.load(os.path.join(state, folder, f))["multi_draw"]
+                                      for f in sorted(os.listdir(os.path.join(state, folder)))])
+                      for folder in ("BPDA_EOT", "SPSA", "BlindPGD")])
+    np.testing.assert_array_equal(multi[report["worst_attack"], np.arange(10)], multi.min(0))
 
     # Resume: every batch is saved, so a second run attacks nothing ...
     attacks = _runner_attacks(defended)
