@@ -61,6 +61,9 @@ DEFENSES = {
     "coup": ("benchmarks.vpsde_eval:make_mnist_coup", True),
     "diffpure": ("benchmarks.vpsde_eval:make_mnist_diffpure", False),
 }
+# Other datasets (CIFAR-10/100): each purifier class with its defaults, the papers' CIFAR-10 settings.
+PAPER_DEFAULT_DEFENSES = {"adp": ("purifiers:ADPPyTorch", False), "scoreopt": ("purifiers:ScoreOptPyTorch", False),
+                          "coup": ("purifiers:COUPPyTorch", True), "diffpure": ("purifiers:DiffPurePyTorch", False)}
 NO_DEFENSE = "none"
 
 
@@ -75,11 +78,14 @@ def import_function(spec: str):
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def build_purifier(defense: str, prior, classifier: nn.Module, **overrides) -> PurifierPyTorch:
-    """The purifier ``defense`` names: a key of :data:`DEFENSES`, or ``"module:function"`` for a factory called
+def build_purifier(defense: str, prior, classifier: nn.Module, *, dataset: str = "mnist",
+                   **overrides) -> PurifierPyTorch:
+    """The purifier ``defense`` names: a key of :data:`DEFENSES` (MNIST settings; for another ``dataset`` the class
+    defaults of :data:`PAPER_DEFAULT_DEFENSES`), or ``"module:function"`` for a factory called
     ``function(prior, classifier, **overrides)``."""
-    if defense in DEFENSES:
-        spec, needs_classifier = DEFENSES[defense]
+    registry = DEFENSES if dataset == "mnist" else PAPER_DEFAULT_DEFENSES
+    if defense in registry:
+        spec, needs_classifier = registry[defense]
         factory = import_function(spec)
         purifier = factory(prior, classifier, **overrides) if needs_classifier else factory(prior, **overrides)
     elif ":" in defense:
@@ -384,8 +390,8 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
                     record = checkpoints.load(b, part)
                     if record is None:
                         progress.set_description(f"autoattack {part} batch {b + 1}/{n_batches}")
-                        record = _run_unit(model, purifier, meter, xb, yb, part, config, unit_seed(config.seed, b, part),
-                                           device)
+                        seed = unit_seed(config.seed, b, part)
+                        record = _run_unit(model, purifier, meter, xb, yb, part, config, seed, device)
                         checkpoints.save(b, part, record)
                     records[part].append(record)
                     progress.update()
@@ -496,8 +502,8 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
     parser.add_argument("--prior", default=None, help="prior file or diffusers folder (default: the shipped prior)")
     parser.add_argument("--gradient", default=None,
-                        help="the purifier's gradient mode for the attacks (default: 'exact' where the purifier has it, "
-                             "else the factory's)")
+                        help="the purifier's gradient mode for the attacks (default: 'exact' where the purifier "
+                             "has it, else the factory's)")
     parser.add_argument("--runs", type=int, default=None,
                         help="purifications per prediction (default: the deployed defense's, ADP 10, others 1)")
     parser.add_argument("--ensemble", default="softmax", choices=PurifiedClassifier.ENSEMBLES)
@@ -535,7 +541,7 @@ def config_from_args(args) -> AutoAttackConfig:
                             n_queries=args.n_queries)
 
 
-def load_defense(args, classifier: nn.Module, prior_default=None):
+def load_defense(args, classifier: nn.Module, prior_default=None, dataset: str = "mnist"):
     """``(model, purifier, info)`` for parsed :func:`add_defense_arguments` options; ``prior_default`` is used when
     ``--prior`` is not given (loaded lazily: the bare classifier needs no prior)."""
     if args.defense == NO_DEFENSE:
@@ -546,7 +552,7 @@ def load_defense(args, classifier: nn.Module, prior_default=None):
     overrides = parse_overrides(args.set)
     if args.gradient is not None:
         overrides["gradient"] = args.gradient
-    purifier = build_purifier(args.defense, prior, classifier, **overrides)
+    purifier = build_purifier(args.defense, prior, classifier, dataset=dataset, **overrides)
     if args.gradient is None and "exact" in purifier.gradient_modes:
         purifier.set_params(gradient="exact")  # AutoAttack is a white-box attack: differentiate the real computation
     runs = args.runs if args.runs is not None else deployed_runs(args.defense)

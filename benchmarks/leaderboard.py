@@ -91,7 +91,8 @@ def render_html(groups: dict) -> str:
              ".note{font-size:smaller;color:#555}</style></head><body>"]
     for (dataset, threat_model), entries in sorted(groups.items()):
         parts.append(f"<h2>{html.escape(dataset)}, {html.escape(threat_model)}</h2>")
-        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr></thead><tbody>")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+        parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>")
         for rank, entry in enumerate(entries, 1):
             cells = [html.escape(c) for c in _cells(rank, entry)]
             if entry.get("link"):

@@ -9,8 +9,9 @@ MNIST (default; bundled data, shipped classifier and prior, the purifier develop
   mean over ``draws`` forward passes of the deployed defense), with the worst case over the attacks.
 
 CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior DIFFUSERS_DIR --classifier robustbench:Standard``): the same
-table with each purifier class's defaults (the papers' CIFAR-10 settings) at eps 8/255, against the papers' CIFAR-10
-numbers (ADP Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
+table with each purifier class's defaults (the papers' CIFAR-10 settings,
+:data:`benchmarks.autoattack_eval.PAPER_DEFAULT_DEFENSES`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP
+Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
 
 By default the attack settings are scaled down to fit a CPU (fewer iterations and EOT samples, AutoAttack 'rand'
 only, small ``n``): every row and table says so, and such numbers are smoke tests, not robustness claims. ``--full``
@@ -34,14 +35,11 @@ import numpy as np
 import torch
 
 from benchmarks.autoattack_eval import (AutoAttackConfig, build_purifier, defended_model, deployed_runs,
-                                        import_function, result_rows, run_autoattack)
+                                        result_rows, run_autoattack)
 from benchmarks.results import collect_meta, write_results
 
 ATTACKS = ("blind-pgd", "bpda-eot", "pgd-eot", "autoattack")
 MNIST_DEFENSES = ("adp", "scoreopt", "coup", "diffpure")
-# CIFAR-10: each purifier class with its defaults (the paper's CIFAR-10 settings); True: it needs the classifier.
-CIFAR10_DEFENSES = {"adp": ("purifiers:ADPPyTorch", False), "scoreopt": ("purifiers:ScoreOptPyTorch", False),
-                    "coup": ("purifiers:COUPPyTorch", True), "diffpure": ("purifiers:DiffPurePyTorch", False)}
 
 # The papers' numbers (clean %, robust %) this package can be compared with; "attack" names one of ATTACKS.
 PAPER = {
@@ -210,9 +208,9 @@ def render_markdown(dataset: str, comparison: list[dict], summary: dict, protoco
              "| defense | attack | paper clean % | paper robust % | ours clean % | ours robust % (single-shot) | "
              "ours multi-draw % | ours worst case over attacks % | source |", "|---" * 9 + "|"]
     for c in comparison:
-        lines.append(f"| {c['defense']} | {c['attack']} | {c['clean']:.2f} | {c['robust']:.2f} | {_pct(c['ours_clean'])}"
-                     f" | {_pct(c['ours_robust'])} | {_pct(c['ours_multi_draw'])} | {_pct(c['ours_worst_case'])} | "
-                     f"{c['source']} |")
+        lines.append(f"| {c['defense']} | {c['attack']} | {c['clean']:.2f} | {c['robust']:.2f} | "
+                     f"{_pct(c['ours_clean'])} | {_pct(c['ours_robust'])} | {_pct(c['ours_multi_draw'])} | "
+                     f"{_pct(c['ours_worst_case'])} | {c['source']} |")
     lines += ["", "## Every method under every attack (robust %: single-shot / multi-draw)", "", summary_table(summary),
               "", f"Settings: {json.dumps(_protocol_dict(protocol))}", ""]
     if toy is not None:
@@ -326,15 +324,7 @@ def load_setting(args):
     classifier = load_classifier(args.classifier, "cifar10", "Linf" if args.norm == "linf" else "L2", args.model_dir)
     prior = load_prior(args.prior)
     x, y = load_cifar10(args.data_dir, "test", n=args.n)
-
-    def factory(name):
-        if name not in CIFAR10_DEFENSES:
-            raise ValueError(f"unknown CIFAR-10 defense {name!r}; choose from {sorted(CIFAR10_DEFENSES)}.")
-        spec, needs_classifier = CIFAR10_DEFENSES[name]
-        cls = import_function(spec)
-        return cls(prior, classifier) if needs_classifier else cls(prior)
-
-    return classifier, prior, x, y, factory
+    return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier, dataset="cifar10")
 
 
 def reproduce(args) -> dict:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks robustbench``: RobustBench's evaluation steps with AutoAttack 'rand', writing a model_info JSON.
+"""``python -m benchmarks robustbench``: RobustBench's evaluation steps with AutoAttack 'rand', writing model_info JSON.
 
 robustbench 1.1.1's ``benchmark()`` cannot run here: it calls the GitHub AutoAttack API (pyautoattack's differs) and
 hard-codes ``version='standard'`` (``../shared/reference/rb_aa_ta.md`` §0.2). This command performs its steps itself
@@ -95,13 +95,15 @@ def load_data(dataset: str, n: int, data_dir: str | None) -> tuple[torch.Tensor,
     return loader(n_examples=n, data_dir=data_dir)
 
 
-def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf", model_dir: str = "models") -> torch.nn.Module:
+def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf",
+                    model_dir: str = "models") -> torch.nn.Module:
     """The classifier: the shipped one for MNIST (``spec=None``); ``"robustbench:<Name>"`` from the model zoo, read from
     ``<model_dir>/<dataset>/<threat_model>/<Name>.pt`` (never downloaded); or ``"module:function"``, a factory with no
     arguments returning a module that maps [0, 1] images to logits."""
     if spec is None:
         if dataset != "mnist":
-            raise ValueError(f"{dataset} needs --classifier: 'robustbench:<Name>' (with --model-dir) or module:function.")
+            raise ValueError(f"{dataset} needs --classifier: 'robustbench:<Name>' (with --model-dir) or "
+                             "module:function.")
         return shipped_mnist_classifier()
     kind, _, name = spec.partition(":")
     if kind == "robustbench":
@@ -164,8 +166,9 @@ def model_info(result, *, name: str, dataset: str, info: dict, gradient: str | N
                authors: str = "", venue: str = "", reported: float | None = None) -> dict:
     """The model_info dictionary, every field of :func:`model_info_fields` present."""
     cfg = result.config
-    external, source = result.worst_case().float().mean().item(), (
-        f"per-point worst case of the AutoAttack step (every version's flags and all {cfg.rescore_draws} re-score draws)")
+    external = result.worst_case().float().mean().item()
+    source = (f"per-point worst case of the AutoAttack step (every version's flags and all {cfg.rescore_draws} "
+              "re-score draws)")
     adaptive = adaptive_worst_case(attacks_json, info["name"], cfg.eps, cfg.norm) if attacks_json else None
     if adaptive is not None and adaptive["robust_acc"] < external:
         external = adaptive["robust_acc"]
@@ -203,7 +206,7 @@ def evaluate(args) -> dict:
     classifier = load_classifier(args.classifier, args.dataset, args.norm, args.model_dir)
     if args.defense != NO_DEFENSE and args.prior is None and args.dataset != "mnist":
         raise ValueError(f"{args.dataset} needs --prior (a diffusers folder or a built-in prior file).")
-    model, purifier, info = load_defense(args, classifier, shipped_mnist_prior)
+    model, purifier, info = load_defense(args, classifier, shipped_mnist_prior, dataset=args.dataset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
     name = args.name or f"{info['name'].rsplit(':', 1)[-1]}_{type(classifier).__name__}"
@@ -227,9 +230,9 @@ def evaluate(args) -> dict:
     entry = model_info(result, name=name, dataset=args.dataset, info=info, gradient=gradient, clean_acc=clean,
                        architecture=architecture, attacks_json=args.attacks_json, link=args.link)
     path = write_model_info(entry, args.out, args.norm, name)
-    rows = [make_row(defense=info["name"], attack="none", gradient=None, scoring="robustbench clean_accuracy (one draw)",
-                     eps=None, norm=None, n=len(y), seed=args.seed, clean_acc=clean, robust_acc=None,
-                     nfe_per_image=result.number_forward_passes, seconds=None)]
+    rows = [make_row(defense=info["name"], attack="none", gradient=None,
+                     scoring="robustbench clean_accuracy (one draw)", eps=None, norm=None, n=len(y), seed=args.seed,
+                     clean_acc=clean, robust_acc=None, nfe_per_image=result.number_forward_passes, seconds=None)]
     rows += result_rows(result, info["name"], gradient, runs=info.get("runs"), ensemble=info.get("ensemble"))
     meta = collect_meta(args.dataset, f"test[:{len(y)}]", defense=info, model_info=path,
                         autoattack=asdict(config) | {"versions": list(config.versions)}, scaled_down=config.scaled_down)
@@ -247,15 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="mnist", choices=DATASETS)
     parser.add_argument("--data-dir", default=None, help="CIFAR-10/100: folder holding cifar-10-batches-py/ etc.")
     parser.add_argument("--classifier", default=None,
-                        help="robustbench:<Name> (from --model-dir) or module:function (default: the shipped MNIST CNN)")
+                        help="robustbench:<Name> (from --model-dir) or module:function (default: the shipped "
+                             "MNIST CNN)")
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
     add_defense_arguments(parser)
     add_autoattack_arguments(parser)
     parser.add_argument("--n", type=int, default=64, help="first n test images")
     parser.add_argument("--name", default=None, help="model name (the JSON's file name and 'name' field)")
     parser.add_argument("--link", default=None, help="paper or code link for the entry")
-    parser.add_argument("--attacks-json", default=None, help="attacks.json of `python -m benchmarks attacks` (external)")
-    parser.add_argument("--out", default=".", help="model_info/ goes under this folder (RobustBench writes ./model_info)")
+    parser.add_argument("--attacks-json", default=None,
+                        help="attacks.json of `python -m benchmarks attacks` (for 'external')")
+    parser.add_argument("--out", default=".",
+                        help="model_info/ goes under this folder (RobustBench writes ./model_info)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
