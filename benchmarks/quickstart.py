@@ -33,13 +33,14 @@ EPS = 0.3  # MNIST l_inf radius (ADP supplement Table 9)
 
 def quickstart_protocol(seed: int = 0) -> Protocol:
     """The scaled-down settings, sized by the costliest purifier (COUP: one exact gradient through its 100 guided
-    SDE steps takes about 5 s of CPU per image): blind PGD 10 it.; BPDA+EOT 2 it. x 2 EOT; PGD+EOT 1 it. x 2 EOT;
-    AutoAttack 'rand' with 1 iteration and EOT 1; 3 draws for multi-draw scoring; ADP's ensemble cut from 10 to 2
-    runs. The protocols: ``python -m benchmarks reproduce --full``."""
+    SDE steps takes about 5 s of CPU per image): blind PGD 10 it.; BPDA+EOT 2 it. x 2 EOT with step eps/2 and PGD+EOT
+    1 it. x 2 EOT with step eps (so a few steps can still reach the eps-ball's boundary); AutoAttack 'rand' with 1
+    iteration and EOT 1; 3 draws for multi-draw scoring; ADP's ensemble cut from 10 to 2 runs. The protocols:
+    ``python -m benchmarks reproduce --full``."""
     return Protocol("quickstart (scaled-down)", blind_pgd_steps=10, bpda_steps=2, bpda_eot=2, pgd_eot_steps=1,
                     pgd_eot_eot=2, autoattack=AutoAttackConfig(eps=EPS, seed=seed, versions=("rand",), n_iter=1,
                                                                eot_iter=1, rescore_draws=3, batch_size=16),
-                    draws=3, runs={"adp": 2})
+                    draws=3, runs={"adp": 2}, bpda_step=0.5, pgd_eot_step=1.0)
 
 
 def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, defenses=MNIST_DEFENSES, seed: int = 0,

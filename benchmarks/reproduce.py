@@ -73,6 +73,9 @@ class Protocol:
     autoattack: AutoAttackConfig
     draws: int = 20
     runs: dict = field(default_factory=dict)  # purifications per prediction; defaults: deployed_runs()
+    # Step sizes as fractions of eps; None keeps each attack's protocol step (BPDA+EOT eps/4, PGD+EOT Lee & Kim's).
+    bpda_step: float | None = None
+    pgd_eot_step: float | None = None
 
     @property
     def scaled_down(self) -> bool:
@@ -104,11 +107,15 @@ def make_attacks(model, eps: float, norm: str, protocol: Protocol, seed: int, na
     builders = {
         "blind-pgd": lambda: BlindPGD(model, eps=eps, norm=norm, steps=protocol.blind_pgd_steps, seed=seed),
         "bpda-eot": lambda: BPDAEOT(model, eps=eps, norm=norm, steps=protocol.bpda_steps, eot=protocol.bpda_eot,
-                                    seed=seed),
+                                    step=_step(protocol.bpda_step, eps), seed=seed),
         "pgd-eot": lambda: PGDEOT(model, eps=eps, norm=norm, steps=protocol.pgd_eot_steps, eot=protocol.pgd_eot_eot,
-                                  gradient="exact", seed=seed),
+                                  step=_step(protocol.pgd_eot_step, eps), gradient="exact", seed=seed),
     }
     return {name: builders[name]() for name in names if name in builders}
+
+
+def _step(fraction: float | None, eps: float) -> float | None:
+    return None if fraction is None else fraction * eps
 
 
 def evaluate_defense(name: str, model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, protocol: Protocol,
