@@ -62,7 +62,8 @@ class ScoreOptPyTorch(PurifierPyTorch):
     :param mse_lambda: lambda of eq. (7).
     :param sr_lambda: weight of the SR term (the paper's eq. 8 has 1).
     :param optimizer: ``"adam"`` (default, the paper's App. C.5) or ``"gd"`` (Algorithms 1-2 as printed).
-    :param n_target: ScoreOpt-N's target, ``"outer"`` (Algorithm 2) or ``"reparametrised"`` (the reference code).
+    :param n_target: ScoreOpt-N's target, ``"reparametrised"`` (§3.3 and the reference code, default) or ``"outer"``
+        (Algorithm 2's pseudo-code taken literally, which reproduces its input; see :mod:`purifiers.scoreopt`).
     :param checkpoint_steps: checkpoint the unrolled loop in the ``exact`` mode.
     :param gradient: ``"bpda"``, ``"surrogate"`` or ``"exact"``.
     :param eot_samples: purifications averaged per input in a gradient call.
@@ -93,7 +94,7 @@ class ScoreOptPyTorch(PurifierPyTorch):
     def __init__(self, prior, *, variant: str = "O", loss: str = "diff", steps: int | None = None,
                  inner_steps: int | None = None, lr: float | None = None,
                  noise_range: tuple[float, float] | None = None, mse_lambda: float = 1.0, sr_lambda: float = 1.0,
-                 optimizer: str = "adam", n_target: str = "outer", checkpoint_steps: bool = True,
+                 optimizer: str = "adam", n_target: str = "reparametrised", checkpoint_steps: bool = True,
                  gradient: str = "bpda", eot_samples: int = 1, clip_values: tuple[float, float] = (0.0, 1.0),
                  channels_first: bool = True, batch_size: int = 128, verbose: bool = False, seed: int | None = None,
                  device_type: str = "gpu"):

@@ -53,7 +53,7 @@ def prior32():
 # exact gradient == central finite differences, fixed noise, float64
 CASES = [dict(variant="O", loss=loss) for loss in ("diff", "mse", "sr")]
 CASES += [dict(variant="N", loss=loss) for loss in ("diff", "mse", "sr")]
-CASES += [dict(variant="N", loss="diff", n_target="reparametrised"), dict(variant="O", loss="sr", optimizer="gd")]
+CASES += [dict(variant="N", loss="diff", n_target="outer"), dict(variant="O", loss="sr", optimizer="gd")]
 
 
 @pytest.mark.parametrize("settings", CASES, ids=lambda s: "-".join(map(str, s.values())))
