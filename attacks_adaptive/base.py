@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ from tqdm import tqdm
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
 from purifiers.validation import check_images
 
-logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 NORMS = ("linf", "l2")
@@ -131,10 +129,6 @@ class NFEMeter:
     prior_forward: int = 0
     prior_backward: int = 0
     classifier: int = 0
-
-    def per_image(self, n: int) -> dict:
-        return {"prior_forward": self.prior_forward / n, "prior_backward": self.prior_backward / n,
-                "classifier": self.classifier / n}
 
 
 class DefendedModel:

@@ -96,7 +96,7 @@ def test_pgd_and_apgd_break_the_undefended_mnist_classifier(mnist):
     classifier, x, y = mnist
     assert aa.single_shot(classifier, x, y).mean() >= 0.95
     for attack in (aa.BlindPGD(classifier, eps=0.3, steps=10),
-                   aa.APGDEOT(classifier, eps=0.3, steps=20, eot=1, loss="ce")):
+                   aa.APGDEOT(classifier, eps=0.3, steps=10, eot=1, loss="ce")):
         x_adv = attack(x, y)
         assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         assert aa.single_shot(classifier, x_adv, y).mean() <= 0.01, attack.name
