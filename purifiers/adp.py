@@ -72,9 +72,16 @@ REFERENCE_DELTA, REFERENCE_ALPHA_RANGE = 1e-3, (1e-5, 0.1)
 # ADP clips x + noise to [0, 1] first, so it is defined for inputs that already carry noise (randomized smoothing adds
 # Gaussian noise before the defence); values beyond 4 noise stds of std 1 mean a scale error (e.g. 0-255 images).
 NOISY_INPUT_RANGE = (-4.0, 5.0)
+# An iterate this far outside [0, 1] is no image any more: the step rule has diverged.
+DIVERGENCE_BOUND = 2.0
 STEP_RULES = ("paper", "reference")
 CONDITIONINGS = ("running", "injected", "tracked")
 DEFAULT_CONDITIONING = "running"
+
+
+class ADPDivergedError(ValueError):
+    """The updates left the image range (``|x| > DIVERGENCE_BOUND``): the step sizes overshoot for this prior and
+    these settings (seen with ``conditioning="tracked"`` and a large ``lam``)."""
 
 
 def median_heuristic_sigma(x, max_images: int = 2000) -> float:
@@ -142,7 +149,10 @@ class ADP(nn.Module):
     :param tau: stopping threshold: on ``|s(x_t)|`` (``"paper"``) or on ``alpha`` (``"reference"``).
     :param step_rule: ``"paper"`` or ``"reference"`` (see the module docstring).
     :param conditioning: the prior's noise level per step: ``"running"``, ``"injected"`` or ``"tracked"``.
-    :param sigma_range: ``(low, high)`` bounds for the conditioning level and for ``sigma_t``.
+    :param sigma_range: ``(low, high)`` bounds for the conditioning level and for ``sigma_t`` (pixel units). The
+        default keeps the level where a denoiser is trained (EDM's training levels put about 98% of their mass
+        between pixel sigma 0.014 and 1.7); with ``"tracked"`` and a large ``lam`` the level shrinks fast, and below
+        ~0.01 the score ``(D - x) / c`` of a real network is unreliable (runs diverged in a validation sweep).
     :param step_size_gradient: differentiate the step sizes (and conditioning levels) instead of treating them as
         constants of the backward pass.
     :param checkpoint_steps: checkpoint each score evaluation when a gradient is taken (memory flat in ``T``).
@@ -157,7 +167,7 @@ class ADP(nn.Module):
 
     def __init__(self, prior: Prior, sigma: float = 0.25, steps: int = PAPER_STEPS, lam: float = PAPER_LAMBDA,
                  delta: float | None = None, tau: float = PAPER_TAU, step_rule: str = "paper",
-                 conditioning: str = DEFAULT_CONDITIONING, sigma_range: tuple[float, float] = (1e-3, 1.0),
+                 conditioning: str = DEFAULT_CONDITIONING, sigma_range: tuple[float, float] = (0.01, 1.0),
                  step_size_gradient: bool = False, checkpoint_steps: bool = True,
                  detection_threshold: float | None = None, beta: float = 0.2, detection_sigma: float = 0.1):
         super().__init__()
@@ -241,6 +251,10 @@ class ADP(nn.Module):
         active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         for t in range(self.steps):
             x, cond, active = self._step(x, cond, active, check_score_norm=t > 0)
+            if not bool(torch.isfinite(x).all()) or float(x.detach().abs().max()) > DIVERGENCE_BOUND:
+                raise ADPDivergedError(f"ADP diverged at step {t + 1}: values up to {float(x.detach().abs().max()):g} "
+                                       f"(conditioning={self.conditioning!r}, lam={self.lam}, "
+                                       f"step_rule={self.step_rule!r}); use a smaller lam or another conditioning.")
             if not active.any():
                 break
         return x.clamp(0.0, 1.0)

@@ -81,7 +81,7 @@ class ADPPyTorch(PurifierPyTorch):
 
     def __init__(self, prior: Prior, sigma: float = 0.25, steps: int = PAPER_STEPS, lam: float = PAPER_LAMBDA,
                  delta: float | None = None, tau: float = PAPER_TAU, step_rule: str = "paper",
-                 conditioning: str = DEFAULT_CONDITIONING, sigma_range: tuple[float, float] = (1e-3, 1.0),
+                 conditioning: str = DEFAULT_CONDITIONING, sigma_range: tuple[float, float] = (0.01, 1.0),
                  step_size_gradient: bool = False, checkpoint_steps: bool = True,
                  detection_threshold: float | None = None, beta: float = 0.2, detection_sigma: float = 0.1,
                  noisy_inputs: bool = False, *, gradient: str = "bpda", eot_samples: int = 1, clip_values: tuple[float, float] = (0.0, 1.0),

@@ -9,8 +9,8 @@ from art.estimators.certification.randomized_smoothing import NumpyRandomizedSmo
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from purifiers import ADP, ADPPyTorch, EDMDenoiser, GaussianPrior, PurifiedClassifier
-from purifiers.adp import adp_score, detection_threshold_from_natural, median_heuristic_sigma, score_norm
+from purifiers import ADP, ADPPyTorch, DenoiserPrior, EDMDenoiser, GaussianPrior, PurifiedClassifier
+from purifiers.adp import ADPDivergedError, adp_score, detection_threshold_from_natural, median_heuristic_sigma, score_norm
 from purifiers.unet import SmallUNet
 
 # On the shared, loaded 2-core machine two intra-op threads spin against each other (a 50x slowdown, measured).
@@ -348,6 +348,19 @@ def test_noisy_inputs_accept_values_outside_the_unit_interval_but_not_0_255_imag
     assert out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="255"):
         purifier(np.full((2, 1, SIZE, SIZE), 200.0, dtype=np.float32))
+
+
+class _AwayFromHalf(nn.Module):
+    """A "denoiser" whose score points away from 0.5: eq. (17) finds no decrease and the updates run off."""
+
+    def forward(self, x, sigma):
+        return x + 3.0 * (x - 0.5)
+
+
+def test_diverging_updates_raise_a_clear_error_instead_of_feeding_the_prior_garbage():
+    adp = ADP(DenoiserPrior(_AwayFromHalf()), steps=20, lam=0.5, sigma=0.05)
+    with pytest.raises(ADPDivergedError, match="diverged"):
+        adp(_images(n=2), generator=_gen(0))
 
 
 @pytest.mark.parametrize("settings, message", [

