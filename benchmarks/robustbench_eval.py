@@ -40,6 +40,21 @@ from benchmarks.rb_compat import import_robustbench
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 
 DATASETS = ("mnist", "cifar10", "cifar100")
+# The entry's paper fields for the purifiers of this package (RobustBench's "name" is the paper's title).
+PAPERS = {
+    "adp": dict(name="Adversarial Purification with Score-based Generative Models (ADP)",
+                authors="Jongmin Yoon, Sung Ju Hwang, Juho Lee", venue="ICML 2021",
+                link="https://arxiv.org/abs/2106.06041"),
+    "scoreopt": dict(name="Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt)",
+                     authors="Boya Zhang, Weijian Luo, Zhihua Zhang", venue="NeurIPS 2023",
+                     link="https://arxiv.org/abs/2307.04333"),
+    "coup": dict(name="Classifier Guidance Enhances Diffusion-Based Adversarial Purification by Preserving Predictive "
+                      "Information (COUP)", authors="Mingkun Zhang, Jianing Li, Wei Chen, Jiafeng Guo, Xueqi Cheng",
+                 venue="ECAI 2024", link="https://arxiv.org/abs/2408.05900"),
+    "diffpure": dict(name="Diffusion Models for Adversarial Purification (DiffPure)",
+                     authors="Weili Nie, Brandon Guo, Yujia Huang, Chaowei Xiao, Arash Vahdat, Anima Anandkumar",
+                     venue="ICML 2022", link="https://arxiv.org/abs/2205.07460"),
+}
 LEADERBOARD_FIELDS = ("external", "unreliable")  # in the leaderboard's files, not in ModelInfo
 
 
@@ -140,7 +155,7 @@ def footnote(result, info: dict, gradient: str | None, external_source: str) -> 
                      f"mode '{gradient}'.")
     versions = []
     if "rand" in result.versions:
-        versions.append(f"version='rand' (APGD-CE + APGD-DLR, {cfg.iterations()} iterations, EOT {cfg.eot('rand')})")
+        versions.append(f"version='rand' (APGD-CE + APGD-DLR, iterations {cfg.iterations()}, EOT {cfg.eot('rand')})")
     if "standard" in result.versions:
         noise = "" if info["name"] == NO_DEFENSE else ("; purification noise fixed per call by seed"
                                                        if cfg.standard_noise == "fixed" else
@@ -156,15 +171,18 @@ def footnote(result, info: dict, gradient: str | None, external_source: str) -> 
     parts.append(f"external: {external_source}.")
     parts.append("number_forward_passes counts prior forward and backward passes and classifier passes per prediction.")
     if cfg.scaled_down:
-        parts.append(f"SCALED-DOWN settings (iterations={cfg.n_iter}, EOT={cfg.eot_iter}, target classes="
-                     f"{cfg.n_target_classes}, Square queries={cfg.n_queries}): a smoke run, not a robustness claim.")
+        settings = {"iterations": cfg.n_iter, "EOT": cfg.eot_iter, "target classes": cfg.n_target_classes,
+                    "Square queries": cfg.n_queries}
+        parts.append("SCALED-DOWN settings (" + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
+                     + "): a smoke run, not a robustness claim.")
     return " ".join(parts)
 
 
 def model_info(result, *, name: str, dataset: str, info: dict, gradient: str | None, clean_acc: float,
                architecture: str, attacks_json: str | None = None, link: str | None = None,
                authors: str = "", venue: str = "", reported: float | None = None) -> dict:
-    """The model_info dictionary, every field of :func:`model_info_fields` present."""
+    """The model_info dictionary, every field of :func:`model_info_fields` present. ``name``, ``link``, ``authors``
+    and ``venue`` describe the paper (:data:`PAPERS` holds them for this package's purifiers)."""
     cfg = result.config
     external = result.worst_case().float().mean().item()
     source = (f"per-point worst case of the AutoAttack step (every version's flags and all {cfg.rescore_draws} "
@@ -227,8 +245,11 @@ def evaluate(args) -> dict:
     gradient = purifier.gradient if purifier is not None else None
     architecture = type(classifier).__name__ if purifier is None else \
         f"{type(classifier).__name__} + {type(purifier.algorithm.prior).__name__} prior"
-    entry = model_info(result, name=name, dataset=args.dataset, info=info, gradient=gradient, clean_acc=clean,
-                       architecture=architecture, attacks_json=args.attacks_json, link=args.link)
+    paper = dict(PAPERS.get(info["name"], dict(name=name, authors="", venue="", link=None)))
+    if args.link:
+        paper["link"] = args.link
+    entry = model_info(result, dataset=args.dataset, info=info, gradient=gradient, clean_acc=clean,
+                       architecture=architecture, attacks_json=args.attacks_json, **paper)
     path = write_model_info(entry, args.out, args.norm, name)
     rows = [make_row(defense=info["name"], attack="none", gradient=None,
                      scoring="robustbench clean_accuracy (one draw)", eps=None, norm=None, n=len(y), seed=args.seed,
