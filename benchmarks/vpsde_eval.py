@@ -329,17 +329,20 @@ def plot_curves(rows: list[dict], path: str) -> None:
 
     undefended = next(r for r in rows if r["defense"] == "none")
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, color in zip(METHODS, ("C0", "C1", "C2")):
+    for method, color, marker in zip(METHODS, ("C0", "C1", "C2"), ("o", "s", "^")):
         pts = sorted((r for r in rows if r["defense"] == method and r["guidance_scale"] in (None, 0.0, 1.0)),
                      key=lambda r: r["t_star"])
         pts = [r for r in pts if method != "coup" or r["guidance_scale"] == 1.0]
         if pts:
             t = [r["t_star"] for r in pts]
-            ax_t.plot(t, [100 * r["clean_acc"] for r in pts], "--o", color=color, ms=3, label=f"{method} clean")
-            ax_t.plot(t, [100 * r["robust_acc"] for r in pts], "-o", color=color, ms=3, label=f"{method} robust")
+            ax_t.plot(t, [100 * r["clean_acc"] for r in pts], "--" + marker, color=color, ms=4, mfc="none",
+                      label=f"{method} clean")
+            ax_t.plot(t, [100 * r["robust_acc"] for r in pts], "-" + marker, color=color, ms=4, mfc="none",
+                      label=f"{method} robust")
     coup_pts = [r for r in rows if r["defense"] == "coup"]
     if coup_pts:
-        t_lambda = max({r["t_star"] for r in coup_pts}, key=lambda t: sum(r["t_star"] == t for r in coup_pts))
+        # the lambda sweep's t*: the one with the most guidance weights evaluated (ties: the larger t*)
+        t_lambda = max({r["t_star"] for r in coup_pts}, key=lambda t: (sum(r["t_star"] == t for r in coup_pts), t))
         pts = sorted((r for r in coup_pts if r["t_star"] == t_lambda), key=lambda r: r["guidance_scale"])
         pts = [r for r in rows if r["defense"] == "coup-noguide" and r["t_star"] == t_lambda] + pts
         lam = [r["guidance_scale"] for r in pts]

@@ -354,7 +354,7 @@ def tiny_cifar_classifier():
 
 def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
     """The CIFAR-10 path end to end: a fake CIFAR-10 folder (the official layout), a tiny random diffusers UNet2DModel
-    saved with save_pretrained, a tiny classifier from a module:function factory."""
+    saved with save_pretrained (last layer shrunk), a tiny classifier from a module:function factory."""
     import pickle
 
     from diffusers import UNet2DModel
@@ -367,9 +367,16 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
     torch.manual_seed(0)
-    UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                norm_num_groups=4).save_pretrained(tmp_path / "unet")
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    # A random network is no prior: its epsilon outputs are O(1) per pixel, so ten ADP steps carry the iterate out of
+    # the image range and ADP rightly raises ADPDivergedError. Shrinking the last layer keeps the random "score"
+    # small; this test is about the CIFAR-10 plumbing, not about purification.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1e-2)
+        unet.conv_out.bias.zero_()
+    unet.save_pretrained(tmp_path / "unet")
     module = types.ModuleType("_harness_cifar_fakes")
     module.tiny_cifar_classifier = tiny_cifar_classifier
     monkeypatch.setitem(sys.modules, module.__name__, module)
