@@ -70,8 +70,7 @@ class APGDEOT(Attack):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        self._check_loss(self.loss)
         self._check_positive_int("eot", self.eot)
         if not 0 < self.rho < 1 or not 0 < self.momentum <= 1:
             raise ValueError(f"rho must be in (0, 1) and momentum in (0, 1], got {self.rho!r}, {self.momentum!r}.")

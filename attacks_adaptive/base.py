@@ -363,6 +363,11 @@ class Attack:
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
+    @staticmethod
+    def _check_loss(loss) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}.")
+
     def set_params(self, **kwargs) -> None:
         for key, value in kwargs.items():
             if key not in self.attack_params:

@@ -36,8 +36,7 @@ class BlindPGD(Attack):
         super()._check_params()
         if self.step is not None and not self.step > 0:
             raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        self._check_loss(self.loss)
 
     def describe(self) -> dict:
         return {**super().describe(), "step": self.step or self.eps / 4}

@@ -48,8 +48,7 @@ class BPDAEOT(Attack):
             raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
         if self.eot_reduce not in EOT_REDUCTIONS:
             raise ValueError(f"eot_reduce must be one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        self._check_loss(self.loss)
 
     def describe(self) -> dict:
         return {**super().describe(), "step": self.step or self.eps / 4}

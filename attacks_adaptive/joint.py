@@ -76,8 +76,7 @@ class JointAttack(Attack):
                              f"{self.classifier_gradient!r}.")
         if not self.score_sigma > 0:
             raise ValueError(f"score_sigma must be positive, got {self.score_sigma!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        self._check_loss(self.loss)
         if self.mode == "score":
             self.model.prior  # noqa: B018 -- raises a clear ValueError on an undefended target
 

@@ -48,8 +48,7 @@ class PGDEOT(Attack):
         if self.step is not None and not self.step > 0:
             raise ValueError(f"step must be positive (or None for Lee & Kim's 0.007 at 8/255, scaled), got "
                              f"{self.step!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        self._check_loss(self.loss)
         purifier = self.model.purifier
         if self.gradient is not None and purifier is not None and self.gradient not in purifier.gradient_modes:
             raise ValueError(f"{type(purifier).__name__} has no gradient mode {self.gradient!r}; "

@@ -65,8 +65,7 @@ class SPSA(Attack):
             raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}.")
+        self._check_loss(self.loss)
         if self.query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}.")
 

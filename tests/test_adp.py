@@ -4,57 +4,16 @@ finite differences with fixed noise, the classifier's own gradient, ART's attack
 import numpy as np
 import pytest
 import torch
-from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescent
 from art.estimators.certification.randomized_smoothing import NumpyRandomizedSmoothing
-from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from purifiers import ADP, ADPPyTorch, DenoiserPrior, EDMDenoiser, GaussianPrior, PurifiedClassifier
-from purifiers.adp import ADPDivergedError, adp_score, detection_threshold_from_natural, median_heuristic_sigma, score_norm
-from purifiers.unet import SmallUNet
+from purifiers import ADP, ADPPyTorch, DenoiserPrior, GaussianPrior, PurifiedClassifier
+from purifiers.adp import (ADPDivergedError, adp_score, detection_threshold_from_natural, median_heuristic_sigma,
+                           score_norm)
+from tiny import (SIZE, art_classifier, check_art_attacks_run, check_bpda_gradient,
+                  check_exact_pgd_increases_the_defended_loss, gen, images, linear_classifier)
 
-# On the shared, loaded 2-core machine two intra-op threads spin against each other (a 50x slowdown, measured).
-torch.set_num_threads(1)
-
-SIZE = 8
 MU, STD = 0.5, 0.2
-
-
-def _tiny_prior(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    prior = EDMDenoiser(SmallUNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16))
-    for p in prior.parameters():  # the U-Net's last conv starts at zero: perturb every weight so D is not a no-op
-        nn.init.normal_(p, std=0.05)
-    return prior.to(dtype).eval().requires_grad_(False)
-
-
-def _images(n=2, low=0.3, high=0.7, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (low + (high - low) * torch.rand(n, 1, SIZE, SIZE, generator=gen)).to(dtype)
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _tiny_classifier(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 10)).eval()
-
-
-def _art_classifier(model, defences=(), nb_classes=10):
-    return PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(1, SIZE, SIZE), nb_classes=nb_classes,
-                             clip_values=(0.0, 1.0), preprocessing_defences=list(defences), device_type="cpu")
-
-
-@pytest.fixture(scope="module")
-def prior64():
-    return _tiny_prior()
-
-
-@pytest.fixture(scope="module")
-def prior32():
-    return _tiny_prior(torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +29,7 @@ def gaussian64():
 @pytest.mark.parametrize("conditioning", ["running", "injected", "tracked"])
 def test_each_step_shrinks_the_distance_to_the_gaussian_mean_by_one_minus_lambda(gaussian64, step_rule, conditioning):
     adp = ADP(gaussian64, steps=3, lam=0.05, tau=0.0, step_rule=step_rule, conditioning=conditioning)
-    x0 = _images(n=3)
+    x0 = images(n=3)
     out = adp.update(x0, torch.tensor([0.1, 0.25, 0.4], dtype=torch.float64))
     torch.testing.assert_close(out - MU, 0.95**3 * (x0 - MU), rtol=1e-6, atol=1e-9)
 
@@ -79,7 +38,7 @@ def test_step_size_is_lambda_times_the_local_noise_level(gaussian64):
     # At conditioning c, s'(x) = -c/(std^2+c^2) I, so eq. (17) returns sigma_t = (std^2 + c^2)/c and
     # alpha = lambda sigma_t; the "running" conditioning feeds sigma_t back as the next level.
     adp = ADP(gaussian64, steps=1, lam=0.1, conditioning="running")
-    x0, c = _images(n=1), torch.tensor([0.3], dtype=torch.float64)
+    x0, c = images(n=1), torch.tensor([0.3], dtype=torch.float64)
     g = adp_score(gaussian64, x0, c)
     out, next_cond, active = adp._step(x0, c, torch.tensor([True]), check_score_norm=False)
     sigma_t = (STD**2 + 0.3**2) / 0.3
@@ -105,7 +64,7 @@ def test_reference_rule_stops_a_sample_once_its_step_size_falls_below_tau(gaussi
     # Reference code: alpha = clamp(lambda delta/(1-z), 1e-5, 0.1) = lambda (std^2 + c^2)/c, and a sample with
     # alpha <= tau does not move. c = 0.25 gives alpha = 0.0205, c = 0.05 gives 0.0425.
     adp = ADP(gaussian64, steps=2, lam=0.05, step_rule="reference", conditioning="injected", tau=0.03)
-    x0 = _images(n=2)
+    x0 = images(n=2)
     out = adp.update(x0, torch.tensor([0.25, 0.05], dtype=torch.float64))
     torch.testing.assert_close(out[0], x0[0])
     torch.testing.assert_close(out[1] - MU, 0.95**2 * (x0[1] - MU))
@@ -113,7 +72,7 @@ def test_reference_rule_stops_a_sample_once_its_step_size_falls_below_tau(gaussi
 
 def test_reference_step_size_is_clamped_at_one_tenth(gaussian64):
     adp = ADP(gaussian64, steps=1, lam=0.9, step_rule="reference", conditioning="injected")
-    x0, c = _images(n=1, low=0.45, high=0.55), torch.tensor([0.25], dtype=torch.float64)
+    x0, c = images(n=1, low=0.45, high=0.55), torch.tensor([0.25], dtype=torch.float64)
     out = adp.update(x0, c)  # lambda sigma_t = 0.9 * 0.41 would be 0.369
     torch.testing.assert_close(out, x0 + 0.1 * adp_score(gaussian64, x0, c))
 
@@ -121,16 +80,16 @@ def test_reference_step_size_is_clamped_at_one_tenth(gaussian64):
 def test_exact_gradient_through_the_gaussian_prior_is_the_closed_form(gaussian64):
     # x_T - mu = (1 - lambda)^T (clip(x + sigma n) - mu): the Jacobian is (1 - lambda)^T where the clip is inactive.
     adp = ADP(gaussian64, steps=4, lam=0.05, sigma=0.1)
-    x = _images(n=2).requires_grad_(True)
-    out = adp(x, generator=_gen(3))
+    x = images(n=2).requires_grad_(True)
+    out = adp(x, generator=gen(3))
     grad, = torch.autograd.grad(out.sum(), x)
-    noisy = x.detach() + 0.1 * torch.randn(x.shape, generator=_gen(3), dtype=x.dtype)
+    noisy = x.detach() + 0.1 * torch.randn(x.shape, generator=gen(3), dtype=x.dtype)
     inside = ((noisy > 0) & (noisy < 1)).to(x.dtype)
     torch.testing.assert_close(grad, 0.95**4 * inside)
 
 
 def test_median_heuristic_matches_a_direct_computation():
-    x = _images(n=5, low=0.0, high=1.0)
+    x = images(n=5, low=0.0, high=1.0)
     flat = x.reshape(5, -1)
     distances = [float((flat[i] - flat[j]).norm()) for i in range(5) for j in range(i + 1, 5)]
     assert median_heuristic_sigma(x) == pytest.approx(np.median(distances) / SIZE)
@@ -140,16 +99,16 @@ def test_median_heuristic_matches_a_direct_computation():
 # exact gradients == central finite differences through the tiny U-Net, fixed noise, float64
 
 def _finite_difference_check(adp, x, seed=1, directions=3, h=1e-6):
-    weights = torch.randn(x.shape, generator=_gen(7), dtype=x.dtype)
+    weights = torch.randn(x.shape, generator=gen(7), dtype=x.dtype)
     xg = x.clone().requires_grad_(True)
-    out = adp(xg, generator=_gen(seed))
+    out = adp(xg, generator=gen(seed))
     grad, = torch.autograd.grad((weights * out).sum(), xg)
     assert grad.abs().sum() > 0
     with torch.no_grad():
         for k in range(directions):
-            v = torch.randn(x.shape, generator=_gen(100 + k), dtype=x.dtype)
-            plus = (weights * adp(x + h * v, generator=_gen(seed))).sum()
-            minus = (weights * adp(x - h * v, generator=_gen(seed))).sum()
+            v = torch.randn(x.shape, generator=gen(100 + k), dtype=x.dtype)
+            plus = (weights * adp(x + h * v, generator=gen(seed))).sum()
+            minus = (weights * adp(x - h * v, generator=gen(seed))).sum()
             fd = float((plus - minus) / (2 * h))
             assert float((grad * v).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
@@ -157,15 +116,15 @@ def _finite_difference_check(adp, x, seed=1, directions=3, h=1e-6):
 @pytest.mark.parametrize("conditioning", ["running", "tracked"])
 def test_exact_gradient_with_differentiated_step_sizes_matches_finite_differences(prior64, conditioning):
     adp = ADP(prior64, steps=3, conditioning=conditioning, step_size_gradient=True)
-    _finite_difference_check(adp, _images())
+    _finite_difference_check(adp, images())
 
 
 def test_exact_gradient_with_constant_step_sizes_matches_finite_differences_where_they_are_constant(prior64):
     # Croce et al.'s gradient holds alpha fixed; it is the true derivative where alpha does not move with x: here
     # alpha sits at the reference rule's upper clamp 0.1 (lambda = 0.9 asks for far more).
     adp = ADP(prior64, steps=3, lam=0.9, step_rule="reference", conditioning="injected")
-    x = _images()
-    x0 = (x + 0.25 * torch.randn(x.shape, generator=_gen(1), dtype=x.dtype)).clamp(0, 1)
+    x = images()
+    x0 = (x + 0.25 * torch.randn(x.shape, generator=gen(1), dtype=x.dtype)).clamp(0, 1)
     one_step = ADP(prior64, steps=1, lam=0.9, step_rule="reference", conditioning="injected")
     sigma = torch.full((2,), 0.25, dtype=x.dtype)
     torch.testing.assert_close(one_step.update(x0, sigma), (x0 + 0.1 * adp_score(prior64, x0, sigma)).clamp(0, 1))
@@ -173,11 +132,11 @@ def test_exact_gradient_with_constant_step_sizes_matches_finite_differences_wher
 
 
 def test_checkpointing_leaves_the_exact_gradient_unchanged(prior64):
-    x = _images().requires_grad_(True)
+    x = images().requires_grad_(True)
     grads = []
     for checkpoint_steps in (True, False):
         adp = ADP(prior64, steps=3, checkpoint_steps=checkpoint_steps)
-        grads.append(torch.autograd.grad(adp(x, generator=_gen(2)).pow(2).sum(), x)[0])
+        grads.append(torch.autograd.grad(adp(x, generator=gen(2)).pow(2).sum(), x)[0])
     torch.testing.assert_close(grads[0], grads[1])
 
 
@@ -185,15 +144,8 @@ def test_checkpointing_leaves_the_exact_gradient_unchanged(prior64):
 # the ART wrapper: BPDA, EOT, ART's attacks and randomized smoothing
 
 def test_bpda_gradient_is_the_classifier_gradient_at_the_purified_point(prior32):
-    classifier = _tiny_classifier()
-    purifier = ADPPyTorch(prior32, steps=2, gradient="bpda", seed=2, device_type="cpu")
-    x, y = _images(n=3, dtype=torch.float32).numpy(), np.eye(10)[[1, 4, 7]]  # ART's loss_gradient takes one-hot
-    grad = _art_classifier(classifier, [purifier]).loss_gradient(x, y)
-    purifier.reset_generator()
-    purified, _ = purifier(x)
-    expected = _art_classifier(classifier).loss_gradient(purified, y)
-    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
-    assert np.abs(purified - x).max() > 1e-2  # the purifier did move the input
+    check_bpda_gradient(ADPPyTorch(prior32, steps=2, gradient="bpda", seed=2, device_type="cpu"), linear_classifier(),
+                        min_move=1e-2)
 
 
 @pytest.mark.parametrize("gradient", ["bpda", "exact"])
@@ -201,13 +153,13 @@ def test_eot_gradient_is_the_mean_of_single_sample_gradients(prior32, gradient):
     # With eot_samples=k the batch becomes x repeated k times (row-interleaved) in one call; the same rows passed
     # without EOT draw the same noise, and their per-row gradients (each scaled by 1/k by the mean loss) sum to the
     # mean of the k single-sample gradients.
-    k, classifier = 3, _tiny_classifier()
+    k, classifier = 3, linear_classifier()
     purifier = ADPPyTorch(prior32, steps=2, gradient=gradient, eot_samples=k, seed=5, device_type="cpu")
-    x, y = _images(n=2, dtype=torch.float32).numpy(), np.eye(10)[[3, 8]]
-    eot_grad = _art_classifier(classifier, [purifier]).loss_gradient(x, y)
+    x, y = images(n=2, dtype=torch.float32).numpy(), np.eye(10)[[3, 8]]
+    eot_grad = art_classifier(classifier, [purifier]).loss_gradient(x, y)
     purifier.reset_generator()
     purifier.set_params(eot_samples=1)
-    rows = _art_classifier(classifier, [purifier]).loss_gradient(np.repeat(x, k, axis=0), np.repeat(y, k, axis=0))
+    rows = art_classifier(classifier, [purifier]).loss_gradient(np.repeat(x, k, axis=0), np.repeat(y, k, axis=0))
     single = k * rows.reshape(2, k, 1, SIZE, SIZE)
     np.testing.assert_allclose(eot_grad, single.mean(axis=1), rtol=1e-4, atol=1e-7)
     assert not np.allclose(single[:, 0], single[:, 1])  # the samples differ: the average is not trivial
@@ -216,36 +168,17 @@ def test_eot_gradient_is_the_mean_of_single_sample_gradients(prior32, gradient):
 @pytest.mark.parametrize("gradient", ["bpda", "exact"])
 def test_art_pgd_and_apgd_run_through_each_gradient_mode(prior32, gradient):
     purifier = ADPPyTorch(prior32, steps=2, gradient=gradient, eot_samples=2, seed=0, device_type="cpu")
-    classifier = _art_classifier(_tiny_classifier(), [purifier])
-    x = _images(n=3, dtype=torch.float32).numpy()
+    classifier = art_classifier(linear_classifier(), [purifier])
+    x = images(n=3, dtype=torch.float32).numpy()
     prediction = classifier.predict(x)
     assert prediction.shape == (3, 10)  # predict keeps N rows even with EOT
     y = prediction.argmax(1)  # APGD only attacks correctly classified points
-    eps = 0.05
-    for attack in (ProjectedGradientDescent(classifier, eps=eps, eps_step=0.02, max_iter=2, verbose=False),
-                   AutoProjectedGradientDescent(classifier, eps=eps, eps_step=0.02, max_iter=2, nb_random_init=1,
-                                                verbose=False)):
-        x_adv = attack.generate(x, y=y)
-        assert x_adv.shape == x.shape and np.abs(x_adv - x).max() <= eps + 1e-6
-        assert np.abs(x_adv - x).max() > 0.0
+    check_art_attacks_run(classifier, x, y)
 
 
 def test_exact_pgd_increases_the_defended_loss(prior32):
-    model = _tiny_classifier()
     purifier = ADPPyTorch(prior32, steps=2, gradient="exact", seed=0, device_type="cpu")
-    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(reduction="sum"), input_shape=(1, SIZE, SIZE),
-                                   nb_classes=10, clip_values=(0.0, 1.0), preprocessing_defences=[purifier],
-                                   device_type="cpu")
-    x, y = _images(n=3, dtype=torch.float32).numpy(), np.array([0, 1, 2])
-    x_adv = ProjectedGradientDescent(classifier, eps=0.1, eps_step=0.02, max_iter=5, verbose=False).generate(x, y=y)
-    defended = PurifiedClassifier(purifier, model)
-
-    def loss(inp):
-        purifier.reset_generator()
-        with torch.no_grad():
-            return nn.functional.nll_loss(defended(torch.from_numpy(inp)), torch.from_numpy(y)).item()
-
-    assert loss(x_adv) > loss(x) + 1e-3
+    check_exact_pgd_increases_the_defended_loss(purifier, linear_classifier(), nb_classes=10, eps_step=0.02, max_iter=5)
 
 
 class _Brightness(nn.Module):
@@ -260,7 +193,7 @@ def test_randomized_smoothing_around_adp_predicts_and_certifies():
     # Randomized smoothing adds its noise before the preprocessing defences (values leave [0, 1]): noisy_inputs.
     purifier = ADPPyTorch(GaussianPrior(MU, 0.3), steps=2, sigma=0.1, noisy_inputs=True, seed=0, device_type="cpu")
     x = np.concatenate([np.full((1, 1, SIZE, SIZE), 0.2), np.full((1, 1, SIZE, SIZE), 0.8)]).astype(np.float32)
-    smoothed = NumpyRandomizedSmoothing(_art_classifier(_Brightness(), [purifier], nb_classes=2), sample_size=16,
+    smoothed = NumpyRandomizedSmoothing(art_classifier(_Brightness(), [purifier], nb_classes=2), sample_size=16,
                                         scale=0.1, alpha=0.001)
     np.testing.assert_array_equal(smoothed.predict(x), [[1, 0], [0, 1]])
     prediction, radius = smoothed.certify(x, n=32)
@@ -270,10 +203,10 @@ def test_randomized_smoothing_around_adp_predicts_and_certifies():
 
 def test_purified_classifier_runs_the_ensemble_in_one_batch_and_counts_network_evaluations(prior32):
     purifier = ADPPyTorch(prior32, steps=3, tau=0.0, seed=0, device_type="cpu")
-    defended = PurifiedClassifier(purifier, _tiny_classifier(), runs=4)
+    defended = PurifiedClassifier(purifier, linear_classifier(), runs=4)
     defended.reset_counters()  # the module-scoped prior has counted earlier tests' evaluations
     with torch.no_grad():
-        scores = defended(_images(n=2, dtype=torch.float32))
+        scores = defended(images(n=2, dtype=torch.float32))
     assert scores.shape == (2, 10)
     torch.testing.assert_close(scores.exp().sum(1), torch.ones(2))
     # two score evaluations (the point and the probe of eq. 17) per step and run
@@ -282,7 +215,7 @@ def test_purified_classifier_runs_the_ensemble_in_one_batch_and_counts_network_e
 
 def test_seeded_purification_is_deterministic_and_noise_dependent(prior32):
     purifier = ADPPyTorch(prior32, steps=2, seed=3, device_type="cpu")
-    x = _images(n=2, dtype=torch.float32).numpy()
+    x = images(n=2, dtype=torch.float32).numpy()
     first, _ = purifier(x)
     second, _ = purifier(x)
     purifier.reset_generator()
@@ -293,7 +226,7 @@ def test_seeded_purification_is_deterministic_and_noise_dependent(prior32):
 
 
 def test_channels_last_input_gives_the_channels_first_result(prior32):
-    x = _images(n=2, dtype=torch.float32).numpy()
+    x = images(n=2, dtype=torch.float32).numpy()
     first, _ = ADPPyTorch(prior32, steps=2, seed=1, device_type="cpu")(x)
     last, _ = ADPPyTorch(prior32, steps=2, seed=1, channels_first=False, device_type="cpu")(x.transpose(0, 2, 3, 1))
     np.testing.assert_allclose(last.transpose(0, 3, 1, 2), first, rtol=1e-6, atol=1e-6)
@@ -303,7 +236,7 @@ def test_channels_last_input_gives_the_channels_first_result(prior32):
 # the detection gate of App. F
 
 def test_detection_gate_injects_sigma_on_flagged_inputs_and_beta_sigma_on_the_others(prior64):
-    natural = _images(n=6)
+    natural = images(n=6)
     threshold = detection_threshold_from_natural(prior64, natural, detection_sigma=0.1, quantile=0.5)
     norms = score_norm(prior64, natural, 0.1)
     assert ((norms > threshold).sum(), (norms <= threshold).sum()) == (3, 3)  # the median splits six images
@@ -314,9 +247,9 @@ def test_detection_gate_injects_sigma_on_flagged_inputs_and_beta_sigma_on_the_ot
 
 def test_detection_gate_flags_perturbed_images_more_often_than_natural_ones(gaussian64):
     # Under the Gaussian prior the score norm is |x - mu| c/(std^2+c^2): perturbed images sit farther from mu.
-    natural = MU + STD * torch.randn(200, 1, SIZE, SIZE, generator=_gen(4), dtype=torch.float64)
+    natural = MU + STD * torch.randn(200, 1, SIZE, SIZE, generator=gen(4), dtype=torch.float64)
     threshold = detection_threshold_from_natural(gaussian64, natural.clamp(0, 1), quantile=0.95)
-    sign = torch.sign(torch.randn(natural.shape, generator=_gen(5), dtype=torch.float64))
+    sign = torch.sign(torch.randn(natural.shape, generator=gen(5), dtype=torch.float64))
     attacked = (natural + 0.3 * sign).clamp(0, 1)
     adp = ADP(gaussian64, detection_threshold=threshold)
     assert adp.flagged(attacked).double().mean() > 0.9 > 0.1 > adp.flagged(natural.clamp(0, 1)).double().mean()
@@ -342,7 +275,7 @@ def test_bad_input_raises_a_clear_value_error(prior32, bad, message):
         purifier.forward(torch.from_numpy(bad))
 
 
-def test_noisy_inputs_accept_values_outside_the_unit_interval_but_not_0_255_images(prior32):
+def test_noisy_inputs_accept_values_outside_the_unit_interval_but_not_0_255images(prior32):
     purifier = ADPPyTorch(prior32, steps=1, noisy_inputs=True, device_type="cpu")
     out, _ = purifier(np.full((2, 1, SIZE, SIZE), 1.2, dtype=np.float32))
     assert out.min() >= 0 and out.max() <= 1
@@ -360,7 +293,7 @@ class _AwayFromHalf(nn.Module):
 def test_diverging_updates_raise_a_clear_error_instead_of_feeding_the_prior_garbage():
     adp = ADP(DenoiserPrior(_AwayFromHalf()), steps=20, lam=0.5, sigma=0.05)
     with pytest.raises(ADPDivergedError, match="diverged"):
-        adp(_images(n=2), generator=_gen(0))
+        adp(images(n=2), generator=gen(0))
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -385,4 +318,4 @@ def test_set_params_reaches_the_algorithm_and_is_checked(prior32):
     with pytest.raises(ValueError, match="conditioning"):
         purifier.set_params(conditioning="fixed")
     with pytest.raises(ValueError, match="Prior"):
-        ADP(_tiny_classifier())
+        ADP(linear_classifier())

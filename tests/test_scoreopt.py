@@ -4,50 +4,10 @@ the Gaussian prior's closed form, torch.optim.Adam, autograd through the one-sho
 import numpy as np
 import pytest
 import torch
-from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescent
-from art.estimators.classification import PyTorchClassifier
-from torch import nn
 
-from purifiers import EDMDenoiser, GaussianPrior, PurifiedClassifier, ScoreOpt, ScoreOptPyTorch
+from purifiers import GaussianPrior, PurifiedClassifier, ScoreOpt, ScoreOptPyTorch
 from purifiers.conventions import pm1_sigma_to_pixel, to_pm1
-from purifiers.unet import SmallUNet
-
-SIZE = 8
-# Tiny tensors gain nothing from intra-op threads, and on a shared, loaded CPU spinning OpenMP workers cost minutes.
-torch.set_num_threads(1)
-
-
-def _tiny_prior(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    prior = EDMDenoiser(SmallUNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16))
-    for p in prior.parameters():  # the U-Net's last conv starts at zero: perturb every weight so D is not a no-op
-        nn.init.normal_(p, std=0.05)
-    return prior.to(dtype).eval().requires_grad_(False)
-
-
-def _images(n=2, low=0.3, high=0.7, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (low + (high - low) * torch.rand(n, 1, SIZE, SIZE, generator=gen)).to(dtype)
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _tiny_classifier(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 10)).eval()
-
-
-@pytest.fixture(scope="module")
-def prior64():
-    return _tiny_prior()
-
-
-@pytest.fixture(scope="module")
-def prior32():
-    return _tiny_prior(torch.float32)
-
+from tiny import SIZE, art_classifier, check_art_attacks_run, check_bpda_gradient, gen, images, linear_classifier
 
 # ---------------------------------------------------------------------------------------------------------------------
 # exact gradient == central finite differences, fixed noise, float64
@@ -60,15 +20,15 @@ CASES += [dict(variant="N", loss="diff", n_target="outer"), dict(variant="O", lo
 def test_exact_gradient_matches_central_finite_differences(prior64, settings):
     steps = dict(steps=2) if settings["variant"] == "O" else dict(steps=2, inner_steps=2)
     algorithm = ScoreOpt(prior64, lr=0.05, noise_range=(0.4, 0.6), mse_lambda=0.7, **steps, **settings)
-    x = _images()
-    weights = torch.randn(x.shape, generator=_gen(1), dtype=x.dtype)
-    direction = torch.randn(x.shape, generator=_gen(2), dtype=x.dtype)
+    x = images()
+    weights = torch.randn(x.shape, generator=gen(1), dtype=x.dtype)
+    direction = torch.randn(x.shape, generator=gen(2), dtype=x.dtype)
 
     def objective(inp):
-        return (weights * algorithm(inp, generator=_gen(7))).sum()
+        return (weights * algorithm(inp, generator=gen(7))).sum()
 
     x_var = x.clone().requires_grad_(True)
-    out = algorithm(x_var, generator=_gen(7))
+    out = algorithm(x_var, generator=gen(7))
     assert 0.0 < out.min() and out.max() < 1.0, "the output clip must be inactive for the finite-difference check"
     grad, = torch.autograd.grad((weights * out).sum(), x_var)
     h = 1e-5
@@ -82,8 +42,8 @@ def test_checkpointing_leaves_the_exact_gradient_unchanged(prior64):
     grads = []
     for checkpoint_steps in (True, False):
         algorithm = ScoreOpt(prior64, variant="O", loss="sr", steps=3, checkpoint_steps=checkpoint_steps)
-        x = _images().requires_grad_(True)
-        grads.append(torch.autograd.grad(algorithm(x, generator=_gen(3)).pow(2).sum(), x)[0])
+        x = images().requires_grad_(True)
+        grads.append(torch.autograd.grad(algorithm(x, generator=gen(3)).pow(2).sum(), x)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
@@ -98,9 +58,9 @@ def test_diff_loss_gradient_descent_contracts_towards_gaussian_mean_at_closed_fo
     mu, tau, sigma_pm1, lr, steps = 0.5, 0.2, 0.5, 0.25, 5
     algorithm = ScoreOpt(GaussianPrior(mu, tau), variant="O", loss="diff", optimizer="gd", lr=lr, steps=steps,
                          noise_range=(sigma_pm1, sigma_pm1))
-    x_a = _images(n=3, low=0.4, high=0.6)
+    x_a = images(n=3, low=0.4, high=0.6)
     at_mean = torch.full_like(x_a, mu)
-    out, out_at_mean = algorithm(x_a, generator=_gen(5)), algorithm(at_mean, generator=_gen(5))
+    out, out_at_mean = algorithm(x_a, generator=gen(5)), algorithm(at_mean, generator=gen(5))
     assert 0.0 < min(out.min(), out_at_mean.min()) and max(out.max(), out_at_mean.max()) < 1.0
     k = tau**2 / (tau**2 + pm1_sigma_to_pixel(sigma_pm1) ** 2)
     rate = 1 - 2 * lr * (1 - k) ** 2
@@ -113,16 +73,16 @@ def test_diff_loss_gradient_descent_contracts_towards_gaussian_mean_at_closed_fo
 def test_adam_update_is_torch_optim_adam():
     # Replay Algorithm 1 (Diff loss) with torch.optim.Adam and the same draws: sigma (rand, N), eps1 (randn) per step.
     prior, lr, steps, low, high = GaussianPrior(0.5, 0.2), 0.03, 4, 0.4, 0.6
-    x_a = _images(n=3)
+    x_a = images(n=3)
     algorithm = ScoreOpt(prior, variant="O", loss="diff", lr=lr, steps=steps, noise_range=(low, high))
-    out = algorithm(x_a, generator=_gen(11))
+    out = algorithm(x_a, generator=gen(11))
 
-    gen = _gen(11)
+    generator = gen(11)
     x = to_pm1(x_a).clone().requires_grad_(True)
     adam = torch.optim.Adam([x], lr=lr)
     for _ in range(steps):
-        sigma = low + (high - low) * torch.rand(x.shape[0], generator=gen, dtype=x.dtype)
-        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        sigma = low + (high - low) * torch.rand(x.shape[0], generator=generator, dtype=x.dtype)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
         s = sigma.view(-1, 1, 1, 1)
         denoised = 2 * prior.denoise((x + s * eps + 1) / 2, sigma / 2) - 1
         adam.zero_grad()
@@ -133,21 +93,21 @@ def test_adam_update_is_torch_optim_adam():
 
 def test_score_regulariser_is_zero_at_the_adversarial_point_with_shared_noise(prior64):
     algorithm = ScoreOpt(prior64, loss="sr")
-    x_a = to_pm1(_images())
+    x_a = to_pm1(images())
     sigma = torch.tensor([0.5, 0.45], dtype=x_a.dtype)
-    eps = torch.randn(x_a.shape, generator=_gen(0), dtype=x_a.dtype)
+    eps = torch.randn(x_a.shape, generator=gen(0), dtype=x_a.dtype)
     assert torch.equal(algorithm.loss_terms(x_a, x_a, sigma, eps, eps)["sr"], torch.zeros(2, dtype=x_a.dtype))
-    other = torch.randn(x_a.shape, generator=_gen(1), dtype=x_a.dtype)
+    other = torch.randn(x_a.shape, generator=gen(1), dtype=x_a.dtype)
     terms = algorithm.loss_terms(x_a, x_a, sigma, eps, other)
     assert (terms["sr"] > 0).all() and torch.equal(terms["mse"], torch.zeros(2, dtype=x_a.dtype))
 
 
 def test_seeded_purification_is_deterministic_and_noise_dependent(prior32):
     algorithm = ScoreOpt(prior32, variant="N", loss="sr", steps=2, inner_steps=2)
-    x = _images(dtype=torch.float32)
-    first, again = algorithm(x, generator=_gen(4)), algorithm(x, generator=_gen(4))
+    x = images(dtype=torch.float32)
+    first, again = algorithm(x, generator=gen(4)), algorithm(x, generator=gen(4))
     assert torch.equal(first, again)
-    assert not torch.equal(first, algorithm(x, generator=_gen(5)))
+    assert not torch.equal(first, algorithm(x, generator=gen(5)))
 
 
 @pytest.mark.parametrize("settings, forward, backward", [
@@ -156,10 +116,10 @@ def test_seeded_purification_is_deterministic_and_noise_dependent(prior32):
     (dict(variant="N", loss="mse", steps=2, inner_steps=2), 6, 4),
     (dict(variant="N", loss="sr", steps=2, inner_steps=2), 10, 4)])
 def test_purified_classifier_reports_prior_forward_and_backward_passes(prior32, settings, forward, backward):
-    model = PurifiedClassifier(ScoreOptPyTorch(prior32, seed=0, **settings), _tiny_classifier())
+    model = PurifiedClassifier(ScoreOptPyTorch(prior32, seed=0, **settings), linear_classifier())
     model.reset_counters()
     with torch.no_grad():
-        model(_images(n=4, dtype=torch.float32))
+        model(images(n=4, dtype=torch.float32))
     assert model.nfe_per_image() == {"prior_forward": forward, "prior_backward": backward, "classifier": 1}
 
 
@@ -167,56 +127,36 @@ def test_purified_classifier_reports_prior_forward_and_backward_passes(prior32, 
 # the ART wrapper's gradient modes
 def test_surrogate_gradient_is_autograd_through_the_one_shot_denoiser(prior64):
     purifier = ScoreOptPyTorch(prior64, noise_range=(0.3, 0.5), gradient="surrogate", seed=9, device_type="cpu")
-    x = _images().requires_grad_(True)
-    weights = torch.randn(x.shape, generator=_gen(1), dtype=x.dtype)
+    x = images().requires_grad_(True)
+    weights = torch.randn(x.shape, generator=gen(1), dtype=x.dtype)
     out, _ = purifier.forward(x)
     grad, = torch.autograd.grad((weights * out).sum(), x)
 
     sigma = pm1_sigma_to_pixel(0.4)
-    eps = torch.randn(x.shape, generator=_gen(9), dtype=x.dtype)
+    eps = torch.randn(x.shape, generator=gen(9), dtype=x.dtype)
     reference = prior64.denoise(x + sigma * eps, sigma)
     expected, = torch.autograd.grad((weights * reference).sum(), x)
     torch.testing.assert_close(out, reference)
     torch.testing.assert_close(grad, expected)
 
 
-def _art_classifier(model, defences=()):
-    return PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(1, SIZE, SIZE), nb_classes=10,
-                             clip_values=(0.0, 1.0), preprocessing_defences=list(defences), device_type="cpu")
-
-
 def test_bpda_gradient_is_the_classifier_gradient_at_the_purified_point(prior32):
-    classifier = _tiny_classifier()
-    purifier = ScoreOptPyTorch(prior32, steps=2, gradient="bpda", seed=2, device_type="cpu")
-    x, y = _images(n=3, dtype=torch.float32).numpy(), np.eye(10, dtype=np.float32)[[1, 4, 7]]  # ART: one-hot
-    grad = _art_classifier(classifier, [purifier]).loss_gradient(x, y)
-    purifier.reset_generator()
-    purified, _ = purifier(x)
-    expected = _art_classifier(classifier).loss_gradient(purified, y)
-    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
-    assert np.abs(purified - x).max() > 1e-3  # the purifier did move the input
+    check_bpda_gradient(ScoreOptPyTorch(prior32, steps=2, gradient="bpda", seed=2, device_type="cpu"),
+                        linear_classifier(), min_move=1e-3)
 
 
 @pytest.mark.parametrize("gradient", ["bpda", "surrogate", "exact"])
 def test_art_pgd_and_apgd_run_through_each_gradient_mode(prior32, gradient):
     purifier = ScoreOptPyTorch(prior32, variant="N", steps=1, inner_steps=2, gradient=gradient, eot_samples=2,
                                seed=0, device_type="cpu")
-    classifier = _art_classifier(_tiny_classifier(), [purifier])
-    x, y = _images(n=2, dtype=torch.float32).numpy(), np.array([3, 5])
-    eps = 0.1
-    attacks = [ProjectedGradientDescent(classifier, eps=eps, eps_step=0.05, max_iter=2, verbose=False),
-               AutoProjectedGradientDescent(classifier, eps=eps, eps_step=0.05, max_iter=2, nb_random_init=1,
-                                            loss_type="cross_entropy", verbose=False)]
-    for attack in attacks:
-        x_adv = attack.generate(x, y=y)
-        assert x_adv.shape == x.shape and x_adv.dtype == np.float32
-        assert np.abs(x_adv - x).max() <= eps + 1e-6
-        assert np.abs(x_adv - x).max() > 1e-3, f"{type(attack).__name__} did not move the input"
+    classifier = art_classifier(linear_classifier(), [purifier])
+    x, y = images(n=2, dtype=torch.float32).numpy(), np.array([3, 5])
+    check_art_attacks_run(classifier, x, y, eps=0.1, eps_step=0.05)
     assert classifier.predict(x).shape == (2, 10)
 
 
 def test_channels_last_and_numpy_call(prior32):
-    x = _images(n=2, dtype=torch.float32)
+    x = images(n=2, dtype=torch.float32)
     first = ScoreOptPyTorch(prior32, seed=1, device_type="cpu")(x.numpy())[0]
     last = ScoreOptPyTorch(prior32, seed=1, channels_first=False, device_type="cpu")(x.permute(0, 2, 3, 1).numpy())[0]
     assert first.dtype == np.float32 and first.shape == x.shape and 0 <= first.min() and first.max() <= 1
@@ -259,4 +199,4 @@ def test_set_params_reaches_the_algorithm_and_is_checked(prior32):
     with pytest.raises(ValueError, match="steps"):
         purifier.set_params(steps=0)
     with pytest.raises(ValueError, match="Prior"):
-        ScoreOpt(_tiny_classifier())
+        ScoreOpt(linear_classifier())

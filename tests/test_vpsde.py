@@ -7,32 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescent
-from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
 from benchmarks.coup_toy import (flip_probability, mixture_score, noisy_classifier_guidance,
                                  noisy_classifier_probs)
-from purifiers import COUP, COUPPyTorch, DiffPure, DiffPurePyTorch, EDMDenoiser, GaussianPrior, PurifiedClassifier
+from purifiers import COUP, COUPPyTorch, DiffPure, DiffPurePyTorch, GaussianPrior
 from purifiers.conventions import DDPMSchedule, VPSchedule
-from purifiers.unet import SmallUNet
 from purifiers.vpsde import brownian_increments, coarsen_increments, subgrid_indices, time_grid
+from tiny import SIZE, art_classifier, check_art_attacks_run, check_exact_pgd_increases_the_defended_loss, gen, images
 
-torch.set_num_threads(1)  # the CI machine is small and shared: one thread avoids oversubscription stalls
-SIZE = 8
 VP = VPSchedule()
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _tiny_prior(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    prior = EDMDenoiser(SmallUNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16))
-    for p in prior.parameters():  # the U-Net's last conv starts at zero: perturb every weight so D is not a no-op
-        nn.init.normal_(p, std=0.05)
-    return prior.to(dtype).eval().requires_grad_(False)
 
 
 def _tiny_classifier(dtype=torch.float64, seed=0, scale=1.0):
@@ -45,20 +29,6 @@ def _tiny_classifier(dtype=torch.float64, seed=0, scale=1.0):
     return net.to(dtype).eval()
 
 
-def _images(n=2, low=0.3, high=0.7, dtype=torch.float64, seed=0):
-    return (low + (high - low) * torch.rand(n, 1, SIZE, SIZE, generator=_gen(seed))).to(dtype)
-
-
-@pytest.fixture(scope="module")
-def prior64():
-    return _tiny_prior()
-
-
-@pytest.fixture(scope="module")
-def prior32():
-    return _tiny_prior(torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the solver against closed forms on the Gaussian prior
 
@@ -66,7 +36,7 @@ def test_vp_score_is_the_gaussian_closed_form():
     # Pixel data N(m, s^2) is N(2m - 1, 4 s^2) on [-1, 1]; the VP marginal is N(sqrt(a)(2m-1), 4 a s^2 + 1 - a).
     m, s = 0.375, 0.15  # m exactly representable: GaussianPrior stores its mean in float32
     coup = DiffPure(GaussianPrior(m, s).double())
-    x = torch.randn(3, 1, SIZE, SIZE, generator=_gen(), dtype=torch.float64)
+    x = torch.randn(3, 1, SIZE, SIZE, generator=gen(), dtype=torch.float64)
     for t in (1e-3, 0.05, 0.1, 0.5):
         a = VP.alpha_bar(t)
         expected = -(x - math.sqrt(a) * (2 * m - 1)) / (4 * a * s**2 + 1 - a)
@@ -77,8 +47,8 @@ def test_diffpure_on_gaussian_data_returns_the_data_distribution():
     # Forward diffusion of data samples lands on p_{t*}; the reverse SDE maps p_{t*} back to p_0 = N(m, s^2).
     m, s = 0.5, 0.1
     purifier = DiffPure(GaussianPrior(m, s).double(), t_star=0.1)
-    x = (m + s * torch.randn(64, 1, 16, 16, generator=_gen(1), dtype=torch.float64)).clamp(0, 1)
-    out = purifier(x, generator=_gen(2))
+    x = (m + s * torch.randn(64, 1, 16, 16, generator=gen(1), dtype=torch.float64)).clamp(0, 1)
+    out = purifier(x, generator=gen(2))
     n = out.numel()
     assert abs(out.mean().item() - m) < 4 * s / math.sqrt(n) + 1e-3
     # sample variance: standard error s^2 sqrt(2/n) (1.1% here); the Euler discretisation adds O(dt).
@@ -113,7 +83,7 @@ def test_coup_without_guidance_matches_the_linear_sde_moments():
     m, s, x_pixel, t_star = 0.5, 0.2, 0.7, 0.1
     purifier = COUP(GaussianPrior(m, s).double(), None, t_star=t_star, guidance_scale=0.0)
     x = torch.full((64, 1, 16, 16), x_pixel, dtype=torch.float64)
-    out = 2 * purifier(x, generator=_gen(3)) - 1
+    out = 2 * purifier(x, generator=gen(3)) - 1
     mean, var = _linear_sde_moments(2 * x_pixel - 1, t_star, purifier.t_end, 2 * m - 1, 4 * s**2)
     n = out.numel()
     assert abs(out.mean().item() - mean) < 4 * math.sqrt(var / n) + 2e-3
@@ -128,13 +98,13 @@ def test_coup_default_grid_is_the_papers():
 
 def test_coarse_increments_are_the_same_brownian_path():
     grid = time_grid(0.1, 1e-5, 100)
-    fine = brownian_increments((5,), grid, _gen())
+    fine = brownian_increments((5,), grid, gen())
     idx = subgrid_indices(100, 20)
     coarse = coarsen_increments(fine, idx)
     torch.testing.assert_close(coarse.sum(0), fine.sum(0))
     torch.testing.assert_close(coarse[3], fine[15:20].sum(0))
     # variance of each increment is its step: check on many draws
-    many = brownian_increments((20000,), time_grid(0.1, 0.0, 4), _gen(1), dtype=torch.float64)
+    many = brownian_increments((20000,), time_grid(0.1, 0.0, 4), gen(1), dtype=torch.float64)
     assert many.var(dim=1).numpy() == pytest.approx(np.full(4, 0.025), rel=0.05)
 
 
@@ -148,9 +118,9 @@ def test_exact_gradient_matches_finite_differences(prior64, method, guidance_sca
         purifier = COUPPyTorch(prior64, _tiny_classifier(scale=3.0), guidance_scale=guidance_scale, **settings)
     else:
         purifier = DiffPurePyTorch(prior64, **settings)
-    x = _images()
-    weights = torch.randn(x.shape, generator=_gen(1), dtype=x.dtype)
-    direction = torch.randn(x.shape, generator=_gen(2), dtype=x.dtype)
+    x = images()
+    weights = torch.randn(x.shape, generator=gen(1), dtype=x.dtype)
+    direction = torch.randn(x.shape, generator=gen(2), dtype=x.dtype)
 
     def objective(inp):
         purifier.reset_generator()
@@ -170,19 +140,19 @@ def test_exact_gradient_matches_finite_differences(prior64, method, guidance_sca
 def test_detached_guidance_misses_the_classifier_hessian_term(prior64):
     # The reference code's detached guidance: same purification, but its gradient is not the derivative.
     classifier = _tiny_classifier(scale=5.0)
-    x = _images()
-    direction = torch.randn(x.shape, generator=_gen(2), dtype=x.dtype)
+    x = images()
+    direction = torch.randn(x.shape, generator=gen(2), dtype=x.dtype)
     grads, values = {}, {}
     for mode in ("full", "detached"):
         coup = COUP(prior64, classifier, t_star=0.05, dt=5e-3, guidance_scale=10.0, guidance_gradient=mode)
         x_var = x.clone().requires_grad_(True)
-        out = coup(x_var, generator=_gen(4))
+        out = coup(x_var, generator=gen(4))
         grads[mode], = torch.autograd.grad(out.sum(), x_var)
         values[mode] = out.detach()
     assert 0.0 < values["full"].min() and values["full"].max() < 1.0
     h = 1e-5
     with torch.no_grad():
-        fd = (coup(x + h * direction, generator=_gen(4)).sum() - coup(x - h * direction, generator=_gen(4)).sum())
+        fd = (coup(x + h * direction, generator=gen(4)).sum() - coup(x - h * direction, generator=gen(4)).sum())
         fd = fd / (2 * h)
     torch.testing.assert_close(values["full"], values["detached"])
     torch.testing.assert_close((grads["full"] * direction).sum(), fd, rtol=1e-6, atol=1e-9)
@@ -194,12 +164,12 @@ def test_detached_guidance_misses_the_classifier_hessian_term(prior64):
 
 def test_checkpointing_leaves_the_gradient_unchanged(prior64):
     classifier = _tiny_classifier()
-    x = _images()
+    x = images()
     grads = []
     for ckpt in (True, False):
         coup = COUP(prior64, classifier, t_star=0.02, dt=4e-3, checkpoint_steps=ckpt)
         x_var = x.clone().requires_grad_(True)
-        grads.append(torch.autograd.grad(coup(x_var, generator=_gen(1)).sum(), x_var)[0])
+        grads.append(torch.autograd.grad(coup(x_var, generator=gen(1)).sum(), x_var)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
@@ -208,12 +178,12 @@ def test_checkpointing_leaves_the_gradient_unchanged(prior64):
 
 def test_adjoint_agrees_with_exact_to_first_order_in_dt(prior64):
     classifier = _tiny_classifier()
-    x = _images()
-    weights = torch.randn(x.shape, generator=_gen(1), dtype=x.dtype)
+    x = images()
+    weights = torch.randn(x.shape, generator=gen(1), dtype=x.dtype)
     gaps = []
     for dt in (2e-3, 1e-3):
         coup = COUP(prior64, classifier, t_star=0.02, dt=dt)
-        noise = coup.draw_noise(x, _gen(3))
+        noise = coup.draw_noise(x, gen(3))
         x_var = x.clone().requires_grad_(True)
         exact_out = coup.purify(x_var, noise)
         exact, = torch.autograd.grad((weights * exact_out).sum(), x_var)
@@ -229,7 +199,7 @@ def test_adjoint_agrees_with_exact_to_first_order_in_dt(prior64):
 def test_surrogate_value_is_the_defense_and_gradient_the_coarse_solver(prior64):
     purifier = COUPPyTorch(prior64, _tiny_classifier(), t_star=0.02, dt=1e-3, gradient="surrogate",
                            surrogate_steps=5, seed=2)
-    x = _images()
+    x = images()
     x_var = x.clone().requires_grad_(True)
     out = purifier.forward(x_var)[0]
     grad, = torch.autograd.grad(out.sum(), x_var)
@@ -246,7 +216,7 @@ def test_surrogate_value_is_the_defense_and_gradient_the_coarse_solver(prior64):
 
 def test_fixed_seed_gives_fixed_noise(prior32):
     purifier = DiffPurePyTorch(prior32, t_star=0.02, seed=3)
-    x = _images(dtype=torch.float32).numpy()
+    x = images(dtype=torch.float32).numpy()
     first, _ = purifier(x)
     second, _ = purifier(x)
     purifier.reset_generator()
@@ -278,18 +248,11 @@ def test_art_pgd_and_apgd_run_with_each_mode(prior32, method, mode):
         purifier = COUPPyTorch(prior32, model, **settings)
     else:
         purifier = DiffPurePyTorch(prior32, **settings)
-    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(1, SIZE, SIZE), nb_classes=3,
-                                   clip_values=(0.0, 1.0), preprocessing_defences=[purifier], device_type="cpu")
-    x = _images(n=2, dtype=torch.float32).numpy()
+    classifier = art_classifier(model, [purifier], nb_classes=3)
+    x = images(n=2, dtype=torch.float32).numpy()
     y = np.array([0, 2])
     assert classifier.predict(x).shape == (2, 3)  # predict keeps N rows even with EOT
-    eps = 0.05
-    for attack in (ProjectedGradientDescent(classifier, eps=eps, eps_step=0.02, max_iter=2, verbose=False),
-                   AutoProjectedGradientDescent(classifier, eps=eps, eps_step=0.02, max_iter=1, nb_random_init=1,
-                                                verbose=False)):
-        x_adv = attack.generate(x, y=y)
-        assert x_adv.shape == x.shape and np.abs(x_adv - x).max() <= eps + 1e-6
-        assert np.abs(x_adv - x).max() > 0.0
+    check_art_attacks_run(classifier, x, y, apgd_iter=1)
     grad = classifier.loss_gradient(x, np.eye(3)[y])
     assert grad.shape == x.shape and np.isfinite(grad).all() and np.abs(grad).sum() > 0
 
@@ -297,20 +260,7 @@ def test_art_pgd_and_apgd_run_with_each_mode(prior32, method, mode):
 def test_exact_pgd_increases_the_defended_loss(prior32):
     model = _TinyConvNet().eval()
     purifier = COUPPyTorch(prior32, model, t_star=0.01, dt=2.5e-3, gradient="exact", seed=0)
-    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(reduction="sum"), input_shape=(1, SIZE, SIZE),
-                                   nb_classes=3, clip_values=(0.0, 1.0), preprocessing_defences=[purifier],
-                                   device_type="cpu")
-    x = _images(n=3, dtype=torch.float32).numpy()
-    y = np.array([0, 1, 2])
-    x_adv = ProjectedGradientDescent(classifier, eps=0.1, eps_step=0.03, max_iter=3, verbose=False).generate(x, y=y)
-    defended = PurifiedClassifier(purifier, model)
-
-    def loss(inp):
-        purifier.reset_generator()
-        with torch.no_grad():
-            return nn.functional.nll_loss(defended(torch.from_numpy(inp)), torch.from_numpy(y)).item()
-
-    assert loss(x_adv) > loss(x) + 1e-3
+    check_exact_pgd_increases_the_defended_loss(purifier, model, nb_classes=3, eps_step=0.03, max_iter=3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -388,11 +338,11 @@ def test_guidance_needs_a_classifier_and_diffpure_has_none(prior32):
 
 def test_ddpm_forward_alpha_is_the_discrete_schedule(prior64):
     # The reference code's discrete alpha_bar at t* = 0.1 (DDPM timestep 99) is within 1e-3 of the continuous one.
-    x = _images()
+    x = images()
     outs = {}
     for alpha in ("continuous", "ddpm"):
         purifier = DiffPure(GaussianPrior(0.5, 0.2).double(), t_star=0.1, forward_alpha=alpha)
-        noise = purifier.draw_noise(x, _gen(0))
+        noise = purifier.draw_noise(x, gen(0))
         outs[alpha] = purifier.start_state(x, noise)
     a_ddpm = float(DDPMSchedule().alphas_cumprod[99])
     assert abs(math.log(a_ddpm) - VP.log_alpha_bar(0.1)) < 2e-3
@@ -403,7 +353,7 @@ def test_off_grid_brownian_query_raises():
     from purifiers.vpsde import _GridBrownian
 
     grid = time_grid(0.1, 1e-5, 10)
-    bm = _GridBrownian(-grid, brownian_increments((2, 3), grid, _gen()).flatten(2))
+    bm = _GridBrownian(-grid, brownian_increments((2, 3), grid, gen()).flatten(2))
     torch.testing.assert_close(bm(-grid[0], -grid[-1]), bm._path[-1])
     with pytest.raises(ValueError, match="off its grid"):
         bm(-grid[0], -grid[0] + 0.0005)

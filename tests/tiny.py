@@ -1,0 +1,79 @@
+"""Tiny models, images and shared checks for the purifier tests (8x8 grey images, float64 where gradients are compared
+with finite differences). The fixtures built from them live in ``conftest.py``."""
+
+import numpy as np
+import torch
+from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescent
+from art.estimators.classification import PyTorchClassifier
+from torch import nn
+
+from purifiers import EDMDenoiser, PurifiedClassifier
+from purifiers.unet import SmallUNet
+
+SIZE = 8
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_prior(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    prior = EDMDenoiser(SmallUNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16))
+    for p in prior.parameters():  # the U-Net's last conv starts at zero: perturb every weight so D is not a no-op
+        nn.init.normal_(p, std=0.05)
+    return prior.to(dtype).eval().requires_grad_(False)
+
+
+def images(n=2, low=0.3, high=0.7, dtype=torch.float64, seed=0):
+    return (low + (high - low) * torch.rand(n, 1, SIZE, SIZE, generator=gen(seed))).to(dtype)
+
+
+def linear_classifier(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 10)).eval()
+
+
+def art_classifier(model, defences=(), nb_classes=10, loss=None):
+    return PyTorchClassifier(model, loss=loss or nn.CrossEntropyLoss(), input_shape=(1, SIZE, SIZE),
+                             nb_classes=nb_classes, clip_values=(0.0, 1.0), preprocessing_defences=list(defences),
+                             device_type="cpu")
+
+
+def check_bpda_gradient(purifier, model, min_move):
+    """ART's loss gradient through a ``gradient="bpda"`` purifier equals the classifier's own input gradient at the
+    purified point (the same noise: the generator is reset in between)."""
+    x, y = images(n=3, dtype=torch.float32).numpy(), np.eye(10, dtype=np.float32)[[1, 4, 7]]  # ART: one-hot labels
+    grad = art_classifier(model, [purifier]).loss_gradient(x, y)
+    purifier.reset_generator()
+    purified, _ = purifier(x)
+    expected = art_classifier(model).loss_gradient(purified, y)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+    assert np.abs(purified - x).max() > min_move  # the purifier did move the input
+
+
+def check_art_attacks_run(classifier, x, y, eps=0.05, eps_step=0.02, apgd_iter=2):
+    """ART's PGD and APGD run through the defended ``classifier``, stay in the eps-ball and move the input."""
+    for attack in (ProjectedGradientDescent(classifier, eps=eps, eps_step=eps_step, max_iter=2, verbose=False),
+                   AutoProjectedGradientDescent(classifier, eps=eps, eps_step=eps_step, max_iter=apgd_iter,
+                                                nb_random_init=1, loss_type="cross_entropy", verbose=False)):
+        x_adv = attack.generate(x, y=y)
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+        assert np.abs(x_adv - x).max() <= eps + 1e-6
+        assert np.abs(x_adv - x).max() > 0.0, f"{type(attack).__name__} did not move the input"
+
+
+def check_exact_pgd_increases_the_defended_loss(purifier, model, nb_classes, eps_step, max_iter):
+    """ART's PGD through the exact gradient raises the deployed defense's loss (same purification noise)."""
+    classifier = art_classifier(model, [purifier], nb_classes=nb_classes, loss=nn.CrossEntropyLoss(reduction="sum"))
+    x, y = images(n=3, dtype=torch.float32).numpy(), np.array([0, 1, 2])
+    x_adv = ProjectedGradientDescent(classifier, eps=0.1, eps_step=eps_step, max_iter=max_iter,
+                                     verbose=False).generate(x, y=y)
+    defended = PurifiedClassifier(purifier, model)
+
+    def loss(inp):
+        purifier.reset_generator()
+        with torch.no_grad():
+            return nn.functional.nll_loss(defended(torch.from_numpy(inp)), torch.from_numpy(y)).item()
+
+    assert loss(x_adv) > loss(x) + 1e-3
