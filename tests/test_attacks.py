@@ -467,6 +467,15 @@ def test_benchmark_suite_holds_every_attack_of_the_issue():
     assert set(attack_suite(tiny_classifier(), 0.1, "linf", PRESETS["cpu"])) == {"PGD", "APGD-CE", "APGD-DLR"}
 
 
+def test_attacks_command_runs_a_named_subset_and_rejects_unknown_names(tmp_path):
+    from benchmarks.attacks_run import run_attacks
+
+    result = run_attacks(str(tmp_path), defenses=["none"], preset_name="smoke", attacks=["PGD"], verbose=False)
+    assert {row["attack"] for row in result["rows"]} == {"PGD", "worst-case(PGD)"}
+    with pytest.raises(ValueError, match="no attack \\['Nope'\\]"):
+        run_attacks(str(tmp_path / "other"), defenses=["none"], preset_name="smoke", attacks=["Nope"], verbose=False)
+
+
 def test_spsa_single_queries_cost_one_purification_per_query():
     defended = toy_defended(runs=5)
     x, y = toy_images(2), torch.tensor([0, 1])
