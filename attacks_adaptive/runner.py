@@ -3,11 +3,14 @@ per-attack and worst-case robust accuracy under each scoring protocol, NFE and w
 
 Work is saved per (attack, batch) as ``.npz`` files (numpy arrays only, read with ``allow_pickle=False``) in a state
 folder beside the JSON; a rerun with the same settings loads them and runs only what is missing, so an interrupted run
-loses at most the batch in flight. The JSON is rewritten after every attack.
+loses at most the batch in flight. "The same settings" covers the attack, the scoring, the purifier's parameters, the
+network weights and the examples: a state written otherwise is refused, never mixed in. The JSON is rewritten after
+every attack.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -83,7 +86,8 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
 
     state_dir = os.path.join(os.path.splitext(out)[0] + "_state", slug(defense))
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
-    scoring_key = json.dumps({"draws": draws, "scorings": list(scorings), "seed": seed})
+    scoring_key = json.dumps({"draws": draws, "scorings": list(scorings), "seed": seed,
+                              "model": _model_fingerprint(scoring_model, x, y)})
     run = _Run(scoring_model, x, y, scorings, draws, seed, state_dir, verbose)
 
     clean = run.clean(batches, scoring_key)
@@ -95,6 +99,25 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
         results[name] = run.attack(name, attack, batches, attack.config_key() + scoring_key)
         report = _report(defense, named, results, clean, scorings, draws, seed, x, out, dataset, split, meta)
     return report
+
+
+def _model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """What a saved batch depends on besides the attack: the purifier's parameters, the ensemble size, the weights of
+    the classifier and the purifier (its prior), and the examples."""
+    digest = hashlib.sha256()
+    modules = [model.classifier] + ([model.purifier.algorithm] if model.purifier is not None else [])
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(x.cpu().numpy().tobytes())
+    digest.update(y.cpu().numpy().tobytes())
+    purifier = None
+    if model.purifier is not None:
+        purifier = {"class": type(model.purifier).__name__,
+                    **{name: repr(getattr(model.purifier, name, None)) for name in model.purifier.params
+                       if name not in ("verbose", "batch_size")}}
+    return {"purifier": purifier, "runs": model.runs, "sha256": digest.hexdigest()[:16]}
 
 
 def _named_attacks(attacks) -> dict:

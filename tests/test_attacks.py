@@ -399,6 +399,17 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         aa.run_worst_case([aa.BPDAEOT(defended, eps=0.05, steps=4, eot=2)], x, y, out=out, defense="toy", draws=4,
                           batch_size=4, verbose=False)
+    # So are a changed purifier setting and changed weights, with the attacks' own settings unchanged.
+    defended.purifier.set_params(eot_samples=3)
+    with pytest.raises(ValueError, match="other settings"):
+        aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
+                          verbose=False)
+    defended.purifier.set_params(eot_samples=1)
+    with torch.no_grad():
+        next(defended.classifier.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="other settings"):
+        aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
+                          verbose=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
