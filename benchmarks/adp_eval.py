@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks.blind import PGD_BLIND, cached_blind_pgd, predict_labels
 from benchmarks.data import load_mnist
 from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
-from benchmarks.vpsde_eval import PGD_BLIND, blind_pgd, predict_labels
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
 from purifiers.art_base import PurifiedClassifier
@@ -70,19 +70,10 @@ def make_mnist_adp(prior, **overrides) -> ADPPyTorch:
 
 def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_dir: str, start: int = 0) -> tuple:
     """``(x, y, x_adv)``: images ``start .. start + n`` of the split and their preprocessor-blind PGD examples. The
-    whole split is attacked once and cached as ``.npy`` (PGD treats every image independently, so a slice of the
-    cached examples is what attacking the slice gives)."""
+    whole split is attacked once and cached (PGD treats every image independently, so a slice of the cached examples
+    is what attacking the slice gives)."""
     x_all, y_all = load_mnist(split)
-    path = os.path.join(cache_dir, f"adp_blind_pgd_{split}_{len(y_all)}.npy")
-    if os.path.exists(path):
-        x_adv = np.load(path)
-    else:
-        x_adv = blind_pgd(classifier, x_all, y_all)
-        os.makedirs(cache_dir, exist_ok=True)
-        np.save(path, x_adv)
-    if x_adv.shape != x_all.shape or np.abs(x_adv - x_all).max() > PGD_BLIND["eps"] + 1e-5:
-        raise ValueError(f"{path} does not hold eps-{PGD_BLIND['eps']} adversarial examples of the {split} split; "
-                         "delete it to regenerate.")
+    x_adv = cached_blind_pgd(classifier, x_all, y_all, cache_dir)
     stop = len(y_all) if n is None else start + n
     return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
 

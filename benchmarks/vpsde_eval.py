@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks.blind import PGD_BLIND, blind_pgd, predict_labels
 from benchmarks.data import load_mnist
 from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from purifiers.priors import load_prior
 from purifiers.vpsde_pytorch import COUPPyTorch, DiffPurePyTorch
 
-PGD_BLIND = dict(norm="inf", eps=0.3, eps_step=0.01, max_iter=40)
 CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
 SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's (or "
                   "one image, where the validation subset is too small to resolve 1.5 points), the highest robust "
@@ -76,25 +76,6 @@ def make_purifier(method: str, prior, classifier: nn.Module, **settings):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-
-def blind_pgd(classifier: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> np.ndarray:
-    """ART's PGD (``PGD_BLIND``) against the undefended classifier: the preprocessor-blind adversarial examples."""
-    from art.attacks.evasion import ProjectedGradientDescent
-    from art.estimators.classification import PyTorchClassifier
-
-    estimator = PyTorchClassifier(classifier, loss=nn.CrossEntropyLoss(), input_shape=x.shape[1:], nb_classes=10,
-                                  clip_values=(0.0, 1.0), device_type="cpu")
-    attack = ProjectedGradientDescent(estimator, norm=np.inf, eps=PGD_BLIND["eps"], eps_step=PGD_BLIND["eps_step"],
-                                      max_iter=PGD_BLIND["max_iter"], num_random_init=0, batch_size=batch_size,
-                                      verbose=False)
-    return attack.generate(x, y=y).astype(np.float32)
-
-
-def predict_labels(classifier: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([classifier(torch.from_numpy(x[i:i + batch_size])).argmax(1).numpy()
-                               for i in range(0, len(x), batch_size)])
-
 
 def defended_accuracies(purifier, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> dict:
     """Clean and robust accuracy of classifier(purifier(.)) with one seeded purification per image, plus the network
