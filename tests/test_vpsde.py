@@ -363,13 +363,13 @@ def test_off_grid_brownian_query_raises():
 # the MNIST factories and the validation selection rule
 
 def test_mnist_factories_use_the_validation_settings(prior32):
-    from benchmarks.vpsde_eval import MNIST_SETTINGS, make_mnist_coup, make_mnist_diffpure
+    from benchmarks.defenses import defense, record
 
-    coup = make_mnist_coup(prior32, _tiny_classifier(torch.float32), gradient="exact")
+    coup = defense("coup", "mnist", prior=prior32, classifier=_tiny_classifier(torch.float32), gradient="exact")
     assert isinstance(coup, COUPPyTorch) and coup.gradient == "exact"
-    assert coup.t_star == MNIST_SETTINGS["coup"]["t_star"]
-    assert coup.guidance_scale == MNIST_SETTINGS["coup"]["guidance_scale"]
-    diffpure = make_mnist_diffpure(prior32, t_star=0.05)
+    assert coup.t_star == record("coup").settings["mnist"]["t_star"]
+    assert coup.guidance_scale == record("coup").settings["mnist"]["guidance_scale"]
+    diffpure = defense("diffpure", "mnist", prior=prior32, t_star=0.05)
     assert isinstance(diffpure, DiffPurePyTorch) and diffpure.t_star == 0.05
 
 
