@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch import nn
@@ -34,6 +32,7 @@ from torch import nn
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.workers import worker_pool
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blind_pgd, defended_accuracy, select,
                                undefended_accuracy)
@@ -198,7 +197,7 @@ def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     for checkpoint_steps in (True, False):
         for t in steps:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with worker_pool(1) as pool:
                 result = pool.submit(_exact_gradient_peak_rss, prior_path, t, checkpoint_steps, batch, seed).result()
             if result["peak_rss"] <= result["peak_rss_before_run"]:
                 raise RuntimeError("the run did not raise the process's peak memory; use a larger batch.")

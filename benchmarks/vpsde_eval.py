@@ -29,9 +29,23 @@ from tqdm import tqdm
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
-from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy, select,
-                               undefended_accuracy)
-from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.results import (
+    collect_meta,
+    format_table,
+    make_row,
+    portable_path,
+    read_results,
+    write_results,
+)
+from benchmarks.tuning import (
+    CLEAN_TOLERANCE,
+    SELECTION_RULE,
+    blind_pgd,
+    blind_row,
+    defended_accuracy,
+    select,
+    undefended_accuracy,
+)
 from purifiers.priors import load_prior
 
 METHODS = ("coup", "coup-noguide", "diffpure")
@@ -96,7 +110,7 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
     rows = []
     if os.path.exists(path):
         old = read_results(path)
-        if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
+        if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
             rows = [r for r in old["rows"] if r["defense"] != "none"]
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed)
 
@@ -157,7 +171,7 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
         rows = [undefended]
         if os.path.exists(path):  # re-read right before writing: another run may have added its methods meanwhile
             old = read_results(path)
-            if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
+            if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
                 rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
         rows += new_rows
         settings = {r["defense"]: mnist_settings(r["defense"]) for r in rows if r["defense"] in METHODS}
