@@ -364,7 +364,7 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     report = aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
                                verbose=False)
     rows = json.load(open(out))["rows"]
-    assert len(rows) == 4 * 3  # 3 attacks + worst case, 3 protocols each
+    assert len(rows) == 4 * len(aa.SCORINGS)  # 3 attacks + worst case, every protocol each
     for row in rows:
         assert {"attack", "gradient", "scoring", "eps", "norm", "n", "seed", "robust_acc", "eot", "iterations",
                 "nfe_per_image", "seconds"} <= set(row)
