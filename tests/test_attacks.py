@@ -248,7 +248,8 @@ def _every_attack(target, eps, norm):
             aa.JointAttack(target, mode="full", eot=4, **settings),
             aa.JointAttack(target, mode="full", classifier_gradient="bpda", eot=4, **settings),
             aa.SPSA(target, eps=eps, norm=norm, steps=20, queries=1024), aa.PGDEOT(target, eot=4, **settings),
-            aa.APGDEOT(target, eot=4, loss="ce", **settings), aa.APGDEOT(target, eot=4, loss="dlr", **settings)]
+            aa.APGDEOT(target, eot=4, loss="ce", **settings), aa.APGDEOT(target, eot=4, loss="dlr", **settings),
+            aa.DiffHammer(target, eot=4, **settings), aa.DiffHammer(target, eot=4, grafting=False, **settings)]
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 1.0), ("l2", 8.0)])  # l2 8 covers the 8x8 unit cube's diagonal
