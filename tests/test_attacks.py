@@ -474,7 +474,7 @@ def test_benchmark_suite_holds_every_attack_of_the_issue():
 
     suite = attack_suite(toy_defended(), 0.1, "linf", PRESETS["cpu"])
     assert set(suite) == {"BlindPGD", "BPDA+EOT", "Joint(score)+EOT", "Joint(full)+EOT", "SPSA", "PGD+EOT[exact]",
-                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]"}
+                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]", "DiffHammer[exact]"}
     assert suite["SPSA"].query == "single" and suite["PGD+EOT[exact]"].gradient == "exact"
     assert set(attack_suite(tiny_classifier(), 0.1, "linf", PRESETS["cpu"])) == {"PGD", "APGD-CE", "APGD-DLR"}
 
