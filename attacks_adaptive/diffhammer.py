@@ -27,7 +27,12 @@ The attack returns, per input, the iterate at which most of its N purifications 
 the higher mean loss), as the code keeps its best iterate under N-evaluation; ``keep_best=False`` returns the last.
 Score it with :func:`attacks_adaptive.scoring.n_evaluation` (the paper's N-evaluation) beside the other protocols.
 
-Paper vs code (the choices made here; ``variant`` selects the E-step):
+Paper vs code (the choices made here; ``variant`` selects the E-step). The formulas above were read from the reference
+code (``Attacker.seeds_select``, ``Attacker.EM``, ``Attacker.perturb``, ``DiffPureClassifier.gradient``); the paper's
+own text was not at hand when this was written, so ``variant="paper"`` is the method as the paper outlines it (an EM
+whose E- and M-steps alternate, a first-order estimate of which purifications a step breaks) with the code's
+inconsistencies removed, not a transcription of the paper's equations; check it against them before quoting a number
+as the paper's attack.
 
 * ``variant="paper"`` (default): the EM iterates, ``r`` and ``w`` alternating, with the first-order gain scaled by
   ``eps`` in both the selection and the E-step. ``variant="code"``: the reference ``Attacker.EM`` as written: its loop
@@ -40,6 +45,12 @@ Paper vs code (the choices made here; ``variant`` selects the E-step):
 * The code's default update is APGD's with 3 restarts of 50 iterations (CW, CE then DLR loss) and a random start; here
   the update is PGD's at its ``PGD_STEP_SIZE`` 0.007 at 8/255 (scaled with ``eps``, as :class:`PGDEOT`), one loss
   (``margin``, its first), no restarts, and no random start unless ``random_start=True``.
+* Not implemented either: the code's early stop once every input has all N purifications broken, its restarts on the
+  inputs still robust in at least half the purifications, and its DiffAttack/augmentation options.
+* The best iterate is judged on the attack's own N purifications (single ones; the deployed ensemble, e.g. ADP's
+  S = 10, is what the scoring protocols query). With a surrogate whose value is not the defense's (ScoreOpt's one-shot
+  denoiser), ``grafting=False`` weighs and judges the surrogate's outputs; the default (grafting) weighs real
+  purifications and borrows only the surrogate's Jacobian.
 * ``lam = 5``, ``em_steps = 5``, ``em_alpha = 0.5``, ``N = 10`` are the code's defaults.
 
 On a deterministic purifier every copy is the same, every weight equal, and (``em_alpha=0``, ``keep_best=False``) the

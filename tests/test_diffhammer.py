@@ -100,6 +100,8 @@ def test_at_least_as_strong_as_pgd_eot_at_equal_queries_on_a_tiny_prior():
     attacks = {"pgd": aa.PGDEOT(defended, **settings),
                # the same purifications and full gradients per iteration as PGD+EOT
                "equal": aa.DiffHammer(defended, grafting=False, keep_best=False, **settings),
+               # PGD+EOT's loss (CE) rather than the margin, so the selection alone makes the difference
+               "equal-ce": aa.DiffHammer(defended, grafting=False, keep_best=False, loss="ce", **settings),
                # the defaults: one full gradient per iteration (grafting) and the best iterate
                "default": aa.DiffHammer(defended, **settings)}
     acc, cost = {}, {}
@@ -115,7 +117,7 @@ def test_at_least_as_strong_as_pgd_eot_at_equal_queries_on_a_tiny_prior():
     assert cost["default"][1] == 8 * 8  # one backward through the purifier per image and iteration
     defended.purifier.reset_generator()
     assert aa.multi_draw(defended, x, y, draws=32).mean().item() > acc["pgd"][0] + 0.2, acc  # PGD+EOT does something
-    for name in ("equal", "default"):
+    for name in ("equal", "equal-ce", "default"):
         assert acc[name][0] <= acc["pgd"][0] and acc[name][1] <= acc["pgd"][1], acc
 
 
