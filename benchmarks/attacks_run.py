@@ -92,6 +92,10 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
     for loss in ("ce", "dlr"):
         suite[f"APGD-{loss.upper()}+EOT[{apgd_mode or deployed.purifier.gradient}]"] = aa.APGDEOT(
             deployed, loss=loss, gradient=apgd_mode, steps=apgd_steps, eot=apgd_eot, **common)
+    # DiffHammer at PGD+EOT's iterations x purifications unless a preset names its own (steps, N)
+    hammer_steps, hammer_eot = preset.get("diffhammer", preset["pgd"])
+    suite[f"DiffHammer[{apgd_mode or deployed.purifier.gradient}]"] = aa.DiffHammer(
+        deployed, gradient=apgd_mode, steps=hammer_steps, eot=hammer_eot, **common)
     return suite
 
 
