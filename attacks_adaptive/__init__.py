@@ -1,6 +1,8 @@
 """Adaptive attacks on purified classifiers, for robustness numbers that are not overestimates.
 
-Each attack is one file over a small shared base (:mod:`attacks_adaptive.base`) and works on an ART
+Each attack is one file over a small shared base (:mod:`attacks_adaptive.base`: the Attack class;
+:mod:`attacks_adaptive.defended`: the defended-model adapter and its evaluation count; :mod:`attacks_adaptive.losses`;
+:mod:`attacks_adaptive.geometry`: the threat models) and works on an ART
 ``PyTorchClassifier`` whose ``preprocessing_defences`` hold a :class:`purifiers.PurifierPyTorch`, on a
 :class:`purifiers.PurifiedClassifier`, or on a bare classifier, under ``l_inf`` and ``l_2``:
 
@@ -21,14 +23,23 @@ Each attack is one file over a small shared base (:mod:`attacks_adaptive.base`) 
 """
 
 from attacks_adaptive.apgd_eot import APGDEOT
-from attacks_adaptive.base import LOSSES, NORMS, Attack, AttackResult, DefendedModel
+from attacks_adaptive.base import Attack, AttackResult
 from attacks_adaptive.blind_pgd import BlindPGD
 from attacks_adaptive.bpda_eot import BPDAEOT
+from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.diffhammer import DiffHammer
+from attacks_adaptive.geometry import NORMS
 from attacks_adaptive.joint import JointAttack
+from attacks_adaptive.losses import LOSSES
 from attacks_adaptive.pgd_eot import PGDEOT
 from attacks_adaptive.runner import run_worst_case
-from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, n_evaluation, single_shot
+from attacks_adaptive.scoring import (
+           SCORINGS,
+           any_iteration,
+           multi_draw,
+           n_evaluation,
+           single_shot,
+)
 from attacks_adaptive.spsa import SPSA
 
 __all__ = ["Attack", "AttackResult", "DefendedModel", "LOSSES", "NORMS", "BlindPGD", "BPDAEOT", "JointAttack", "SPSA",

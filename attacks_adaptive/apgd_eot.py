@@ -28,7 +28,9 @@ import math
 
 import torch
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction, project, random_start
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction, project, random_start
+from attacks_adaptive.losses import LOSSES
 
 
 def apgd_checkpoints(steps: int) -> list[int]:

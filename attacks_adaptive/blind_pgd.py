@@ -9,7 +9,9 @@ This is the weakest attack of the list: it ignores the purifier, so it only meas
 
 from __future__ import annotations
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction, random_start
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction, random_start
+from attacks_adaptive.losses import LOSSES
 
 
 class BlindPGD(Attack):

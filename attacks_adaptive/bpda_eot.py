@@ -14,7 +14,9 @@ sums one foolbox sign step per EOT sample and takes the sign of the sum, a major
 
 from __future__ import annotations
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction
+from attacks_adaptive.losses import LOSSES
 
 EOT_REDUCTIONS = ("mean", "sign_vote")
 

@@ -68,7 +68,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction, project, random_start
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction, project, random_start
+from attacks_adaptive.losses import LOSSES
 from attacks_adaptive.pgd_eot import LEE_KIM_STEP_PER_EPS
 
 VARIANTS = ("paper", "code")

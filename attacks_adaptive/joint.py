@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction
+from attacks_adaptive.losses import LOSSES
 
 JOINT_MODES = ("score", "full")
 CLASSIFIER_GRADIENTS = ("input", "bpda")

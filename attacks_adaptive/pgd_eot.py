@@ -15,7 +15,9 @@ purifier's current mode.
 
 from __future__ import annotations
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction
+from attacks_adaptive.losses import LOSSES
 
 LEE_KIM_STEP_PER_EPS = 0.007 / (8 / 255)
 

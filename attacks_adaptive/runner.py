@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attacks_adaptive.base import Attack, DefendedModel
+from attacks_adaptive.base import Attack
+from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.scoring import (N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation,
                                       single_shot)
 

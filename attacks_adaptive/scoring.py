@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks_adaptive.base import DefendedModel
+from attacks_adaptive.defended import DefendedModel
 
 SCORINGS = ("single_shot", "multi_draw", "any_iteration", "n_evaluation")
 N_EVALUATION = 10  # DiffHammer's default number of resubmissions

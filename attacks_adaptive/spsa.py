@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from attacks_adaptive.base import LOSSES, Attack, ascent_direction, project
+from attacks_adaptive.base import Attack
+from attacks_adaptive.geometry import ascent_direction, project
+from attacks_adaptive.losses import LOSSES
 
 UPDATES = ("sign", "adam")
 QUERIES = ("deployed", "single")

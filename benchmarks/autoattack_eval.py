@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.scoring import multi_draw, single_shot
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
@@ -229,31 +231,6 @@ def make_autoattack(model: nn.Module, version: str, config: AutoAttackConfig, se
     return adversary
 
 
-class _NFEMeter:
-    """Network evaluations of a model while in use: the purifier's prior (forward, backward) and the classifier for a
-    :class:`PurifiedClassifier`, else rows through the model."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.rows = 0
-        self._hook = model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args):
-        self.rows += args[0].shape[0]
-
-    def snapshot(self) -> dict:
-        if isinstance(self.model, PurifiedClassifier):
-            return {"prior_forward": self.model.prior_nfe.forward, "prior_backward": self.model.prior_nfe.backward,
-                    "classifier": self.model.classifier_evaluations}
-        return {"classifier": self.rows}
-
-    def since(self, before: dict) -> dict:
-        return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
-
-    def close(self):
-        self._hook.remove()
-
-
 class _Checkpoints:
     """One file per finished (batch, part) in a folder, plus ``run.json`` holding the fingerprint of the run; files are
     written atomically and read back with ``weights_only=True`` (tensors and plain values only, no code)."""
@@ -320,7 +297,6 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
     parts = ["clean", *config.versions]
     n_batches = -(-x.shape[0] // config.batch_size)
     records = {part: [] for part in parts}
-    meter = _NFEMeter(model)
     original_seed = purifier.seed if purifier is not None else None
     progress = tqdm(total=n_batches * len(parts), desc="autoattack", disable=not verbose)
     try:
@@ -333,13 +309,12 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
                     if record is None:
                         progress.set_description(f"autoattack {part} batch {b + 1}/{n_batches}")
                         seed = unit_seed(config.seed, b, part)
-                        record = _run_unit(model, purifier, meter, xb, yb, part, config, seed, device)
+                        record = _run_unit(model, purifier, xb, yb, part, config, seed, device)
                         checkpoints.save(b, part, record)
                     records[part].append(record)
                     progress.update()
     finally:
         progress.close()
-        meter.close()
         if purifier is not None:
             purifier.set_params(seed=original_seed)
 
@@ -365,23 +340,25 @@ def _sum_dicts(dicts: list[dict]) -> dict:
     return total
 
 
-def _run_unit(model, purifier, meter, xb, yb, part, config, seed, device) -> dict:
+def _run_unit(model, purifier, xb, yb, part, config, seed, device) -> dict:
     """One batch of one part ("clean" or an AutoAttack version), from ``seed`` only."""
     torch.manual_seed(seed)
     if purifier is not None:
         purifier.set_params(seed=seed)
-    start, before = time.time(), meter.snapshot()
+    counted, start = DefendedModel.from_target(model), time.time()
     if part == "clean":
-        single = single_shot(model, xb, yb).cpu()
-        nfe = meter.since(before)  # of one prediction per image: the deployed defense's cost
+        with counted.count() as meter:  # one prediction per image: the deployed defense's cost
+            single = single_shot(model, xb, yb).cpu()
+        nfe = dataclasses.asdict(meter)
         draws = multi_draw(model, xb, yb, config.rescore_draws).cpu()
         return {"single": single, "draws": draws, "nfe": nfe, "seconds": time.time() - start}
     attacked = model
     if part == "standard" and purifier is not None and config.standard_noise == "fixed":
         attacked = FixedNoise(model)
     adversary = make_autoattack(attacked, part, config, seed, device)
-    x_adv, y_adv = adversary.run_standard_evaluation(xb, yb, batch_size=xb.shape[0])
-    nfe, seconds = meter.since(before), time.time() - start
+    with counted.count() as meter:
+        x_adv, y_adv = adversary.run_standard_evaluation(xb, yb, batch_size=xb.shape[0])
+    nfe, seconds = dataclasses.asdict(meter), time.time() - start
     # Re-score with the deployed (randomized) defense and fresh noise, seeded apart from the attack's.
     rescore_seed = unit_seed(seed, 0, "rescore")
     torch.manual_seed(rescore_seed)

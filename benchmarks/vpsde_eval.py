@@ -32,7 +32,6 @@ from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import (
     collect_meta,
     format_table,
-    make_row,
     portable_path,
     read_results,
     write_results,

@@ -16,7 +16,9 @@ from torch import nn
 
 import attacks_adaptive as aa
 from attacks_adaptive.apgd_eot import apgd_checkpoints
-from attacks_adaptive.base import DefendedModel, ce_loss, dlr_loss, margin_loss, project
+from attacks_adaptive.defended import DefendedModel
+from attacks_adaptive.geometry import project
+from attacks_adaptive.losses import ce_loss, dlr_loss, margin_loss
 from purifiers import EDMDenoiser, GaussianPrior, PurifiedClassifier, PurifierPyTorch
 from purifiers.unet import SmallUNet
 

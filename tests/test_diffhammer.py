@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import attacks_adaptive as aa
-from attacks_adaptive.base import DefendedModel, ce_loss
+from attacks_adaptive.defended import DefendedModel
+from attacks_adaptive.losses import ce_loss
 from attacks_adaptive.scoring import (correct_draws, multi_draw_from_draws, n_evaluation_from_draws,
                                       single_shot_from_draws)
 from purifiers import DiffPurePyTorch, EDMDenoiser, GaussianPrior, PurifiedClassifier

@@ -173,7 +173,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(classifier, data
     run_unit, calls = aa._run_unit, []
 
     def crash_after_first_batch(*args, **kwargs):
-        calls.append(args[5])
+        calls.append(args[4])
         if len(calls) > len(config.versions) + 1:
             raise KeyboardInterrupt("injected after the first batch")
         return run_unit(*args, **kwargs)
@@ -183,7 +183,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(classifier, data
         aa.run_autoattack(toy_model(classifier), x, y, config, checkpoint_dir=str(tmp_path / "b"), device="cpu",
                           verbose=False)
     calls.clear()
-    monkeypatch.setattr(aa, "_run_unit", lambda *a, **k: calls.append(a[5]) or run_unit(*a, **k))
+    monkeypatch.setattr(aa, "_run_unit", lambda *a, **k: calls.append(a[4]) or run_unit(*a, **k))
     resumed = aa.run_autoattack(toy_model(classifier), x, y, config, checkpoint_dir=str(tmp_path / "b"), device="cpu",
                                 verbose=False)
     assert calls == ["clean", "rand", "standard"]  # the first batch came from its checkpoints
