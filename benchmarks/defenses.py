@@ -40,7 +40,7 @@ class PublishedNumber:
     """A number a paper prints (clean %, robust %) under one of the attacks this package runs."""
 
     dataset: str
-    attack: str   # "blind-pgd", "bpda-eot", "pgd-eot" or "autoattack" (benchmarks.reproduce.ATTACKS)
+    attack: str   # "BlindPGD", "BPDA+EOT", "PGD+EOT" or "AutoAttack" (benchmarks.reproduce.ATTACKS)
     clean: float
     robust: float
     source: str
@@ -74,11 +74,11 @@ REGISTRY: dict[str, DefenseRecord] = {
         # `python -m benchmarks.adp_eval sweep --n 200 --runs 1` on MNIST val[:200] (benchmarks/measured/adp/).
         settings={"mnist": dict(sigma=0.15, conditioning="injected", lam=0.4, steps=10, step_rule="paper")},
         runs=10,
-        published=(PublishedNumber("mnist", "blind-pgd", 98.07, 96.41, "ADP supplement Table 9 (MNIST, eps 0.3, Clf pgd)"),
-                   PublishedNumber("fashion_mnist", "blind-pgd", 93.19, 86.62,
+        published=(PublishedNumber("mnist", "BlindPGD", 98.07, 96.41, "ADP supplement Table 9 (MNIST, eps 0.3, Clf pgd)"),
+                   PublishedNumber("fashion_mnist", "BlindPGD", 93.19, 86.62,
                                    "ADP supplement Table 9 (FashionMNIST, eps 8/255, Clf pgd)"),
-                   PublishedNumber("cifar10", "blind-pgd", 86.14, 80.24, "ADP Table 2 (WRN-28-10)"),
-                   PublishedNumber("cifar10", "bpda-eot", 86.14, 70.01, "ADP Table 3 (BPDA 40+EOT)")),
+                   PublishedNumber("cifar10", "BlindPGD", 86.14, 80.24, "ADP Table 2 (WRN-28-10)"),
+                   PublishedNumber("cifar10", "BPDA+EOT", 86.14, 70.01, "ADP Table 3 (BPDA 40+EOT)")),
         quickstart_seconds=42, wrapper_defaults=dict(seed=0, batch_size=250)),
     "scoreopt": DefenseRecord(
         name="scoreopt", wrapper="purifiers.scoreopt_pytorch:ScoreOptPyTorch", needs_classifier=False,
@@ -88,7 +88,7 @@ REGISTRY: dict[str, DefenseRecord] = {
         paper_settings=dict(variant="O", loss="diff", steps=5, lr=0.1, noise_range=(0.4, 0.6)),
         # `python -m benchmarks.scoreopt_eval tune` on MNIST val[:200] (benchmarks/measured/scoreopt/).
         settings={"mnist": dict(variant="O", loss="diff", steps=20, lr=0.1, noise_range=(0.6, 0.8))},
-        published=(PublishedNumber("cifar10", "bpda-eot", 90.78, 82.85, "ScoreOpt Table 1 (ScoreOpt-O)"),),
+        published=(PublishedNumber("cifar10", "BPDA+EOT", 90.78, 82.85, "ScoreOpt Table 1 (ScoreOpt-O)"),),
         quickstart_seconds=53, wrapper_defaults=dict(seed=0)),
     "scoreopt-n": DefenseRecord(
         name="scoreopt-n", wrapper="purifiers.scoreopt_pytorch:ScoreOptPyTorch", needs_classifier=False,
@@ -106,8 +106,8 @@ REGISTRY: dict[str, DefenseRecord] = {
         paper_settings=dict(t_star=0.1, guidance_scale=1.0, dt=1e-3),
         # `python -m benchmarks.vpsde_eval sweep --n 64` on MNIST val[:64] (benchmarks/measured/vpsde/).
         settings={"mnist": dict(t_star=0.2, guidance_scale=1.0, dt=1e-3)},
-        published=(PublishedNumber("cifar10", "autoattack", 90.04, 73.05, "COUP Table 1"),
-                   PublishedNumber("cifar10", "bpda-eot", 90.04, 83.20, "COUP Table 3")),
+        published=(PublishedNumber("cifar10", "AutoAttack", 90.04, 73.05, "COUP Table 1"),
+                   PublishedNumber("cifar10", "BPDA+EOT", 90.04, 83.20, "COUP Table 3")),
         quickstart_seconds=384, wrapper_defaults=dict(seed=0, batch_size=100)),
     "diffpure": DefenseRecord(
         name="diffpure", wrapper="purifiers.vpsde_pytorch:DiffPurePyTorch", needs_classifier=False,
@@ -117,8 +117,8 @@ REGISTRY: dict[str, DefenseRecord] = {
         # DiffPure §5: t* = 0.1 on CIFAR-10 l_inf (0.15 on ImageNet), 100 steps.
         paper_settings=dict(t_star=0.1, dt=1e-3),
         settings={"mnist": dict(t_star=0.2, dt=1e-3)},
-        published=(PublishedNumber("cifar10", "autoattack", 89.02, 70.64, "COUP Table 1 (DiffPure)"),
-                   PublishedNumber("cifar10", "bpda-eot", 89.02, 81.40, "COUP Table 3 (DiffPure)")),
+        published=(PublishedNumber("cifar10", "AutoAttack", 89.02, 70.64, "COUP Table 1 (DiffPure)"),
+                   PublishedNumber("cifar10", "BPDA+EOT", 89.02, 81.40, "COUP Table 3 (DiffPure)")),
         quickstart_seconds=259, wrapper_defaults=dict(seed=0, batch_size=100)),
 }
 #: The four methods of the project, in the order tables list them.

@@ -50,7 +50,7 @@ def evaluate_quickstart_defense(name: str, classifier, prior_model, out_dir: str
     protocol = quickstart_protocol(seed)
     x, y = (torch.from_numpy(a) for a in load_mnist("test", n=n))
     if name == NO_DEFENSE:
-        model, attacks = deployed_model(None, classifier), ("blind-pgd", "autoattack")
+        model, attacks = deployed_model(None, classifier), ("BlindPGD", "AutoAttack")
     else:
         purifier = build_purifier(name, prior_model, classifier, seed=seed)
         model = deployed_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))

@@ -36,9 +36,9 @@ import torch
 
 from benchmarks.autoattack_eval import AutoAttackConfig, result_rows, run_autoattack
 from benchmarks.defenses import METHODS, build_purifier, deployed_model, deployed_runs, published
-from benchmarks.results import collect_meta, write_results
+from benchmarks.results import collect_meta, write_results, write_worst_case
 
-ATTACKS = ("blind-pgd", "bpda-eot", "pgd-eot", "autoattack")
+ATTACKS = ("BlindPGD", "BPDA+EOT", "PGD+EOT", "AutoAttack")  # the attack classes' names
 
 DEFAULT_EPS = {"mnist": 0.3, "cifar10": 8 / 255}
 
@@ -88,10 +88,10 @@ def make_attacks(model, eps: float, norm: str, protocol: Protocol, seed: int, na
 
     norm = norm.lower()
     builders = {
-        "blind-pgd": lambda: BlindPGD(model, eps=eps, norm=norm, steps=protocol.blind_pgd_steps, seed=seed),
-        "bpda-eot": lambda: BPDAEOT(model, eps=eps, norm=norm, steps=protocol.bpda_steps, eot=protocol.bpda_eot,
+        "BlindPGD": lambda: BlindPGD(model, eps=eps, norm=norm, steps=protocol.blind_pgd_steps, seed=seed),
+        "BPDA+EOT": lambda: BPDAEOT(model, eps=eps, norm=norm, steps=protocol.bpda_steps, eot=protocol.bpda_eot,
                                     step=_step(protocol.bpda_step, eps), seed=seed),
-        "pgd-eot": lambda: PGDEOT(model, eps=eps, norm=norm, steps=protocol.pgd_eot_steps, eot=protocol.pgd_eot_eot,
+        "PGD+EOT": lambda: PGDEOT(model, eps=eps, norm=norm, steps=protocol.pgd_eot_steps, eot=protocol.pgd_eot_eot,
                                   step=_step(protocol.pgd_eot_step, eps), gradient="exact", seed=seed),
     }
     return {name: builders[name]() for name in names if name in builders}
@@ -109,17 +109,21 @@ def evaluate_defense(name: str, model, x: torch.Tensor, y: torch.Tensor, *, eps:
     per-batch state in ``out_dir``); AutoAttack through :func:`benchmarks.autoattack_eval.run_autoattack` with the
     purifier's exact gradient when it has one. Every row carries ``protocol`` and ``scaled_down``."""
     from attacks_adaptive import run_worst_case
+    from attacks_adaptive.runner import slug
 
     rows = []
     purifier = getattr(model, "purifier", None)  # None: the undefended classifier
     stamp = {"protocol": protocol.name, "scaled_down": protocol.scaled_down, "runs": getattr(model, "runs", None)}
     adaptive = make_attacks(model, eps, norm, protocol, seed, attacks)
     if adaptive:
-        report = run_worst_case(adaptive, x, y, out=os.path.join(out_dir, f"attacks_{name}.json"), defense=name,
-                                model=model, scorings=("single_shot", "multi_draw"), draws=protocol.draws,
-                                batch_size=protocol.autoattack.batch_size, seed=seed, verbose=verbose)
+        report = run_worst_case(adaptive, x, y, state_dir=os.path.join(out_dir, "attacks_state", slug(name)),
+                                defense=name, model=model, scorings=("single_shot", "multi_draw"),
+                                draws=protocol.draws, batch_size=protocol.autoattack.batch_size, seed=seed,
+                                verbose=verbose)
+        write_worst_case(report, os.path.join(out_dir, f"attacks_{slug(name)}.json"),
+                         collect_meta("", "", **report["settings"]))
         rows += [dict(row, **stamp) for row in report["rows"]]
-    if "autoattack" in attacks:
+    if "AutoAttack" in attacks:
         previous = purifier.gradient if purifier is not None else None
         if purifier is not None and "exact" in purifier.gradient_modes:
             purifier.set_params(gradient="exact")
@@ -154,10 +158,10 @@ def summarize(rows: list[dict]) -> dict:
         attack, scoring = row["attack"], str(row.get("scoring"))
         if attack.startswith("worst-case("):
             key = "worst-case (adaptive)"
-        elif attack.startswith("autoattack min("):
-            key, scoring = "autoattack", "single_shot"
-        elif attack.startswith("autoattack-") and scoring.startswith("rescore-mean"):
-            key, scoring = "autoattack", "multi_draw"
+        elif attack.startswith("AutoAttack min("):
+            key = "AutoAttack"
+        elif attack.startswith("AutoAttack-") and scoring == "multi_draw":
+            key = "AutoAttack"
         elif attack in ATTACKS:
             key = attack
         else:

@@ -15,20 +15,12 @@ import platform
 import sys
 import time
 
-ROW_FIELDS = ("defense", "attack", "gradient", "scoring", "eps", "norm", "n", "seed", "clean_acc", "robust_acc",
-              "nfe_per_image", "seconds")
+import numpy as np
 
+from attacks_adaptive.rows import ROW_FIELDS, make_row
 
-def make_row(**fields) -> dict:
-    """A results row: every field of :data:`ROW_FIELDS` present (missing ones ``None``), extra fields kept."""
-    for key in ("clean_acc", "robust_acc"):
-        value = fields.get(key)
-        if value is not None and not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{key} must be a fraction in [0, 1], got {value}.")
-    row = {key: fields.pop(key, None) for key in ROW_FIELDS}
-    row.update(fields)
-    return row
-
+__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "write_results",
+           "write_worst_case", "read_results", "format_table"]
 
 def collect_meta(dataset: str, split: str, **extra) -> dict:
     """Versions, device, command line, dataset and split, plus ``extra``."""
@@ -85,6 +77,18 @@ def write_results(path: str, rows: list[dict], meta: dict) -> str:
         json.dump({"rows": rows, "meta": meta}, f, indent=2)
     os.replace(tmp, path)
     return path
+
+
+def write_worst_case(report: dict, out: str, meta: dict) -> str:
+    """Write a worst-case run (:func:`attacks_adaptive.run_worst_case`): its rows and ``meta`` to ``out`` and the
+    strongest adversarial example per input to ``<out without .json>_worst_adv.npz``, both atomically."""
+    write_results(out, report["rows"], meta)
+    npz = os.path.splitext(out)[0] + "_worst_adv.npz"
+    tmp = npz + ".tmp.npz"
+    np.savez(tmp, x_adv=report["x_worst"], attack_index=report["worst_attack"],
+             attack_names=np.array(report["attack_names"]))
+    os.replace(tmp, npz)
+    return out
 
 
 def read_results(path: str) -> dict:

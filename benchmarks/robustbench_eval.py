@@ -35,6 +35,7 @@ import torch
 from benchmarks.autoattack_eval import (add_autoattack_arguments, add_defense_arguments, config_from_args, load_defense,
                                         result_rows, run_autoattack)
 from benchmarks.defenses import NO_DEFENSE, _import, paper_of
+from attacks_adaptive.rows import threat_model_name
 from benchmarks.rb_compat import import_robustbench
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 
@@ -125,9 +126,11 @@ def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf",
 def adaptive_worst_case(path: str, defense: str, eps: float, norm: str) -> dict | None:
     """The row of ``attacks.json`` (the package's results shape) with the lowest robust accuracy for ``defense`` at this
     ``eps`` and ``norm``, or ``None`` when it holds none."""
+    norm = threat_model_name(norm)
     rows = [r for r in read_results(path)["rows"]
             if str(r.get("defense", "")).lower() == defense.lower() and r.get("robust_acc") is not None
-            and r.get("eps") is not None and abs(float(r["eps"]) - eps) < 1e-6 and r.get("norm", norm) == norm]
+            and r.get("eps") is not None and abs(float(r["eps"]) - eps) < 1e-6
+            and threat_model_name(r.get("norm") or norm) == norm]
     return min(rows, key=lambda r: r["robust_acc"]) if rows else None
 
 
@@ -240,7 +243,7 @@ def evaluate(args) -> dict:
                        architecture=architecture, attacks_json=args.attacks_json, **paper)
     path = write_model_info(entry, args.out, args.norm, name)
     rows = [make_row(defense=info["name"], attack="none", gradient=None,
-                     scoring="robustbench clean_accuracy (one draw)", eps=None, norm=None, n=len(y), seed=args.seed,
+                     scoring="single_shot", note="robustbench.utils.clean_accuracy (one pass)", eps=None, norm=None, n=len(y), seed=args.seed,
                      clean_acc=clean, robust_acc=None, nfe_per_image=result.number_forward_passes, seconds=None)]
     rows += result_rows(result, info["name"], gradient, runs=info.get("runs"), ensemble=info.get("ensemble"))
     meta = collect_meta(args.dataset, f"test[:{len(y)}]", defense=info, model_info=path,

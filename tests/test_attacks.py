@@ -6,7 +6,6 @@ Built against toy randomized purifiers defined here (Gaussian noise + an exact G
 ``exact`` gradient modes; a tiny random EDM prior for the SPSA comparison), so the file runs without the real purifiers.
 """
 
-import json
 import os
 
 import numpy as np
@@ -363,10 +362,10 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     defended = toy_defended()
     x = toy_images(10, low=0.3, high=0.7)
     y = clean_labels(defended.classifier, x)
-    out = str(tmp_path / "attacks.json")
-    report = aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
+    out = str(tmp_path / "state")
+    report = aa.run_worst_case(_runner_attacks(defended), x, y, state_dir=out, defense="toy", draws=4, batch_size=4,
                                verbose=False)
-    rows = json.load(open(out))["rows"]
+    rows = report["rows"]
     assert len(rows) == 4 * len(aa.SCORINGS)  # 3 attacks + worst case, every protocol each
     for row in rows:
         assert {"attack", "gradient", "scoring", "eps", "norm", "n", "seed", "robust_acc", "eot", "iterations",
@@ -380,7 +379,7 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     assert bpda["nfe_per_image"]["prior_forward"] >= 3 * 2  # 3 steps x 2 EOT purifications per image at least
     assert report["x_worst"].shape == x.shape
     # The strongest example per input comes from the attack with the lowest multi-draw robustness there.
-    state = os.path.join(str(tmp_path), "attacks_state", "toy")
+    state = out
     multi = np.stack([np.concatenate([np.load(os.path.join(state, folder, f))["multi_draw"]
                                       for f in sorted(os.listdir(os.path.join(state, folder)))])
                       for folder in ("BPDA_EOT", "SPSA", "BlindPGD")])
@@ -392,26 +391,26 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     for attack in attacks:
         original = attack.perturb
         attack.perturb = lambda xb, yb, _o=original: calls.append(xb.shape[0]) or _o(xb, yb)
-    again = aa.run_worst_case(attacks, x, y, out=out, defense="toy", draws=4, batch_size=4, verbose=False)
+    again = aa.run_worst_case(attacks, x, y, state_dir=out, defense="toy", draws=4, batch_size=4, verbose=False)
     assert calls == [] and again["rows"] == report["rows"]
     # ... and after losing one batch (an interrupted run) only that batch is recomputed.
-    os.remove(os.path.join(str(tmp_path), "attacks_state", "toy", "SPSA", "b000004-000008.npz"))
-    aa.run_worst_case(attacks, x, y, out=out, defense="toy", draws=4, batch_size=4, verbose=False)
+    os.remove(os.path.join(out, "SPSA", "b000004-000008.npz"))
+    aa.run_worst_case(attacks, x, y, state_dir=out, defense="toy", draws=4, batch_size=4, verbose=False)
     assert calls == [4]
     # Other settings in the same folder are refused rather than mixed.
     with pytest.raises(ValueError, match="other settings"):
-        aa.run_worst_case([aa.BPDAEOT(defended, eps=0.05, steps=4, eot=2)], x, y, out=out, defense="toy", draws=4,
+        aa.run_worst_case([aa.BPDAEOT(defended, eps=0.05, steps=4, eot=2)], x, y, state_dir=out, defense="toy", draws=4,
                           batch_size=4, verbose=False)
     # So are a changed purifier setting and changed weights, with the attacks' own settings unchanged.
     defended.purifier.set_params(eot_samples=3)
     with pytest.raises(ValueError, match="other settings"):
-        aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
+        aa.run_worst_case(_runner_attacks(defended), x, y, state_dir=out, defense="toy", draws=4, batch_size=4,
                           verbose=False)
     defended.purifier.set_params(eot_samples=1)
     with torch.no_grad():
         next(defended.classifier.parameters()).add_(1e-3)
     with pytest.raises(ValueError, match="other settings"):
-        aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
+        aa.run_worst_case(_runner_attacks(defended), x, y, state_dir=out, defense="toy", draws=4, batch_size=4,
                           verbose=False)
 
 

@@ -6,7 +6,6 @@ step of the other half), hand-computed E-step weights, hand-made per-draw correc
 protocol, and autograd for the grafted pull-back.
 """
 
-import json
 import math
 
 import pytest
@@ -289,17 +288,18 @@ def test_runner_reports_n_evaluation_for_every_attack_and_keys_its_state_by_n(tm
     defended = toy_defended()
     x = toy_images(6, low=0.3, high=0.7)
     y = clean_labels(defended.classifier, x)
-    out = str(tmp_path / "attacks.json")
+    out = str(tmp_path / "state")
 
     def attacks():
         return [aa.BPDAEOT(defended, eps=0.05, steps=2, eot=2), aa.DiffHammer(defended, eps=0.05, steps=2, eot=2)]
 
-    aa.run_worst_case(attacks(), x, y, out=out, defense="toy", draws=3, n_eval=4, batch_size=3, verbose=False)
-    rows = [r for r in json.load(open(out))["rows"] if r["scoring"] == "n_evaluation"]
+    report = aa.run_worst_case(attacks(), x, y, state_dir=out, defense="toy", draws=3, n_eval=4, batch_size=3,
+                               verbose=False)
+    rows = [r for r in report["rows"] if r["scoring"] == "n_evaluation"]
     assert [r["attack"] for r in rows] == ["BPDA+EOT", "DiffHammer", "worst-case(BPDA+EOT, DiffHammer)"]
     assert all(r["n_eval"] == 4 and r["draws"] == 4 for r in rows)
     assert rows[2]["robust_acc"] <= min(rows[0]["robust_acc"], rows[1]["robust_acc"]) + 1e-12
     with pytest.raises(ValueError, match="other settings"):  # another N is another setting, never mixed in
-        aa.run_worst_case(attacks(), x, y, out=out, defense="toy", draws=3, n_eval=5, batch_size=3, verbose=False)
+        aa.run_worst_case(attacks(), x, y, state_dir=out, defense="toy", draws=3, n_eval=5, batch_size=3, verbose=False)
     with pytest.raises(ValueError, match="n_eval"):
-        aa.run_worst_case(attacks(), x, y, out=out, defense="toy", n_eval=0, verbose=False)
+        aa.run_worst_case(attacks(), x, y, state_dir=out, defense="toy", n_eval=0, verbose=False)

@@ -207,7 +207,7 @@ def test_autoattack_command_writes_rows(toy_defense, tmp_path, capsys):
     aa.main(argv)
     data = json.loads((tmp_path / "autoattack_toy.json").read_text())
     attacks = [r["attack"] for r in data["rows"]]
-    assert attacks[:3] == ["autoattack-rand"] * 3 and "autoattack min(rand)" in attacks
+    assert attacks[:3] == ["AutoAttack-rand"] * 3 and "AutoAttack min(rand)" in attacks
     assert all(r["scaled_down"] and r["n"] == 4 and r["eps"] == 0.2 and r["gradient"] == "exact" for r in data["rows"])
     # runs=2: two purifications (one denoiser call each) and two classifier passes per prediction
     assert data["meta"]["number_forward_passes"] == 4.0
@@ -234,9 +234,9 @@ def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, 
     from robustbench.utils import ModelInfo, update_json
 
     attacks_json = tmp_path / "attacks.json"
-    rows = [make_row(defense="toy", attack="PGD-EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.25),
-            make_row(defense="toy", attack="PGD-EOT", gradient="exact", eps=0.3, norm="Linf", n=4, robust_acc=0.0),
-            make_row(defense="other", attack="PGD-EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.0)]
+    rows = [make_row(defense="toy", attack="PGD+EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.25),
+            make_row(defense="toy", attack="PGD+EOT", gradient="exact", eps=0.3, norm="Linf", n=4, robust_acc=0.0),
+            make_row(defense="other", attack="PGD+EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.0)]
     write_results(str(attacks_json), rows, {})
     out = tmp_path / "rb"
     result = rbe.evaluate(rbe.build_parser().parse_args(
@@ -250,7 +250,7 @@ def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, 
     ModelInfo(**{k: entry[k] for k in fields})
     assert entry["eps"] == "0.02" and entry["dataset"] == "mnist" and entry["unreliable"] is True
     assert entry["number_forward_passes"] == 2  # one denoiser call and one classifier pass per prediction
-    assert entry["external"] == "25.0" and "PGD-EOT" in entry["footnote"]  # the other rows' eps/defense differ
+    assert entry["external"] == "25.0" and "PGD+EOT" in entry["footnote"]  # the other rows' eps/defense differ
     for words in ("version='rand'", "EOT 1", "n=4", "seed=0", "gradient mode 'exact'", "SCALED-DOWN"):
         assert words in entry["footnote"]
 
@@ -261,6 +261,35 @@ def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, 
     update_json(BenchmarkDataset.cifar_10, ThreatModel.Linf, "ref", clean, aa_result.reported_accuracy(), None)
     written = json.loads((tmp_path / "model_info" / "cifar10" / "Linf" / "ref.json").read_text())
     assert (entry["clean_acc"], entry["autoattack_acc"]) == (written["clean_acc"], written["autoattack_acc"])
+
+
+def test_external_picks_the_adaptive_worst_case_from_the_attacks_commands_output(toy_defense, tmp_path):
+    """`python -m benchmarks attacks` writes the rows; `robustbench --attacks-json` reads them back: its
+    ``external`` is the lowest robust accuracy of the defense at that eps and norm, adaptive or AutoAttack."""
+    from benchmarks import robustbench_eval as rbe
+    from benchmarks.attacks_run import run_attacks
+
+    run_attacks(str(tmp_path / "attacks"), defenses=[toy_defense], preset_name="smoke", n=2, eps=0.3,
+                prior_path="gaussian", attacks=["BlindPGD", "BPDA+EOT"], verbose=False)
+    path = str(tmp_path / "attacks" / "attacks.json")
+    rows = [r for r in rbe.read_results(path)["rows"] if r["defense"] == toy_defense]
+    assert {r["norm"] for r in rows} == {"Linf"} and {r["scoring"] for r in rows} <= set(aa_scorings())
+    lowest = min(rows, key=lambda r: r["robust_acc"])
+    assert rbe.adaptive_worst_case(path, toy_defense, 0.3, "linf") == lowest
+    result = rbe.evaluate(rbe.build_parser().parse_args(
+        ["--defense", toy_defense, "--prior", "gaussian", "--n", "2", "--eps", "0.3", "--versions", "rand",
+         "--n-iter", "1", "--eot-iter", "1", "--rescore", "2", "--batch-size", "2", "--out", str(tmp_path / "rb"),
+         "--attacks-json", path, "--quiet"]))
+    autoattack_worst = result["result"].worst_case().float().mean().item()
+    assert result["model_info"]["external"] == rbe.format_accuracy(min(lowest["robust_acc"], autoattack_worst))
+    if lowest["robust_acc"] < autoattack_worst:
+        assert lowest["attack"] in result["model_info"]["footnote"]
+
+
+def aa_scorings():
+    from attacks_adaptive.scoring import SCORINGS
+
+    return SCORINGS
 
 
 def test_leaderboard_sorts_as_robustbench_and_escapes_footnotes(tmp_path):
@@ -331,7 +360,7 @@ def test_reproduce_mnist_runs_every_attack_and_labels_scaled_settings(toy_defens
     from benchmarks.defenses import PublishedNumber
 
     toy = dataclasses.replace(REGISTRY["toy"], published=(
-        PublishedNumber("mnist", "blind-pgd", 98.07, 96.41, "ADP supplement Table 9"),))
+        PublishedNumber("mnist", "BlindPGD", 98.07, 96.41, "ADP supplement Table 9"),))
     monkeypatch.setitem(REGISTRY, "toy", toy)
     out = tmp_path / "rep"
     result = reproduce.reproduce(reproduce.build_parser().parse_args(
@@ -343,11 +372,11 @@ def test_reproduce_mnist_runs_every_attack_and_labels_scaled_settings(toy_defens
         assert cells["worst-case"][scoring] == min(v[scoring] for k, v in cells.items() if k != "worst-case")
     assert all(row["scaled_down"] and row["protocol"] == "scaled-down" for row in result["rows"])
     [comparison] = result["paper_vs_ours"]
-    assert comparison["ours_robust"] == cells["blind-pgd"]["single_shot"] and comparison["robust"] == 96.41
+    assert comparison["ours_robust"] == cells["BlindPGD"]["single_shot"] and comparison["robust"] == 96.41
     saved = json.loads((out / "reproduce_mnist.json").read_text())
     assert saved["meta"]["scaled_down"] and saved["meta"]["paper_vs_ours"] == result["paper_vs_ours"]
     markdown = (out / "reproduce_mnist.md").read_text()
-    assert "Scaled-down settings" in markdown and "| toy | blind-pgd | 98.07 | 96.41 |" in markdown
+    assert "Scaled-down settings" in markdown and "| toy | BlindPGD | 98.07 | 96.41 |" in markdown
     assert "COUP toy experiment" in markdown and (out / "coup_toy" / "coup_toy.png").exists()
     assert (out / "reproduce_mnist.png").stat().st_size > 0
 
@@ -388,7 +417,7 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
     out = tmp_path / "rep"
     result = reproduce.reproduce(reproduce.build_parser().parse_args(
         ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--prior", str(tmp_path / "unet"),
-         "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp", "--attacks", "blind-pgd",
+         "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp", "--attacks", "BlindPGD",
          "--n", "2", "--out", str(out), "--quiet"]))
     assert {row["eps"] for row in result["rows"]} == {8 / 255}
     from benchmarks.defenses import published
@@ -405,7 +434,7 @@ def test_quickstart_table_has_every_defense_and_attack(toy_defense, tmp_path):
 
     result = run_quickstart(str(tmp_path), n=2, n_clean=10, defenses=[toy_defense], prior="gaussian", verbose=False)
     assert set(result["summary"]) == {"none", "toy"}
-    assert set(ATTACKS) <= set(result["summary"]["toy"]) and "blind-pgd" in result["summary"]["none"]
+    assert set(ATTACKS) <= set(result["summary"]["toy"]) and "BlindPGD" in result["summary"]["none"]
     assert all(row["scaled_down"] for row in result["rows"][2:]) and result["meta"]["scaled_down"]
     assert 0 < result["rows"][0]["clean_acc"] <= 1 and set(result["rows"][1]["psnr_db"]) == {"0.1", "0.25", "0.5"}
     text = (tmp_path / "quickstart.md").read_text()
@@ -444,7 +473,7 @@ def test_autoattack_then_robustbench_on_each_purifier(defense, tmp_path):
         common += ["--set", item]
     aa.main(["autoattack", *common, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / f"autoattack_{defense}.json").read_text())["rows"]
-    assert rows[0]["attack"] == "autoattack-rand" and 0 <= rows[0]["robust_acc"] <= rows[0]["clean_acc"]
+    assert rows[0]["attack"] == "AutoAttack-rand" and 0 <= rows[0]["robust_acc"] <= rows[0]["clean_acc"]
     stamp = os.path.getmtime(tmp_path / "ck" / "rand_00000.pt")
     result = rbe.evaluate(rbe.build_parser().parse_args([*common, "--out", str(tmp_path / "rb"), "--name", defense]))
     assert os.path.getmtime(tmp_path / "ck" / "rand_00000.pt") == stamp  # resumed, not recomputed
