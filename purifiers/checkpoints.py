@@ -270,3 +270,36 @@ def _load_ncsnv2(obj, config, ema: bool) -> Prior:
 
 register_format("ncsnv2", "ermongroup/ncsnv2 checkpoint*.pth: [state_dict, optimizer, epoch, step, ema]",
                 _is_ncsnv2, _load_ncsnv2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cards of the known public checkpoints (purifiers/cards/*.json)
+# --------------------------------------------------------------------------------------------------------------------
+
+CARDS_DIR = os.path.join(os.path.dirname(__file__), "cards")
+
+
+def known_cards() -> list[dict]:
+    cards = []
+    for name in sorted(os.listdir(CARDS_DIR)):
+        if name.endswith(".json"):
+            with open(os.path.join(CARDS_DIR, name)) as f:
+                cards.append(json.load(f))
+    return cards
+
+
+def find_card(description: dict) -> dict | None:
+    """The card of a known checkpoint with the format, config and parameter count that ``Prior.describe()`` reports
+    (and, where the card names a file, the same file name), or None. The counts were taken from the reference
+    implementations' networks."""
+    for card in known_cards():
+        if card["format"] != description.get("format"):
+            continue
+        if card.get("config") not in (None, "inferred from the weights") and card["config"] != description.get("config"):
+            continue
+        if card.get("file_name") and description.get("file") and card["file_name"] != description["file"]:
+            continue
+        if card.get("parameters") is not None and card["parameters"] != description.get("parameters"):
+            continue
+        return card
+    return None
