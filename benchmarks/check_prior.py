@@ -75,7 +75,8 @@ def check_prior(source, *, format: str | None = None, config=None, ema: bool = T
         say(f"  sha256: {sha256}")
 
     x, data_name = _images(data, _input_channels(prior), n)
-    say(f"self-test: denoising PSNR on {len(x)} images of {data_name}, noise at pixel sigma {', '.join(map(str, SIGMAS))}")
+    say(f"self-test: denoising PSNR on {len(x)} images of {data_name}, noise at pixel sigma "
+        f"{', '.join(map(str, SIGMAS))}")
     x = torch.from_numpy(x).to(device)
     generator = torch.Generator().manual_seed(seed)
     psnr, worse = {}, []
@@ -137,7 +138,8 @@ def _images(data: str | None, channels: int | None, n: int) -> tuple[np.ndarray,
     else:
         raise FileNotFoundError(f"--data {data!r}: not 'mnist', a CIFAR-10 folder or a folder of images.")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"the prior takes {channels}-channel images but {name} has {x.shape[1]}; give matching --data.")
+        raise ValueError(f"the prior takes {channels}-channel images but {name} has {x.shape[1]}; "
+                         "give matching --data.")
     return x, name
 
 

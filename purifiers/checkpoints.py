@@ -295,7 +295,8 @@ def find_card(description: dict) -> dict | None:
     for card in known_cards():
         if card["format"] != description.get("format"):
             continue
-        if card.get("config") not in (None, "inferred from the weights") and card["config"] != description.get("config"):
+        config = card.get("config")
+        if config not in (None, "inferred from the weights") and config != description.get("config"):
             continue
         if card.get("file_name") and description.get("file") and card["file_name"] != description["file"]:
             continue

@@ -247,7 +247,8 @@ class VEScorePrior(Prior):
         self.data_range = data_range
 
     def conventions(self) -> dict:
-        return {"data_range": _RANGE_NAMES[self.data_range], "noise_parametrisation": "score (output divided by sigma, VE)",
+        return {"data_range": _RANGE_NAMES[self.data_range],
+                "noise_parametrisation": "score (output divided by sigma, VE)",
                 "time_input": f"sigma on {_RANGE_NAMES[self.data_range]}"}
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:

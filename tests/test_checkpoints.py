@@ -13,7 +13,8 @@ import torch
 
 from purifiers import GaussianPrior, load_prior
 from purifiers.nets import ncsnv2, score_sde
-from tiny import TINY_SCORE_SDE, save_ncsnv2_checkpoint, save_score_sde_checkpoint, tiny_ncsnv2, tiny_score_sde
+from tiny import (TINY_NCSNV2, TINY_SCORE_SDE, save_ncsnv2_checkpoint, save_score_sde_checkpoint, tiny_ncsnv2,
+                  tiny_score_sde)
 
 FIXTURES = pathlib.Path(__file__).parent / "reference_fixtures"
 
@@ -215,8 +216,9 @@ def test_wrappers_of_exact_gaussian_networks_give_the_closed_form_denoiser():
     exact = GaussianPrior(mean=0.4, std=0.15)
     x = _images(n=2)
     sigmas = torch.tensor([0.5, 0.2, 0.05])
-    for prior, sigma in ((EpsilonPrior.vp(_ExactGaussianScore("vp")), 0.17), (VEScorePrior(_ExactGaussianScore("ve")), 0.17),
-                         (NCSNv2Prior(_ExactGaussianScore("ncsnv2", sigmas=sigmas)), 0.2)):
+    for prior, sigma in ((EpsilonPrior.vp(_ExactGaussianScore("vp")), 0.17),
+                         (VEScorePrior(_ExactGaussianScore("ve")), 0.17),
+                         (NCSNv2Prior(_ExactGaussianScore("ncsnv2", sigmas=sigmas)), 0.2)):  # 0.2: a training level
         torch.testing.assert_close(prior.denoise(x, sigma), exact.denoise(x, sigma), rtol=1e-5, atol=1e-5)
 
 
@@ -271,8 +273,10 @@ def test_configs_read_safely(tmp_path, saved):
     (tmp_path / "config.yml").write_text("!!python/object:argparse.Namespace\ndata: {}\n")
     with pytest.raises(ValueError, match="needs unsafe YAML"):
         load_prior(path, config=str(tmp_path / "config.yml"))
-    (tmp_path / "plain.yml").write_text("data:\n  rescaled: true\n  channels: 3\nmodel:\n  ngf: 8\n  num_classes: 10\n"
-                                        "  sigma_begin: 1.0\n  sigma_end: 0.01\n  ema: true\n")
+    import yaml
+
+    (tmp_path / "plain.yml").write_text(yaml.safe_dump({"data": {"rescaled": True, "channels": 3},
+                                                        "model": {**TINY_NCSNV2, "ema": True}}))
     assert load_prior(path, config=str(tmp_path / "plain.yml")).describe()["data_range"] == "[-1, 1]"
     (tmp_path / "typo.json").write_text(json.dumps({"model": {"ngff": 8}}))
     with pytest.raises(ValueError, match=r"unknown keys \['ngff'\]"):

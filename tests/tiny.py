@@ -84,12 +84,12 @@ def check_exact_pgd_increases_the_defended_loss(purifier, model, nb_classes, eps
 # checkpoint.pth), written the way their training loops write them.
 
 TINY_SCORE_SDE = {  # the CIFAR-10 configs' structure (VP DDPM++, VE NCSN++ with FIR and the input pyramid), shrunk
-    "vp": dict(sde="vpsde", nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0,
+    "vp": dict(sde="vpsde", nf=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
                embedding_type="positional", centered=True),
-    "ve": dict(sde="vesde", nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0,
+    "ve": dict(sde="vesde", nf=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
                embedding_type="fourier", fir=True, progressive_input="residual", scale_by_sigma=True, centered=False),
 }
-TINY_NCSNV2 = dict(ngf=8, num_classes=10, sigma_begin=1.0, sigma_end=0.01)
+TINY_NCSNV2 = dict(ngf=4, num_classes=10, sigma_begin=1.0, sigma_end=0.01)
 
 
 def tiny_score_sde(kind="vp", seed=0, image_size=32):
@@ -107,8 +107,8 @@ def tiny_ncsnv2(seed=0):
 
 
 def _raw_weights(net, seed):
-    """The 'model' entry's weights: the trained (EMA-averaged) parameters plus noise, so a test can tell which of the two
-    was loaded; buffers and frozen parameters (score_sde's Fourier ``W``) are never averaged, so they stay."""
+    """The 'model' entry's weights: the trained (EMA-averaged) parameters plus noise, so a test can tell which of the
+    two was loaded; buffers and frozen parameters (score_sde's Fourier ``W``) are never averaged, so they stay."""
     g = gen(seed)
     trainable = {k for k, p in net.named_parameters() if p.requires_grad}
     return {k: v + 0.1 * torch.randn(v.shape, generator=g) if k in trainable else v
