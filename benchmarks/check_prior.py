@@ -23,7 +23,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks check-prior", description=__doc__.strip().splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks check-prior",
+                                description="Print a prior's format, conventions and card, and test that it denoises "
+                                            "better than the identity (exit status 1 when it does not).")
     p.add_argument("prior", help="a prior file or folder, as load_prior takes it (e.g. score_sde's checkpoint_8.pth)")
     p.add_argument("--format", default=None, help="checkpoint format instead of detecting it (score_sde, ncsnv2)")
     p.add_argument("--config", default=None,

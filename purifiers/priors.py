@@ -70,8 +70,8 @@ class Prior(nn.Module):
 
     def conventions(self) -> dict:
         """How the wrapped model sees the data: ``data_range``, ``noise_parametrisation`` (what the model outputs) and
-        ``time_input`` (what it takes as noise level). Every backend says it; ``check-prior`` prints it."""
-        raise NotImplementedError
+        ``time_input`` (what it takes as noise level). Every backend here overrides it; ``check-prior`` prints it."""
+        return {"data_range": "not stated", "noise_parametrisation": "not stated", "time_input": "not stated"}
 
     def describe(self) -> dict:
         """A card of this prior: ``format`` (where it was loaded from), its :meth:`conventions` and ``parameters``
