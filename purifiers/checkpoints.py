@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -170,7 +171,7 @@ def _score_sde_config(config, state: dict):
     # Infer: the known config whose names and shapes all match (VP and VE NCSN++ differ by the Fourier embedding).
     reports = {}
     for name, candidate in score_sde.CONFIGS.items():
-        mismatch = _mismatch(_build(lambda: score_sde.NCSNpp(candidate)), state)
+        mismatch = _mismatch(_build(partial(score_sde.NCSNpp, candidate)), state)
         if not any(mismatch):
             return candidate, name
         reports[name] = mismatch

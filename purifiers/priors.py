@@ -9,8 +9,12 @@ k-diffusion's ``external.py``); every unit conversion goes through :mod:`purifie
 * :class:`EpsilonPrior`: an epsilon-prediction network on [-1, 1] data, with a DDPM-discrete or continuous VP time
   input: a diffusers ``UNet2DModel`` such as ``google/ddpm-cifar10-32``, or a user's own module.
 * :class:`DenoiserPrior`: a user's own denoiser module, on [0, 1] or [-1, 1] data.
+* :class:`VEScorePrior`: a variance-exploding score network (output already divided by sigma), e.g. score_sde's VE
+  NCSN++.
+* :class:`NCSNv2Prior`: NCSNv2's network (output divided by the sigma of its level), as ADP uses it.
 
-:func:`load_prior` picks the backend.
+:func:`load_prior` picks the backend; the authors' checkpoint containers are read by :mod:`purifiers.checkpoints`.
+Every prior describes itself with :meth:`Prior.describe` (format, conventions, parameter count).
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ def test_wrong_truncated_and_missing_files_get_clear_errors(tmp_path, saved):
 
 
 def test_a_checkpoint_of_another_architecture_fails_naming_the_format_and_the_keys(saved):
-    _, vp_path, vp_config = saved["vp"]
+    vp_path = saved["vp"][1]
     with pytest.raises(ValueError, match=r"score_sde checkpoint: no known config .* closest .* missing keys"):
         load_prior(vp_path)  # a tiny network matches none of the named configs
     with pytest.raises(ValueError, match=r"score_sde \(vp/cifar10_ddpmpp_continuous\).*missing keys \(first: \["):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -126,17 +127,18 @@ class ResidualBlock(nn.Module):
             self.conv1 = conv3(in_ch, in_ch)
             self.normalize2 = InstanceNormPlus(in_ch)
             self.conv2 = ConvMeanPool(in_ch, out_ch, 3)
-            make_shortcut = lambda: ConvMeanPool(in_ch, out_ch, 1)  # noqa: E731
+            make_shortcut = partial(ConvMeanPool, in_ch, out_ch, 1)
         elif down:
             self.conv1 = conv3(in_ch, in_ch)
             self.normalize2 = InstanceNormPlus(in_ch)
             self.conv2 = conv3(in_ch, out_ch)
-            make_shortcut = lambda: conv3(in_ch, out_ch)  # noqa: E731
+            make_shortcut = partial(conv3, in_ch, out_ch)
         else:
             self.conv1 = conv3(in_ch, out_ch)
             self.normalize2 = InstanceNormPlus(out_ch)
             self.conv2 = conv3(out_ch, out_ch)
-            make_shortcut = lambda: conv3(in_ch, out_ch) if dilation else nn.Conv2d(in_ch, out_ch, 1)  # noqa: E731
+            make_shortcut = partial(conv3, in_ch, out_ch) if dilation else partial(nn.Conv2d, in_ch, out_ch, 1)
+        # Registered after conv2 and before normalize1: the reference order, which fixes the state_dict order.
         self.has_shortcut = in_ch != out_ch or down
         if self.has_shortcut:
             self.shortcut = make_shortcut()
