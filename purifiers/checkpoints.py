@@ -220,8 +220,9 @@ register_format("score_sde", "yang-song/score_sde_pytorch checkpoint_*.pth: {mod
 # --------------------------------------------------------------------------------------------------------------------
 
 def _is_ncsnv2(obj) -> bool:
+    # The reference saves a DataParallel state_dict ("module." keys); a re-saved bare one is accepted too.
     return (isinstance(obj, (list, tuple)) and len(obj) >= 4 and _is_state_dict(obj[0])
-            and any(k.startswith("module.") for k in obj[0]) and "module.sigmas" in obj[0])
+            and {"sigmas", "begin_conv.weight"} <= set(_strip_prefix(obj[0])))
 
 
 def _ncsnv2_config(config, state: dict):
@@ -237,10 +238,7 @@ def _ncsnv2_config(config, state: dict):
         raise ValueError(f"NCSNv2 config must be a name, a mapping or a file, got {type(config).__name__}.")
     # Infer the sizes from the weights; the data flags (logit_transform, rescaled) keep the reference configs' default
     # (data on [0, 1]), as every released NCSNv2 config has them.
-    conv, sigmas = state.get("begin_conv.weight"), state["sigmas"]
-    if conv is None:
-        raise ValueError("NCSNv2 checkpoint without begin_conv.weight: not an NCSNv2 network (NCSNv2Deeper and "
-                         "NCSNv2Deepest are not supported).")
+    conv, sigmas = state["begin_conv.weight"], state["sigmas"]
     return ncsnv2.NCSNv2Config(ngf=conv.shape[0], channels=conv.shape[1], num_classes=len(sigmas),
                                sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1])), "inferred from the weights"
 

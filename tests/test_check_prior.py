@@ -134,3 +134,34 @@ def test_diffpure_and_coup_purify_cifar_images_with_the_score_sde_vp_checkpoint(
         purified, _ = purifier(x)
         assert purified.shape == x.shape and np.isfinite(purified).all()
         assert 0 < np.abs(purified - x).max() < 0.5  # moved, but a shrunk random network keeps it near the input
+
+
+def test_an_mnist_ncsnv2_checkpoint_loads_from_its_weights_alone_and_is_checked_on_bundled_mnist(tmp_path, capsys):
+    """ADP's MNIST/FashionMNIST NCSNv2 networks have no config in the reference repositories: sizes come from the
+    weights and the noise levels from the checkpoint's sigmas buffer (here ADP's supplement values for MNIST)."""
+    from purifiers.nets.ncsnv2 import NCSNv2, NCSNv2Config
+
+    torch.manual_seed(0)
+    net = NCSNv2(NCSNv2Config(ngf=4, channels=1, image_size=28, num_classes=110, sigma_begin=15.0,
+                              sigma_end=0.005253)).eval()
+    # A bare (not DataParallel) state_dict, as a user who re-saved the network would write it.
+    torch.save([net.state_dict(), {}, 1, 2, {k: p.detach().clone() for k, p in net.named_parameters()}],
+               tmp_path / "checkpoint.pth")
+    result = check_prior(str(tmp_path / "checkpoint.pth"), n=2)  # one channel: bundled MNIST by default
+    assert result["data"].startswith("bundled MNIST") and result["card"]["format"] == "ncsnv2"
+    assert "level index 0..109, sigmas 15 -> 0.005253" in capsys.readouterr().out
+
+
+def test_check_prior_reads_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    from purifiers import GaussianPrior
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(80, 170, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    result = check_prior(GaussianPrior(mean=0.5, std=0.1), data=str(tmp_path), n=2, verbose=False)
+    assert result["data"] == f"images in {tmp_path}" and result["ok"]  # the exact prior of roughly such images
+    Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "3.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        check_prior(GaussianPrior(), data=str(tmp_path), n=4, verbose=False)

@@ -8,6 +8,9 @@ the reference's ``models/ncsnv2.py:NCSNv2`` (the CIFAR-10 / CelebA network).
 
 ADP (Yoon et al. 2021) uses the same network with the division left out (``used_sigmas = 1``): ``f(x)`` then
 approximates ``-eps`` at any noise level, which is what :meth:`NCSNv2.unscaled` returns.
+
+The reference's deeper variants for large images (``NCSNv2Deeper``, ``NCSNv2Deepest``) are not implemented: their
+checkpoints fail to load with the missing and unexpected keys named.
 """
 
 from __future__ import annotations
