@@ -220,7 +220,7 @@ class DenoiserPrior(Prior):
 
     def conventions(self) -> dict:
         return {"data_range": _RANGE_NAMES[self.data_range], "noise_parametrisation": "denoiser D(x, sigma)",
-                "time_input": "sigma"}
+                "time_input": f"sigma on {_RANGE_NAMES[self.data_range]}"}
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.data_range == "01":
