@@ -47,6 +47,18 @@ def test_ncsnv2_state_dict_equals_the_reference_entry_for_entry():
     assert [k for k, _ in net.named_parameters()] == fixture["trainable_parameters_in_order"]
 
 
+@pytest.mark.parametrize("name", list(score_sde.CONFIGS))
+def test_named_score_sde_configs_equal_the_reference_configs(name):
+    """Every field, not only the shapes: data centring, scale_by_sigma, SDE and schedule constants, FIR, embedding."""
+    reference = _fixture("score_sde_configs.json")["configs"][name]
+    assert score_sde.ScoreSDEConfig.from_mapping(reference) == score_sde.CONFIGS[name]
+
+
+def test_named_ncsnv2_config_equals_the_reference_config():
+    reference = _fixture("ncsnv2_configs.json")["configs"]["cifar10"]
+    assert ncsnv2.NCSNv2Config.from_mapping(reference) == ncsnv2.CONFIGS["cifar10"]
+
+
 def _fill_as_recorded(net):
     """The deterministic weights of the tiny-forward fixtures: 0.2 sin(0.731 k + i), i the index in sorted keys."""
     state = net.state_dict()

@@ -56,7 +56,7 @@ class NCSNv2Config:
     def from_mapping(cls, mapping: dict) -> "NCSNv2Config":
         """From a flat mapping of the fields above or the reference's ``config.yml`` layout (``data`` and ``model``
         sections; its other sections, training and sampling settings, are ignored)."""
-        if "model" in mapping or "data" in mapping:
+        if "model" in mapping or "data" in mapping:  # the reference layout; its other sections do not shape the net
             mapping = {**mapping.get("data", {}), **mapping.get("model", {})}
         known = {f.name for f in dataclasses.fields(cls)}
         # Settings of the reference's data/model sections that do not shape the network.

@@ -80,7 +80,7 @@ class ScoreSDEConfig:
         for key, value in mapping.items():
             if isinstance(value, dict) and key in ("model", "data", "training"):
                 flat.update(value)
-            else:
+            elif key not in ("sampling", "eval", "optim", "seed", "device"):  # the reference's other sections
                 flat[key] = value
         known = {f.name for f in dataclasses.fields(cls)}
         # The reference's sections hold training and sampling settings that do not shape the network: skip those only.
