@@ -10,8 +10,10 @@ Each attack is one file over a small shared base (:mod:`attacks_adaptive.base`) 
 * :class:`SPSA`: Uesato et al.'s gradient-free attack with ADP's 1,280 queries per step.
 * :class:`PGDEOT`: Lee & Kim's full-gradient PGD+EOT (200 x 20) through the purifier's ``exact`` or ``surrogate`` mode.
 * :class:`APGDEOT`: APGD (Croce & Hein 2020) with CE or DLR loss and batched EOT, through any gradient mode.
+* :class:`DiffHammer`: Wang et al.'s (NeurIPS 2024) selective EM attack on the breakable purifications, with gradient
+  grafting (one full gradient per iteration), through any gradient mode.
 
-:mod:`attacks_adaptive.scoring` names the scoring protocols (single-shot, multi-draw, any-iteration) and
+:mod:`attacks_adaptive.scoring` names the scoring protocols (single-shot, multi-draw, any-iteration, N-evaluation) and
 :func:`run_worst_case` runs a list of attacks, keeps the strongest example per input and writes the results JSON.
 
 | Please keep in mind the limitations of defences: a purifier that survives these attacks may still fall to a
@@ -22,11 +24,13 @@ from attacks_adaptive.apgd_eot import APGDEOT
 from attacks_adaptive.base import LOSSES, NORMS, Attack, AttackResult, DefendedModel
 from attacks_adaptive.blind_pgd import BlindPGD
 from attacks_adaptive.bpda_eot import BPDAEOT
+from attacks_adaptive.diffhammer import DiffHammer
 from attacks_adaptive.joint import JointAttack
 from attacks_adaptive.pgd_eot import PGDEOT
 from attacks_adaptive.runner import run_worst_case
-from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, single_shot
+from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, n_evaluation, single_shot
 from attacks_adaptive.spsa import SPSA
 
 __all__ = ["Attack", "AttackResult", "DefendedModel", "LOSSES", "NORMS", "BlindPGD", "BPDAEOT", "JointAttack", "SPSA",
-           "PGDEOT", "APGDEOT", "SCORINGS", "single_shot", "multi_draw", "any_iteration", "run_worst_case"]
+           "PGDEOT", "APGDEOT", "DiffHammer", "SCORINGS", "single_shot", "multi_draw", "any_iteration",
+           "n_evaluation", "run_worst_case"]

@@ -4,8 +4,9 @@
   whose ``preprocessing_defences`` hold a :class:`purifiers.PurifierPyTorch`, a :class:`purifiers.PurifiedClassifier`,
   or a bare ``nn.Module`` classifier): the purifier, the classifier, and the deployed defense (its ensemble).
 * :meth:`DefendedModel.loss_gradient`: the EOT gradient, one batched forward/backward over the ``k`` stochastic copies
-  of every input, chunked to a row budget (``max_rows``), never a Python loop over samples. The purifier's
-  ``gradient`` mode (``bpda``, ``exact``, a ``surrogate``) decides how the gradient passes through it.
+  of every input, chunked to a row budget (``max_rows``), never a Python loop over samples; combined (mean, sign vote)
+  or per copy. The purifier's ``gradient`` mode (``bpda``, ``exact``, a ``surrogate``) decides how the gradient
+  passes through it. :meth:`DefendedModel.purifier_vjp` pulls an output gradient back through one purification.
 * the losses (CE, DLR, margin), the ``l_inf`` / ``l_2`` geometry (steepest-ascent direction, projection, random start)
   and :class:`Attack`, the shared constructor, checks, any-iteration tracking and ART-style ``generate``.
 
@@ -264,15 +265,23 @@ class DefendedModel:
         gradients are combined.
 
         :param reduce: ``"mean"``: the average of the copies' gradients (EOT, Athalye et al. 2018);
-            ``"sign_vote"``: the sum of their signs (ADP's reference BPDA code: a majority vote of signs).
+            ``"sign_vote"``: the sum of their signs (ADP's reference BPDA code: a majority vote of signs);
+            ``"none"``: no combination, every copy's own gradient, loss and softmax (for attacks that weigh the
+            copies, e.g. :class:`attacks_adaptive.DiffHammer`).
         :param through_purifier: ``False`` differentiates the classifier alone (preprocessor-blind).
         :return: ``(gradient, loss, probs)``: the combined gradient (shape of ``x``), the copies' mean loss (N,) and
-            the copies' mean softmax (N, classes).
+            the copies' mean softmax (N, classes); with ``reduce="none"`` the per-copy values, of shapes
+            (N, k, *x.shape[1:]), (N, k) and (N, k, classes), where ``k`` is ``eot`` (1 for a deterministic target).
         """
+        if reduce not in ("mean", "sign_vote", "none"):
+            raise ValueError(f"reduce must be 'mean', 'sign_vote' or 'none', got {reduce!r}.")
         k = eot if (through_purifier and self.stochastic) else 1  # deterministic copies would be identical
         copies = min(k, max_rows)
         inputs = max(1, max_rows // copies)
         grad, loss_sum, prob_sum = torch.zeros_like(x), x.new_zeros(x.shape[0]), None
+        per_copy = reduce == "none"
+        if per_copy:
+            grad, loss_sum = x.new_zeros(x.shape[0], k, *x.shape[1:]), x.new_zeros(x.shape[0], k)
         for i in range(0, x.shape[0], inputs):
             x_i, y_i = x[i:i + inputs].detach(), y[i:i + inputs]
             for j in range(0, k, copies):
@@ -283,15 +292,40 @@ class DefendedModel:
                     loss = loss_fn(logits, y_i.repeat_interleave(kc))
                     (g,) = torch.autograd.grad(loss.sum(), rows)
                 g = g.view(x_i.shape[0], kc, *x.shape[1:])
+                if per_copy:
+                    grad[i:i + inputs, j:j + kc] = g
+                    loss_sum[i:i + inputs, j:j + kc] = loss.detach().view(-1, kc)
+                    probs = logits.detach().softmax(-1).view(x_i.shape[0], kc, -1)
+                    if prob_sum is None:
+                        prob_sum = x.new_zeros(x.shape[0], k, probs.shape[-1])
+                    prob_sum[i:i + inputs, j:j + kc] = probs
+                    continue
                 grad[i:i + inputs] += g.sum(1) if reduce == "mean" else g.sign().sum(1)
                 loss_sum[i:i + inputs] += loss.detach().view(-1, kc).sum(1)
                 probs = logits.detach().softmax(-1).view(x_i.shape[0], kc, -1).sum(1)
                 if prob_sum is None:
                     prob_sum = x.new_zeros(x.shape[0], probs.shape[1])
                 prob_sum[i:i + inputs] += probs
+        if per_copy:
+            return grad, loss_sum, prob_sum
         if reduce == "mean":
             grad /= k
         return grad, loss_sum / k, prob_sum / k
+
+    def purifier_vjp(self, x: Tensor, v: Tensor, max_rows: int = 256) -> Tensor:
+        """``J(x)^T v``: a vector ``v`` at the purified output pulled back to the input through ONE purification of
+        every row, in the purifier's gradient mode (the "grafting" of an output gradient onto one full-gradient path).
+        ``bpda`` (and an undefended model) pull back by the identity, without purifying."""
+        if self.purifier is None or self.purifier.gradient == "bpda":
+            return v.detach().clone()
+        out = torch.zeros_like(x)
+        for i in range(0, x.shape[0], max_rows):
+            rows = x[i:i + max_rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                purified = self.purifier.purify(rows, True)
+                (g,) = torch.autograd.grad(purified, rows, grad_outputs=v[i:i + max_rows].detach())
+            out[i:i + max_rows] = g
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

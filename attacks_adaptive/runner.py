@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from attacks_adaptive.base import Attack, DefendedModel
-from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, single_shot
+from attacks_adaptive.scoring import (N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation,
+                                      single_shot)
 
 
 def slug(text: str) -> str:
@@ -45,7 +46,7 @@ def _load_npz(path: str, config: str) -> dict:
 
 
 def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scorings=SCORINGS, draws: int = 10,
-                   batch_size: int = 32, seed: int = 0, dataset: str = "", split: str = "", meta: dict | None = None,
+                   n_eval: int = N_EVALUATION, batch_size: int = 32, seed: int = 0, dataset: str = "", split: str = "", meta: dict | None = None,
                    verbose: bool = True) -> dict:
     """Run ``attacks`` on ``(x, y)`` and write ``out`` (the package's results shape).
 
@@ -59,6 +60,8 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
         ``multi_draw`` query.
     :param scorings: protocols of :mod:`attacks_adaptive.scoring`; ``"any_iteration"`` turns on ``track_iterates``.
     :param draws: forward passes of the ``multi_draw`` protocol.
+    :param n_eval: resubmissions of the ``n_evaluation`` protocol (DiffHammer's N, 10); its own passes, independent
+        of the multi-draw ones.
     :param batch_size: examples attacked at once (the unit of saving and resuming).
     :param seed: torch's global seed before each (attack, batch), so a resumed run matches an uninterrupted one;
         a seeded purifier's generator is restarted there too.
@@ -83,21 +86,24 @@ def run_worst_case(attacks, x, y, *, out: str, defense: str, model=None, scoring
         raise ValueError(f"x must be (N, C, H, W) with labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
+        raise ValueError(f"n_eval must be a positive integer, got {n_eval!r}.")
 
     state_dir = os.path.join(os.path.splitext(out)[0] + "_state", slug(defense))
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
-    scoring_key = json.dumps({"draws": draws, "scorings": list(scorings), "seed": seed,
+    scoring_key = json.dumps({"draws": draws, "n_eval": n_eval, "scorings": list(scorings), "seed": seed,
                               "model": _model_fingerprint(scoring_model, x, y)})
-    run = _Run(scoring_model, x, y, scorings, draws, seed, state_dir, verbose)
+    run = _Run(scoring_model, x, y, scorings, draws, seed, state_dir, verbose, n_eval)
 
     clean = run.clean(batches, scoring_key)
     results = {}
     meta = {**(meta or {}), "defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws,
-            "seed": seed, "scorings": list(scorings), "state_dir": state_dir,
+            "n_eval": n_eval, "seed": seed, "scorings": list(scorings), "state_dir": state_dir,
             "attacks": {name: attack.describe() for name, attack in named.items()}}
     for name, attack in named.items():
         results[name] = run.attack(name, attack, batches, attack.config_key() + scoring_key)
-        report = _report(defense, named, results, clean, scorings, draws, seed, x, out, dataset, split, meta)
+        report = _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, out, dataset, split,
+                         meta)
     return report
 
 
@@ -137,9 +143,9 @@ def _named_attacks(attacks) -> dict:
 class _Run:
     """The per-batch work of :func:`run_worst_case`, saved and resumed."""
 
-    def __init__(self, model, x, y, scorings, draws, seed, state_dir, verbose):
+    def __init__(self, model, x, y, scorings, draws, seed, state_dir, verbose, n_eval=N_EVALUATION):
         self.model, self.x, self.y = model, x, y
-        self.scorings, self.draws, self.seed = scorings, draws, seed
+        self.scorings, self.draws, self.n_eval, self.seed = scorings, draws, n_eval, seed
         self.state_dir, self.verbose = state_dir, verbose
 
     def _reseed(self, start: int) -> None:
@@ -151,6 +157,8 @@ class _Run:
         scores = {"single_shot": single_shot(self.model, x_b, y_b)}
         if "multi_draw" in self.scorings:
             scores["multi_draw"] = multi_draw(self.model, x_b, y_b, self.draws)
+        if "n_evaluation" in self.scorings:
+            scores["n_evaluation"] = n_evaluation(self.model, x_b, y_b, self.n_eval)
         return {k: v.cpu().numpy() for k, v in scores.items()}
 
     def clean(self, batches, config) -> dict:
@@ -200,13 +208,19 @@ def _nfe_dict(nfe, n: int) -> dict:
     return {"prior_forward": float(nfe[0]) / n, "prior_backward": float(nfe[1]) / n, "classifier": float(nfe[2]) / n}
 
 
-def _report(defense, named, results, clean, scorings, draws, seed, x, out, dataset, split, meta) -> dict:
+def _passes(scoring: str, draws: int, n_eval: int):
+    """The deployed-defense passes a protocol's robustness rests on, as a row states them (``None``: one pass)."""
+    return {"multi_draw": draws, "n_evaluation": n_eval}.get(scoring)
+
+
+def _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, out, dataset, split, meta) -> dict:
     from benchmarks.results import collect_meta, make_row, write_results
 
     n = int(x.shape[0])
     clean_acc = {"single_shot": clean["single_shot"].mean(), "any_iteration": clean["single_shot"].mean()}
-    if "multi_draw" in clean:
-        clean_acc["multi_draw"] = clean["multi_draw"].mean()
+    for s in ("multi_draw", "n_evaluation"):
+        if s in clean:
+            clean_acc[s] = clean[s].mean()
     rows = []
     for name, res in results.items():
         settings = named[name].describe()
@@ -216,7 +230,8 @@ def _report(defense, named, results, clean, scorings, draws, seed, x, out, datas
                                  clean_acc=float(clean_acc[s]), robust_acc=float(res[s].mean()),
                                  nfe_per_image=_nfe_dict(res["nfe"], n), seconds=res["seconds"],
                                  eot=settings["eot"], iterations=settings["iterations"],
-                                 draws=draws if s == "multi_draw" else None, settings=settings))
+                                 draws=_passes(s, draws, n_eval), settings=settings,
+                                 **({"n_eval": n_eval} if s == "n_evaluation" else {})))
     # Per example, the strongest example: the lowest multi-draw (else single-shot) robustness, first attack on ties.
     names = list(results)
     rank_key = "multi_draw" if "multi_draw" in scorings else "single_shot"
@@ -232,8 +247,9 @@ def _report(defense, named, results, clean, scorings, draws, seed, x, out, datas
                              scoring=s, eps=first.eps, norm=first.norm, n=n, seed=seed, clean_acc=float(clean_acc[s]),
                              robust_acc=float(worst.mean()), nfe_per_image=_nfe_dict(total_nfe, n),
                              seconds=total_seconds, eot=None, iterations=None,
-                             draws=draws if s == "multi_draw" else None,
-                             note="per example the minimum over the attacks of this protocol's robustness"))
+                             draws=_passes(s, draws, n_eval),
+                             note="per example the minimum over the attacks of this protocol's robustness",
+                             **({"n_eval": n_eval} if s == "n_evaluation" else {})))
     full_meta = collect_meta(dataset, split, **meta, attacks_done=names)
     write_results(out, rows, full_meta)
     np.savez(os.path.splitext(out)[0] + "_worst_adv.npz", x_adv=x_worst,

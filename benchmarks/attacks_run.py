@@ -1,8 +1,7 @@
 """``python -m benchmarks attacks --out DIR``: every adaptive attack of :mod:`attacks_adaptive` on each purifier, the
 worst case per example, one table in ``DIR/attacks.json`` (the package's results shape).
 
-For each defense (built by the purifier developers' factories through
-:func:`benchmarks.autoattack_eval.build_purifier`) the deployed model is a :class:`purifiers.PurifiedClassifier`
+For each defense (from the registry, :mod:`benchmarks.defenses`, or a factory ``module:function``) the deployed model is a :class:`purifiers.PurifiedClassifier`
 (ADP: its S = 10 run ensemble, eq. 13; the others: one purification), attacked by
 
 * BlindPGD (preprocessor-blind), BPDA+EOT, Joint(score)+EOT, Joint(full)+EOT (ADP Table 1),
@@ -33,6 +32,7 @@ import time
 import torch
 
 from benchmarks.data import load_mnist
+from benchmarks.defenses import NO_DEFENSE
 from benchmarks.results import collect_meta, format_table, write_results
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA
@@ -58,8 +58,7 @@ PRESETS = {
               "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "pgd_modes": None, "apgd_mode": "exact",
               "any_iteration_max_runs": None},
 }
-DEPLOYED_RUNS = {"adp": 10}  # ADP's S = 10 ensemble (paper §5); ScoreOpt, COUP and DiffPure predict from one run
-DEFAULT_DEFENSES = ("none", "adp", "scoreopt", "coup")
+DEFAULT_DEFENSES = (NO_DEFENSE, "adp", "scoreopt", "coup")  # the command's default selection
 
 
 def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -> dict:
@@ -93,20 +92,22 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
     for loss in ("ce", "dlr"):
         suite[f"APGD-{loss.upper()}+EOT[{apgd_mode or deployed.purifier.gradient}]"] = aa.APGDEOT(
             deployed, loss=loss, gradient=apgd_mode, steps=apgd_steps, eot=apgd_eot, **common)
+    # DiffHammer at PGD+EOT's iterations x purifications unless a preset names its own (steps, N)
+    hammer_steps, hammer_eot = preset.get("diffhammer", preset["pgd"])
+    suite[f"DiffHammer[{apgd_mode or deployed.purifier.gradient}]"] = aa.DiffHammer(
+        deployed, gradient=apgd_mode, steps=hammer_steps, eot=hammer_eot, **common)
     return suite
 
 
 def build_model(defense: str, prior, classifier, seed: int):
     """The deployed model of ``defense`` (``"none"``: the bare classifier)."""
-    from benchmarks.autoattack_eval import build_purifier
-    from purifiers import PurifiedClassifier
+    from benchmarks.defenses import build_purifier, deployed_model, deployed_runs
 
-    if defense == "none":
+    if defense == NO_DEFENSE:
         return classifier
     purifier = build_purifier(defense, prior, classifier)
     purifier.set_params(seed=seed, verbose=False)
-    deployed = PurifiedClassifier(purifier, classifier, runs=DEPLOYED_RUNS.get(defense, 1)).eval()
-    return deployed.requires_grad_(False)  # input gradients still flow; no graph for the weights
+    return deployed_model(purifier, classifier, runs=deployed_runs(defense))
 
 
 def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu", n: int | None = None,

@@ -1,6 +1,6 @@
 """``python -m benchmarks autoattack``: AutoAttack 'rand' and 'standard' on a purified classifier, resumable.
 
-The protocol (``../shared/reference/rb_aa_ta.md`` §2, ``anchors.md`` §4-5):
+The protocol (AutoAttack's 'rand' version for randomized defenses, and DiffPure's reporting of the minimum):
 
 * ``version='rand'`` of pyautoattack 0.2.0: APGD-CE then APGD-DLR, 100 iterations, 1 restart, EOT over 20 forward
   passes per iteration, on the deployed randomized defense (fresh purification noise on every call);
@@ -17,16 +17,15 @@ The protocol (``../shared/reference/rb_aa_ta.md`` §2, ``anchors.md`` §4-5):
   classify it correctly); ``worst-case`` counts a point only if it survived every version's AutoAttack flags and all
   ``k`` re-score draws of every version's adversarial example. Clean accuracy is scored the same way.
 
-AutoAttack's own state resume is broken (its attack set is saved as a string, §0.5), so the harness checkpoints per
+AutoAttack's own state resume is broken (pyautoattack 0.2.0 saves its attack set as a string), so the harness checkpoints per
 batch itself: every (batch, version) result is one file in ``checkpoint_dir``, each batch runs from seeds derived from
 ``(seed, batch, version)`` only, and a resumed run therefore returns exactly what an uninterrupted one would.
 
 Parameters are frozen (``requires_grad_(False)``): AutoAttack's ``check_dynamic`` calls the model outside ``no_grad``
 and would otherwise build a graph through the whole purifier. Input gradients still flow.
 
-Defenses are built by name through :data:`DEFENSES` (a factory ``(prior, classifier, **overrides) ->
-PurifierPyTorch`` each, from the purifier developers' ``benchmarks/*_eval.py``), or from ``"module:function"`` with the
-same signature, so the harness works on any purifier.
+Defenses come from the registry (:mod:`benchmarks.defenses`) by name, or from a factory ``"module:function"`` called
+``function(prior, classifier, **overrides)``, so the harness works on any purifier.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import argparse
 import ast
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -49,68 +47,12 @@ from tqdm import tqdm
 
 from attacks_adaptive.scoring import multi_draw, single_shot
 from benchmarks.results import collect_meta, format_table, make_row, write_results
-from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
+from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from purifiers.art_base import PurifiedClassifier
 from purifiers.validation import check_images
 
 AA_VERSIONS = ("rand", "standard")
 STANDARD_NOISE = ("fixed", "seeded")
-# The factories of the purifier developers, by name: "module:function" and what it needs besides the prior.
-DEFENSES = {
-    "adp": ("benchmarks.adp_eval:make_mnist_adp", False),
-    "scoreopt": ("benchmarks.scoreopt_eval:make_mnist_scoreopt", False),
-    "coup": ("benchmarks.vpsde_eval:make_mnist_coup", True),
-    "diffpure": ("benchmarks.vpsde_eval:make_mnist_diffpure", False),
-}
-# Other datasets (CIFAR-10/100): each purifier class with its defaults, the papers' CIFAR-10 settings.
-PAPER_DEFAULT_DEFENSES = {"adp": ("purifiers:ADPPyTorch", False), "scoreopt": ("purifiers:ScoreOptPyTorch", False),
-                          "coup": ("purifiers:COUPPyTorch", True), "diffpure": ("purifiers:DiffPurePyTorch", False)}
-NO_DEFENSE = "none"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Defenses
-# ---------------------------------------------------------------------------------------------------------------------
-
-def import_function(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    if not function_name:
-        raise ValueError(f"a defense factory is 'module:function', got {spec!r}.")
-    return getattr(importlib.import_module(module_name), function_name)
-
-
-def build_purifier(defense: str, prior, classifier: nn.Module, *, dataset: str = "mnist",
-                   **overrides) -> PurifierPyTorch:
-    """The purifier ``defense`` names: a key of :data:`DEFENSES` (MNIST settings; for another ``dataset`` the class
-    defaults of :data:`PAPER_DEFAULT_DEFENSES`), or ``"module:function"`` for a factory called
-    ``function(prior, classifier, **overrides)``."""
-    registry = DEFENSES if dataset == "mnist" else PAPER_DEFAULT_DEFENSES
-    if defense in registry:
-        spec, needs_classifier = registry[defense]
-        factory = import_function(spec)
-        purifier = factory(prior, classifier, **overrides) if needs_classifier else factory(prior, **overrides)
-    elif ":" in defense:
-        purifier = import_function(defense)(prior, classifier, **overrides)
-    else:
-        raise ValueError(f"unknown defense {defense!r}: choose one of {sorted(DEFENSES)}, {NO_DEFENSE!r}, or give a "
-                         "factory as 'module:function'.")
-    if not isinstance(purifier, PurifierPyTorch):
-        raise ValueError(f"the factory of {defense!r} returned a {type(purifier).__name__}, not a PurifierPyTorch.")
-    return purifier
-
-
-def deployed_runs(defense: str) -> int:
-    """Purifications per prediction of the deployed defense (ADP's S = 10 ensemble; the others predict from one)."""
-    from benchmarks.attacks_run import DEPLOYED_RUNS
-
-    return DEPLOYED_RUNS.get(defense, 1)
-
-
-def defended_model(purifier: PurifierPyTorch | None, classifier: nn.Module, runs: int = 1,
-                   ensemble: str = "softmax") -> nn.Module:
-    """The model AutoAttack sees: the purifier in front of the classifier (``runs`` purifications combined by
-    ``ensemble``), or the bare classifier when ``purifier`` is ``None``; in eval mode with frozen parameters."""
-    model = classifier if purifier is None else PurifiedClassifier(purifier, classifier, runs=runs, ensemble=ensemble)
-    return model.eval().requires_grad_(False)
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -360,7 +302,7 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, config: AutoAttackConfig, def
 
 def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = None, *, checkpoint_dir: str | None = None,
                    defense_info: dict | None = None, device=None, verbose: bool = True) -> AutoAttackResult:
-    """Run the protocol of this module on ``model`` (a :func:`defended_model`) for images ``x`` (N, C, H, W) in [0, 1]
+    """Run the protocol of this module on ``model`` (a :func:`benchmarks.defenses.deployed_model`) for images ``x`` (N, C, H, W) in [0, 1]
     and labels ``y``, batch by batch, resuming from ``checkpoint_dir`` when it holds finished batches of the same run.
 
     :param defense_info: what identifies the defense (name, parameters); part of the checkpoint fingerprint.
@@ -498,7 +440,7 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
 def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that pick and build a defense (shared by the commands of this package)."""
     parser.add_argument("--defense", default="adp",
-                        help=f"one of {sorted(DEFENSES)}, '{NO_DEFENSE}' (the bare classifier), or module:function "
+                        help=f"one of {sorted(REGISTRY)}, '{NO_DEFENSE}' (the bare classifier), or module:function "
                              "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
     parser.add_argument("--prior", default=None, help="prior file (built-in .safetensors or an authors' checkpoint such as "
                         "score_sde's checkpoint_8.pth) or diffusers folder (default: the shipped prior)")
@@ -542,14 +484,15 @@ def config_from_args(args) -> AutoAttackConfig:
                             n_queries=args.n_queries)
 
 
-def load_defense(args, classifier: nn.Module, prior_default=None, dataset: str = "mnist"):
-    """``(model, purifier, info)`` for parsed :func:`add_defense_arguments` options; ``prior_default`` is used when
-    ``--prior`` is not given (loaded lazily: the bare classifier needs no prior)."""
+def load_defense(args, classifier: nn.Module, dataset: str = "mnist"):
+    """``(model, purifier, info)`` for parsed :func:`add_defense_arguments` options; without ``--prior`` the prior
+    shipped for ``dataset`` (loaded only when a purifier needs it)."""
     if args.defense == NO_DEFENSE:
-        return defended_model(None, classifier), None, {"name": NO_DEFENSE}
+        return deployed_model(None, classifier), None, {"name": NO_DEFENSE}
+    from benchmarks.models import load_reference_models
     from purifiers.priors import load_prior
 
-    prior = load_prior(args.prior, device="cpu") if args.prior else prior_default()
+    prior = load_prior(args.prior, device="cpu") if args.prior else load_reference_models(dataset)[1]
     overrides = parse_overrides(args.set)
     if args.gradient is not None:
         overrides["gradient"] = args.gradient
@@ -557,7 +500,7 @@ def load_defense(args, classifier: nn.Module, prior_default=None, dataset: str =
     if args.gradient is None and "exact" in purifier.gradient_modes:
         purifier.set_params(gradient="exact")  # AutoAttack is a white-box attack: differentiate the real computation
     runs = args.runs if args.runs is not None else deployed_runs(args.defense)
-    model = defended_model(purifier, classifier, runs=runs, ensemble=args.ensemble)
+    model = deployed_model(purifier, classifier, runs=runs, ensemble=args.ensemble)
     params = {k: _jsonable(getattr(purifier, k, None)) for k in purifier.params}
     info = {"name": args.defense, "purifier": type(purifier).__name__, "params": params, "overrides": overrides,
             "gradient": purifier.gradient,
@@ -586,25 +529,14 @@ def main(argv: list[str]) -> None:
     evaluate_mnist(args)
 
 
-def shipped_mnist_classifier() -> nn.Module:
-    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-
-    return load_classifier(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][0]))
-
-
-def shipped_mnist_prior():
-    from benchmarks.models import MODELS_DIR, REFERENCE_FILES
-    from purifiers.priors import load_prior
-
-    return load_prior(os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][1]))
-
-
 def evaluate_mnist(args) -> dict:
     """The ``autoattack`` command on bundled MNIST with the shipped classifier; returns the results dict."""
     from benchmarks.data import load_mnist
 
-    classifier = shipped_mnist_classifier()
-    model, purifier, info = load_defense(args, classifier, shipped_mnist_prior)
+    from benchmarks.models import load_reference_models
+
+    classifier = load_reference_models("mnist")[0]
+    model, purifier, info = load_defense(args, classifier)
     x, y = load_mnist(args.split, n=args.n)
     config = config_from_args(args)
     name = info["name"] if ":" not in info["name"] else info["name"].rsplit(":", 1)[1]

@@ -182,12 +182,14 @@ def main(argv: list[str]) -> None:
         return
 
     from attacks_adaptive import BlindPGD
-    from benchmarks.autoattack_eval import build_purifier, shipped_mnist_classifier, shipped_mnist_prior
     from benchmarks.data import load_mnist
+    from benchmarks.defenses import build_purifier
+    from benchmarks.models import load_reference_models
     from purifiers.priors import load_prior
 
-    classifier = shipped_mnist_classifier().requires_grad_(False)
-    prior = load_prior(args.prior) if args.prior else shipped_mnist_prior()
+    classifier, shipped_prior = load_reference_models("mnist")
+    classifier.requires_grad_(False)
+    prior = load_prior(args.prior) if args.prior else shipped_prior
     x, y = (torch.from_numpy(a) for a in load_mnist("test", n=args.n))
     if args.kind == "grid":
         x_adv = BlindPGD(classifier, eps=args.eps, steps=args.steps, seed=args.seed).perturb(x, y).x_adv

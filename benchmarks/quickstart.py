@@ -16,23 +16,20 @@ resume.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from benchmarks.autoattack_eval import (AutoAttackConfig, NO_DEFENSE, build_purifier, defended_model, deployed_runs,
-                                        shipped_mnist_classifier, shipped_mnist_prior)
+from benchmarks.autoattack_eval import AutoAttackConfig
 from benchmarks.data import load_mnist
-from benchmarks.reproduce import ATTACKS, MNIST_DEFENSES, Protocol, evaluate_defense, summarize, summary_table
+from benchmarks.defenses import METHODS, NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from benchmarks.workers import worker_pool
+from benchmarks.reproduce import ATTACKS, Protocol, evaluate_defense, summarize, summary_table
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.train import PSNR_SIGMAS, accuracy, denoising_psnr
 
 EPS = 0.3  # MNIST l_inf radius (ADP supplement Table 9)
-# Relative cost of each defense in the quickstart (seconds of one CPU thread, measured): the parallel order.
-QUICKSTART_COST = {"coup": 384, "diffpure": 259, "scoreopt": 53, "adp": 42, NO_DEFENSE: 1}
 
 
 def quickstart_protocol(seed: int = 0) -> Protocol:
@@ -53,11 +50,10 @@ def evaluate_quickstart_defense(name: str, classifier, prior_model, out_dir: str
     protocol = quickstart_protocol(seed)
     x, y = (torch.from_numpy(a) for a in load_mnist("test", n=n))
     if name == NO_DEFENSE:
-        model, attacks = defended_model(None, classifier), ("blind-pgd", "autoattack")
+        model, attacks = deployed_model(None, classifier), ("blind-pgd", "autoattack")
     else:
-        purifier = build_purifier(name, prior_model, classifier)
-        purifier.set_params(seed=seed)
-        model = defended_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))
+        purifier = build_purifier(name, prior_model, classifier, seed=seed)
+        model = deployed_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))
         attacks = ATTACKS
     start = time.time()
     rows = evaluate_defense(name, model, x, y, eps=EPS, norm="linf", protocol=protocol,
@@ -76,15 +72,14 @@ def _evaluate_in_worker(name: str, out_dir: str, n: int, seed: int, prior: str |
 
 
 def _load_models(prior: str | None):
-    classifier = shipped_mnist_classifier().requires_grad_(False)
-    if prior is None:
-        return classifier, shipped_mnist_prior()
+    from benchmarks.models import load_reference_models
     from purifiers.priors import load_prior
 
-    return classifier, load_prior(prior)
+    classifier, shipped_prior = load_reference_models("mnist")
+    return classifier.requires_grad_(False), shipped_prior if prior is None else load_prior(prior)
 
 
-def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, defenses=MNIST_DEFENSES, seed: int = 0,
+def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, defenses=METHODS, seed: int = 0,
                    prior: str | None = None, workers: int = 1, verbose: bool = True) -> dict:
     """Run the quickstart; returns ``{"rows", "meta", "summary", "table"}``. ``workers > 1`` evaluates the defenses in
     that many processes (one torch thread each); the rows and the table do not depend on it."""
@@ -107,9 +102,8 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
     names = (NO_DEFENSE, *defenses)
     if workers > 1:
         # One defense per process, the costliest first (COUP, DiffPure), so the 2 cores finish together.
-        order = sorted(names, key=lambda name: -QUICKSTART_COST.get(name, 1))
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        order = sorted(names, key=lambda name: -REGISTRY[name].quickstart_seconds if name in REGISTRY else 0)
+        with worker_pool(workers) as pool:
             futures = {name: pool.submit(_evaluate_in_worker, name, out_dir, n, seed, prior, verbose)
                        for name in order}
             per_defense = {name: future.result() for name, future in futures.items()}
@@ -146,7 +140,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="results", help="output folder (quickstart.json, quickstart.md)")
     parser.add_argument("--n", type=int, default=4, help="test images attacked")
     parser.add_argument("--n-clean", type=int, default=1000, help="test images for the classifier and prior rows")
-    parser.add_argument("--defenses", nargs="+", default=list(MNIST_DEFENSES))
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
     parser.add_argument("--prior", default=None, help="prior file (default: the shipped prior)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

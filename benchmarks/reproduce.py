@@ -10,8 +10,8 @@ MNIST (default; bundled data, shipped classifier and prior, the purifier develop
 
 CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior PRIOR --classifier robustbench:Standard``, PRIOR a diffusers
 folder or an authors' checkpoint such as score_sde's ``checkpoint_8.pth``, see :mod:`purifiers.checkpoints`): the same
-table with each purifier class's defaults (the papers' CIFAR-10 settings,
-:data:`benchmarks.autoattack_eval.PAPER_DEFAULT_DEFENSES`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP
+table with each purifier class's defaults (the papers' CIFAR-10 settings, from
+the registry :mod:`benchmarks.defenses`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP
 Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
 
 By default the attack settings are scaled down to fit a CPU (fewer iterations and EOT samples, AutoAttack 'rand'
@@ -35,29 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmarks.autoattack_eval import (AutoAttackConfig, build_purifier, defended_model, deployed_runs,
-                                        result_rows, run_autoattack)
+from benchmarks.autoattack_eval import AutoAttackConfig, result_rows, run_autoattack
+from benchmarks.defenses import METHODS, build_purifier, deployed_model, deployed_runs, published
 from benchmarks.results import collect_meta, write_results
 
 ATTACKS = ("blind-pgd", "bpda-eot", "pgd-eot", "autoattack")
-MNIST_DEFENSES = ("adp", "scoreopt", "coup", "diffpure")
 
-# The papers' numbers (clean %, robust %) this package can be compared with; "attack" names one of ATTACKS.
-PAPER = {
-    "mnist": [
-        dict(defense="adp", attack="blind-pgd", clean=98.07, robust=96.41,
-             source="ADP supplement Table 9 (MNIST, eps 0.3, Clf pgd)"),
-    ],
-    "cifar10": [
-        dict(defense="adp", attack="blind-pgd", clean=86.14, robust=80.24, source="ADP Table 2 (WRN-28-10)"),
-        dict(defense="adp", attack="bpda-eot", clean=86.14, robust=70.01, source="ADP Table 3 (BPDA 40+EOT)"),
-        dict(defense="scoreopt", attack="bpda-eot", clean=90.78, robust=82.85, source="ScoreOpt Table 1 (ScoreOpt-O)"),
-        dict(defense="diffpure", attack="autoattack", clean=89.02, robust=70.64, source="COUP Table 1 (DiffPure)"),
-        dict(defense="diffpure", attack="bpda-eot", clean=89.02, robust=81.40, source="COUP Table 3 (DiffPure)"),
-        dict(defense="coup", attack="autoattack", clean=90.04, robust=73.05, source="COUP Table 1"),
-        dict(defense="coup", attack="bpda-eot", clean=90.04, robust=83.20, source="COUP Table 3"),
-    ],
-}
 DEFAULT_EPS = {"mnist": 0.3, "cifar10": 8 / 255}
 
 
@@ -194,11 +177,15 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def paper_vs_ours(dataset: str, summary: dict, protocol: Protocol, n: int) -> list[dict]:
+    """The papers' numbers on ``dataset`` (from the registry) beside ours, for the defenses in ``summary``."""
     out = []
-    for ref in PAPER.get(dataset, []):
-        ours = summary.get(ref["defense"], {})
-        cell = ours.get(ref["attack"], {})
-        out.append(dict(ref, ours_clean=cell.get("clean"), ours_robust=cell.get("single_shot"),
+    for name, ref in published(dataset):
+        if name not in summary:
+            continue
+        ours = summary.get(name, {})
+        cell = ours.get(ref.attack, {})
+        out.append(dict(defense=name, attack=ref.attack, clean=ref.clean, robust=ref.robust, source=ref.source,
+                        ours_clean=cell.get("clean"), ours_robust=cell.get("single_shot"),
                         ours_multi_draw=cell.get("multi_draw"), ours_worst_case=ours.get("worst-case", {}).get(
                             "single_shot"), protocol=protocol.name, n=n))
     return out
@@ -293,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
-    parser.add_argument("--defenses", nargs="+", default=list(MNIST_DEFENSES))
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--n", type=int, default=8, help="first n test images")
     parser.add_argument("--eps", type=float, default=None, help="default: 0.3 (MNIST), 8/255 (CIFAR-10)")
@@ -318,18 +305,19 @@ def load_setting(args):
     from purifiers.priors import load_prior
 
     if args.dataset == "mnist":
-        from benchmarks.autoattack_eval import shipped_mnist_classifier, shipped_mnist_prior
         from benchmarks.data import load_mnist
+        from benchmarks.models import load_reference_models
 
-        classifier = shipped_mnist_classifier()
-        prior = load_prior(args.prior) if args.prior else shipped_mnist_prior()
+        classifier, shipped_prior = load_reference_models("mnist")
+        prior = load_prior(args.prior) if args.prior else shipped_prior
         x, y = load_mnist("test", n=args.n)
         return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier)
     from benchmarks.data import load_cifar10
     from benchmarks.robustbench_eval import load_classifier
 
     if args.prior is None or args.data_dir is None or args.classifier is None:
-        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder) and --classifier.")
+        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder or an authors' checkpoint) "
+                         "and --classifier.")
     classifier = load_classifier(args.classifier, "cifar10", "Linf" if args.norm == "linf" else "L2", args.model_dir)
     prior = load_prior(args.prior)
     x, y = load_cifar10(args.data_dir, "test", n=args.n)
@@ -349,7 +337,7 @@ def reproduce(args) -> dict:
     for name in args.defenses:
         purifier = factory(name)
         purifier.set_params(seed=args.seed)
-        model = defended_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name))).to(device)
+        model = deployed_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name))).to(device)
         rows += evaluate_defense(name, model, x, y, eps=eps, norm=args.norm, protocol=protocol, out_dir=args.out,
                                  attacks=args.attacks, seed=args.seed, verbose=not args.quiet)
     toy = None

@@ -44,10 +44,34 @@ def collect_meta(dataset: str, split: str, **extra) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    meta = {"versions": versions, "device": device, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    meta = {"versions": versions, "device": device, "command": command_as_typed(),
             "dataset": dataset, "split": split, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta.update(extra)
+    if isinstance(meta.get("prior"), str):
+        meta["prior"] = portable_path(meta["prior"])
     return meta
+
+
+def command_as_typed() -> str:
+    """The command line as a user types it: ``python -m benchmarks quickstart --out results`` rather than the path of
+    the module file that Python ran (which names this machine's folders)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        program = "python -m " + spec.name.removesuffix(".__main__")
+    else:
+        program = "python " + os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return " ".join([program, *sys.argv[1:]])
+
+
+def portable_path(path: str | None) -> str | None:
+    """A file of this package as its path inside the repository (``benchmarks/models/mnist_prior.safetensors``); any
+    other path as given."""
+    if path is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    absolute = os.path.abspath(path)
+    return os.path.relpath(absolute, root) if absolute.startswith(root + os.sep) else path
 
 
 def write_results(path: str, rows: list[dict], meta: dict) -> str:

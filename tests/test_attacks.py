@@ -248,7 +248,8 @@ def _every_attack(target, eps, norm):
             aa.JointAttack(target, mode="full", eot=4, **settings),
             aa.JointAttack(target, mode="full", classifier_gradient="bpda", eot=4, **settings),
             aa.SPSA(target, eps=eps, norm=norm, steps=20, queries=1024), aa.PGDEOT(target, eot=4, **settings),
-            aa.APGDEOT(target, eot=4, loss="ce", **settings), aa.APGDEOT(target, eot=4, loss="dlr", **settings)]
+            aa.APGDEOT(target, eot=4, loss="ce", **settings), aa.APGDEOT(target, eot=4, loss="dlr", **settings),
+            aa.DiffHammer(target, eot=4, **settings), aa.DiffHammer(target, eot=4, grafting=False, **settings)]
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 1.0), ("l2", 8.0)])  # l2 8 covers the 8x8 unit cube's diagonal
@@ -364,7 +365,7 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     report = aa.run_worst_case(_runner_attacks(defended), x, y, out=out, defense="toy", draws=4, batch_size=4,
                                verbose=False)
     rows = json.load(open(out))["rows"]
-    assert len(rows) == 4 * 3  # 3 attacks + worst case, 3 protocols each
+    assert len(rows) == 4 * len(aa.SCORINGS)  # 3 attacks + worst case, every protocol each
     for row in rows:
         assert {"attack", "gradient", "scoring", "eps", "norm", "n", "seed", "robust_acc", "eot", "iterations",
                 "nfe_per_image", "seconds"} <= set(row)
@@ -473,7 +474,7 @@ def test_benchmark_suite_holds_every_attack_of_the_issue():
 
     suite = attack_suite(toy_defended(), 0.1, "linf", PRESETS["cpu"])
     assert set(suite) == {"BlindPGD", "BPDA+EOT", "Joint(score)+EOT", "Joint(full)+EOT", "SPSA", "PGD+EOT[exact]",
-                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]"}
+                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]", "DiffHammer[exact]"}
     assert suite["SPSA"].query == "single" and suite["PGD+EOT[exact]"].gradient == "exact"
     assert set(attack_suite(tiny_classifier(), 0.1, "linf", PRESETS["cpu"])) == {"PGD", "APGD-CE", "APGD-DLR"}
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from benchmarks import autoattack_eval as aa
 from benchmarks.data import load_mnist
+from benchmarks.defenses import REGISTRY, DefenseRecord, Paper, build_purifier, deployed_model
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from purifiers import GaussianPrior, PurifierPyTorch
 
@@ -71,12 +72,14 @@ def toy_defense(monkeypatch):
     module = types.ModuleType("_harness_toy_defenses")
     module.make_toy = make_toy
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(aa.DEFENSES, "toy", (f"{module.__name__}:make_toy", True))
+    monkeypatch.setitem(REGISTRY, "toy", DefenseRecord(
+        name="toy", wrapper=f"{module.__name__}:make_toy", needs_classifier=True,
+        paper=Paper("toy purifier", "", "", ""), paper_settings={}))
     return "toy"
 
 
 def toy_model(classifier, runs=1, sigma=0.2):
-    return aa.defended_model(make_toy(GaussianPrior(mean=0.13, std=0.3), sigma=sigma), classifier, runs=runs)
+    return deployed_model(make_toy(GaussianPrior(mean=0.13, std=0.3), sigma=sigma), classifier, runs=runs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def test_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="n_iter"):
         aa.AutoAttackConfig(n_iter=0)
     with pytest.raises(ValueError, match="unknown defense"):
-        aa.build_purifier("nonexistent", None, None)
+        build_purifier("nonexistent", None, None)
     assert not aa.AutoAttackConfig().scaled_down and aa.AutoAttackConfig(n_iter=5).scaled_down
     assert aa.parse_overrides(["sigma=0.25", "steps=5", "mode=x"]) == {"sigma": 0.25, "steps": 5, "mode": "x"}
 
@@ -124,7 +127,7 @@ def test_autoattack_bookkeeping_on_the_undefended_classifier(classifier, data):
     x, y = data
     eps = 0.12
     config = aa.AutoAttackConfig(eps=eps, versions=("standard",), **dict(SMALL, n_iter=20))
-    result = aa.run_autoattack(aa.defended_model(None, classifier), x, y, config, device="cpu", verbose=False)
+    result = aa.run_autoattack(deployed_model(None, classifier), x, y, config, device="cpu", verbose=False)
     res = result.versions["standard"]
     with torch.no_grad():
         pred = classifier(res.x_adv).argmax(1)
@@ -150,7 +153,7 @@ def test_a_purifier_that_erases_the_input_keeps_clean_accuracy_under_attack(clas
     change the prediction: robust accuracy equals clean accuracy, the fraction of labels of the mean's class."""
     x, y = data
     mean = x[0]
-    model = aa.defended_model(make_toy(GaussianPrior(mean=mean, std=1e-4), sigma=0.5), classifier)
+    model = deployed_model(make_toy(GaussianPrior(mean=mean, std=1e-4), sigma=0.5), classifier)
     with torch.no_grad():
         mean_class = classifier(mean[None]).argmax(1).item()
     expected = y.eq(mean_class).float().mean().item()
@@ -325,9 +328,11 @@ def test_plots_draw_curves_grids_and_score_norms(classifier, data, toy_defense, 
 
 def test_reproduce_mnist_runs_every_attack_and_labels_scaled_settings(toy_defense, tmp_path, monkeypatch):
     from benchmarks import reproduce
+    from benchmarks.defenses import PublishedNumber
 
-    monkeypatch.setitem(reproduce.PAPER, "mnist", [dict(defense="toy", attack="blind-pgd", clean=98.07, robust=96.41,
-                                                        source="ADP supplement Table 9")])
+    toy = dataclasses.replace(REGISTRY["toy"], published=(
+        PublishedNumber("mnist", "blind-pgd", 98.07, 96.41, "ADP supplement Table 9"),))
+    monkeypatch.setitem(REGISTRY, "toy", toy)
     out = tmp_path / "rep"
     result = reproduce.reproduce(reproduce.build_parser().parse_args(
         ["--defenses", toy_defense, "--prior", "gaussian", "--n", "3", "--eps", "0.2", "--coup-toy-runs", "50",
@@ -386,7 +391,10 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
          "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp", "--attacks", "blind-pgd",
          "--n", "2", "--out", str(out), "--quiet"]))
     assert {row["eps"] for row in result["rows"]} == {8 / 255}
-    assert [c["defense"] for c in result["paper_vs_ours"]] == [c["defense"] for c in reproduce.PAPER["cifar10"]]
+    from benchmarks.defenses import published
+
+    assert [(c["attack"], c["robust"]) for c in result["paper_vs_ours"]] == [
+        (p.attack, p.robust) for name, p in published("cifar10") if name == "adp"]
     assert result["paper_vs_ours"][0]["ours_robust"] is not None  # ADP blind PGD was run
     assert (out / "reproduce_cifar10.md").exists()
 

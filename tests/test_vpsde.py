@@ -363,27 +363,11 @@ def test_off_grid_brownian_query_raises():
 # the MNIST factories and the validation selection rule
 
 def test_mnist_factories_use_the_validation_settings(prior32):
-    from benchmarks.vpsde_eval import MNIST_SETTINGS, make_mnist_coup, make_mnist_diffpure
+    from benchmarks.defenses import defense, record
 
-    coup = make_mnist_coup(prior32, _tiny_classifier(torch.float32), gradient="exact")
+    coup = defense("coup", "mnist", prior=prior32, classifier=_tiny_classifier(torch.float32), gradient="exact")
     assert isinstance(coup, COUPPyTorch) and coup.gradient == "exact"
-    assert coup.t_star == MNIST_SETTINGS["coup"]["t_star"]
-    assert coup.guidance_scale == MNIST_SETTINGS["coup"]["guidance_scale"]
-    diffpure = make_mnist_diffpure(prior32, t_star=0.05)
+    assert coup.t_star == record("coup").settings["mnist"]["t_star"]
+    assert coup.guidance_scale == record("coup").settings["mnist"]["guidance_scale"]
+    diffpure = defense("diffpure", "mnist", prior=prior32, t_star=0.05)
     assert isinstance(diffpure, DiffPurePyTorch) and diffpure.t_star == 0.05
-
-
-def test_selection_prefers_robustness_within_the_clean_tolerance():
-    from benchmarks.vpsde_eval import select
-
-    def row(t, clean, robust, n=1000):
-        return dict(defense="diffpure", t_star=t, guidance_scale=None, clean_acc=clean, robust_acc=robust, n=n)
-
-    rows = [row(0.1, 0.99, 0.50), row(0.2, 0.98, 0.60), row(0.3, 0.95, 0.80)]
-    choice = select(rows, "diffpure", undefended_clean=0.99)
-    assert choice["t_star"] == 0.2 and choice["meets_clean_target"]  # 0.3 is more robust but too far below clean
-    choice = select([row(0.3, 0.90, 0.8), row(0.4, 0.85, 0.9)], "diffpure", undefended_clean=0.99)
-    assert choice["t_star"] == 0.4 and not choice["meets_clean_target"]
-    # 64 images cannot resolve 1.5 points: one image (1.56 points) is tolerated
-    choice = select([row(0.1, 1.0, 0.5, 64), row(0.2, 63 / 64, 0.7, 64), row(0.3, 62 / 64, 0.8, 64)], "diffpure", 1.0)
-    assert choice["t_star"] == 0.2 and choice["meets_clean_target"]

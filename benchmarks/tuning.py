@@ -1,0 +1,118 @@
+"""What the per-method studies (``adp_eval``, ``scoreopt_eval``, ``vpsde_eval``) share: the preprocessor-blind attack
+and its cache, the defended-accuracy loop, the validation selection rule and the rows they write.
+
+The attack of the papers' tables (ADP supplement Table 9, "Clf pgd"): PGD on the undefended classifier alone,
+``l_inf`` eps 0.3, 40 steps of 0.01, **no random start** (:data:`BLIND_PGD`), run by
+:class:`attacks_adaptive.BlindPGD` (the same attack the adaptive suite runs, with these settings). The defended model
+then classifies the purified adversarial examples. This is a transfer attack, the weakest of all: it measures what of
+a classifier-only perturbation a purifier removes, not how robust the purifier is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from attacks_adaptive.blind_pgd import BlindPGD
+from benchmarks.results import make_row
+from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
+
+BLIND_PGD = dict(eps=0.3, norm="linf", steps=40, step=0.01, random_start=False)
+BLIND_ATTACK = "BlindPGD"  # the attack class's name, as every results row names it
+CLEAN_TOLERANCE = 0.015  # a purifier may cost at most 1.5 points of the undefended classifier's clean accuracy
+SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points of the undefended classifier's (or one "
+                  "image, where the subset is too small to resolve 1.5 points), the highest robust accuracy; ties: the "
+                  "higher clean accuracy, then the fewer prior evaluations per image; if no setting qualifies, none is "
+                  "selected")
+
+
+def blind_pgd(classifier: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """:data:`BLIND_PGD` against the undefended classifier: the preprocessor-blind adversarial examples."""
+    attack = BlindPGD(classifier.eval(), **BLIND_PGD)
+    return np.concatenate([attack.perturb(torch.from_numpy(x[i:i + batch_size]), torch.from_numpy(y[i:i + batch_size]))
+                           .x_adv.numpy() for i in range(0, len(y), batch_size)]).astype(np.float32)
+
+
+def cached_blind_pgd(classifier: nn.Module, x: np.ndarray, y: np.ndarray, cache_dir: str = "/tmp") -> np.ndarray:
+    """:func:`blind_pgd`, cached as ``.npy`` in ``cache_dir`` under a digest of the classifier's weights, the attack
+    settings and the data (another classifier, setting or image set never reads a stale file)."""
+    digest = hashlib.sha256()
+    for name, tensor in classifier.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    digest.update(repr(sorted(BLIND_PGD.items())).encode() + x.tobytes() + y.tobytes())
+    path = os.path.join(cache_dir, f"blind_pgd_{len(y)}_{digest.hexdigest()[:16]}.npy")
+    if os.path.exists(path):
+        return np.load(path, allow_pickle=False)
+    x_adv = blind_pgd(classifier, x, y)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, x_adv)
+    os.replace(tmp, path)  # a killed write never leaves a file a later run would trust
+    return x_adv
+
+
+@torch.no_grad()
+def predict_labels(classifier: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    return np.concatenate([classifier(torch.from_numpy(x[i:i + batch_size])).argmax(1).numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
+def undefended_accuracy(classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> dict:
+    return {"clean_acc": float((predict_labels(classifier, x) == y).mean()),
+            "robust_acc": float((predict_labels(classifier, x_adv) == y).mean()),
+            "nfe_per_image": {"classifier": 1.0}, "seconds": None}
+
+
+@torch.no_grad()
+def defended_accuracy(purifier: PurifierPyTorch, classifier: nn.Module, x: np.ndarray, x_adv: np.ndarray,
+                      y: np.ndarray, runs: int = 1, batch_size: int = 100, desc: str = "defended accuracy",
+                      verbose: bool = False) -> dict:
+    """Clean and blind-PGD accuracy of the deployed defense (``runs`` purifications per prediction, mean softmax),
+    network evaluations per prediction and seconds. The purifier's seeded noise restarts before each of the two sets,
+    so a clean image and its adversarial example see the same noise."""
+    model = PurifiedClassifier(purifier, classifier, runs=runs).eval()
+    model.reset_counters()
+    guidance = getattr(purifier.algorithm, "guidance_evaluations", None)
+    start = time.time()
+    accuracies = []
+    for name, images in (("clean", x), ("blind PGD", x_adv)):
+        purifier.reset_generator()
+        labels = [model(torch.from_numpy(images[i:i + batch_size])).argmax(1).numpy()
+                  for i in tqdm(range(0, len(y), batch_size), desc=f"{desc}: {name}", disable=not verbose)]
+        accuracies.append(float((np.concatenate(labels) == y).mean()))
+    nfe = model.nfe_per_image()
+    if guidance is not None:  # COUP's guidance: classifier forward + backward passes per purification
+        nfe["classifier_guidance"] = (purifier.algorithm.guidance_evaluations - guidance) / model.images_seen
+    return {"clean_acc": accuracies[0], "robust_acc": accuracies[1], "nfe_per_image": nfe,
+            "seconds": time.time() - start}
+
+
+def prior_cost(row: dict) -> float:
+    nfe = row.get("nfe_per_image") or {}
+    return nfe.get("prior_forward", 0.0) + nfe.get("prior_backward", 0.0)
+
+
+def select(rows: list[dict], undefended_clean: float, tolerance: float = CLEAN_TOLERANCE) -> dict | None:
+    """The validation selection (:data:`SELECTION_RULE`) among ``rows`` (one study's candidates, scored on the same
+    images; rows without a robust accuracy, e.g. diverged settings, are skipped)."""
+    candidates = [r for r in rows if r.get("robust_acc") is not None]
+    if not candidates:
+        return None
+    tolerance = max(tolerance, 1.0 / candidates[0]["n"])
+    eligible = [r for r in candidates if r["clean_acc"] >= undefended_clean - tolerance - 1e-9]
+    return max(eligible, key=lambda r: (r["robust_acc"], r["clean_acc"], -prior_cost(r)), default=None)
+
+
+def blind_row(defense: str, scores: dict, *, split: str, seed: int, n: int, runs: int = 1, settings: dict | None = None,
+              **extra) -> dict:
+    """A results row of the blind attack (the undefended classifier: ``defense="none"``, ``runs=0``)."""
+    return make_row(defense=defense, attack=BLIND_ATTACK, gradient="none (classifier only)", scoring="single_shot",
+                    eps=BLIND_PGD["eps"], norm=BLIND_PGD["norm"], n=n, seed=seed, iterations=BLIND_PGD["steps"],
+                    step=BLIND_PGD["step"], random_start=BLIND_PGD["random_start"], eot=1, split=split, runs=runs,
+                    ensemble="mean softmax" if runs > 1 else None, settings=settings or {}, **scores, **extra)
