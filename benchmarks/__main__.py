@@ -19,6 +19,7 @@ COMMANDS = {
     "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),
     "plots": ("benchmarks.plots", "robustness curves, image grids, score-norm histograms"),
     "coup-toy": ("benchmarks.coup_toy", "COUP's 1-D toy experiment (Fig. 3b)"),
+    "check-prior": ("benchmarks.check_prior", "a prior file's format, conventions and denoising self-test"),
 }
 
 

@@ -420,7 +420,8 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--defense", default="adp",
                         help=f"one of {sorted(REGISTRY)}, '{NO_DEFENSE}' (the bare classifier), or module:function "
                              "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
-    parser.add_argument("--prior", default=None, help="prior file or diffusers folder (default: the shipped prior)")
+    parser.add_argument("--prior", default=None, help="prior file (built-in .safetensors or an authors' checkpoint such as "
+                        "score_sde's checkpoint_8.pth) or diffusers folder (default: the shipped prior)")
     parser.add_argument("--gradient", default=None,
                         help="the purifier's gradient mode for the attacks (default: 'exact' where the purifier "
                              "has it, else the factory's)")

@@ -47,7 +47,8 @@ def load_reference_models(dataset: str = "mnist", device: str | torch.device = "
     """``(classifier, prior)`` shipped for ``dataset`` (only "mnist" ships; CIFAR-10 priors come from a user's folder)."""
     if dataset not in REFERENCE_FILES:
         raise ValueError(f"no reference models ship for {dataset!r}; shipped: {sorted(REFERENCE_FILES)}. For CIFAR-10, "
-                         "pass a local diffusers folder to purifiers.load_prior.")
+                         "pass a local diffusers folder or an authors' checkpoint (score_sde checkpoint_8.pth, NCSNv2 "
+                         "checkpoint.pth) to purifiers.load_prior.")
     classifier_file, prior_file = (os.path.join(models_dir, f) for f in REFERENCE_FILES[dataset])
     for path in (classifier_file, prior_file):
         if not os.path.isfile(path):

@@ -8,7 +8,8 @@ MNIST (default; bundled data, shipped classifier and prior, the purifier develop
   harness of :mod:`benchmarks.autoattack_eval`), scored single-shot (what the papers report) and multi-draw (the
   mean over ``draws`` forward passes of the deployed defense), with the worst case over the attacks.
 
-CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior DIFFUSERS_DIR --classifier robustbench:Standard``): the same
+CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior PRIOR --classifier robustbench:Standard``, PRIOR a diffusers
+folder or an authors' checkpoint such as score_sde's ``checkpoint_8.pth``, see :mod:`purifiers.checkpoints`): the same
 table with each purifier class's defaults (the papers' CIFAR-10 settings, from
 the registry :mod:`benchmarks.defenses`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP
 Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
     parser.add_argument("--full", action="store_true", help="the papers' attack settings (for a GPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder")
+    parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder or "
+                        "an authors' checkpoint (score_sde checkpoint_8.pth, NCSNv2 checkpoint.pth)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10: the folder holding cifar-10-batches-py/")
     parser.add_argument("--classifier", default=None, help="CIFAR-10: robustbench:<Name> or module:function")
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
@@ -318,7 +320,8 @@ def load_setting(args):
     from benchmarks.robustbench_eval import load_classifier
 
     if args.prior is None or args.data_dir is None or args.classifier is None:
-        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder) and --classifier.")
+        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder or an authors' checkpoint) "
+                         "and --classifier.")
     classifier = load_classifier(args.classifier, "cifar10", "Linf" if args.norm == "linf" else "L2", args.model_dir)
     prior = load_prior(args.prior)
     x, y = load_cifar10(args.data_dir, "test", n=args.n)

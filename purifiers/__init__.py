@@ -9,14 +9,16 @@ import importlib
 
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch, straight_through
 from purifiers.conventions import DDPMSchedule, VPSchedule
-from purifiers.priors import DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, NFECounter, Prior, load_prior
+from purifiers.priors import (DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, NCSNv2Prior, NFECounter, Prior,
+                              VEScorePrior, load_prior)
 
 _LAZY = {"ADP": "purifiers.adp", "ADPPyTorch": "purifiers.adp_pytorch",
          "ScoreOpt": "purifiers.scoreopt", "ScoreOptPyTorch": "purifiers.scoreopt_pytorch",
          "COUP": "purifiers.vpsde", "DiffPure": "purifiers.vpsde",
          "COUPPyTorch": "purifiers.vpsde_pytorch", "DiffPurePyTorch": "purifiers.vpsde_pytorch"}
 
-__all__ = ["load_prior", "Prior", "GaussianPrior", "EDMDenoiser", "EpsilonPrior", "DenoiserPrior", "NFECounter",
+__all__ = ["load_prior", "Prior", "GaussianPrior", "EDMDenoiser", "EpsilonPrior", "DenoiserPrior", "VEScorePrior",
+           "NCSNv2Prior", "NFECounter",
            "VPSchedule", "DDPMSchedule", "PurifierPyTorch", "PurifiedClassifier", "straight_through", *_LAZY]
 
 

@@ -115,9 +115,11 @@ class PurifierPyTorch(PreprocessorPyTorch):
 
     @property
     def input_channels(self) -> int | None:
-        """The channel count the prior expects, where it records one (the built-in U-Net's config), else ``None``."""
+        """The channel count the prior expects, where it records one (the built-in U-Net's config dict), else ``None``
+        (the authors' networks keep their config as a dataclass)."""
         prior = getattr(self.algorithm, "prior", None)
-        return getattr(getattr(prior, "net", None), "config", {}).get("in_channels")
+        config = getattr(getattr(prior, "net", None), "config", None)
+        return config.get("in_channels") if isinstance(config, dict) else None
 
     def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
         """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""

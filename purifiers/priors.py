@@ -9,8 +9,12 @@ k-diffusion's ``external.py``); every unit conversion goes through :mod:`purifie
 * :class:`EpsilonPrior`: an epsilon-prediction network on [-1, 1] data, with a DDPM-discrete or continuous VP time
   input: a diffusers ``UNet2DModel`` such as ``google/ddpm-cifar10-32``, or a user's own module.
 * :class:`DenoiserPrior`: a user's own denoiser module, on [0, 1] or [-1, 1] data.
+* :class:`VEScorePrior`: a variance-exploding score network (output already divided by sigma), e.g. score_sde's VE
+  NCSN++.
+* :class:`NCSNv2Prior`: NCSNv2's network (output divided by the sigma of its level), as ADP uses it.
 
-:func:`load_prior` picks the backend.
+:func:`load_prior` picks the backend; the authors' checkpoint containers are read by :mod:`purifiers.checkpoints`.
+Every prior describes itself with :meth:`Prior.describe` (format, conventions, parameter count).
 """
 
 from __future__ import annotations
@@ -68,6 +72,17 @@ class Prior(nn.Module):
     def forward(self, x: Tensor, sigma) -> Tensor:
         return self.denoise(x, sigma)
 
+    def conventions(self) -> dict:
+        """How the wrapped model sees the data: ``data_range``, ``noise_parametrisation`` (what the model outputs) and
+        ``time_input`` (what it takes as noise level). Every backend here overrides it; ``check-prior`` prints it."""
+        return {"data_range": "not stated", "noise_parametrisation": "not stated", "time_input": "not stated"}
+
+    def describe(self) -> dict:
+        """A card of this prior: ``format`` (where it was loaded from), its :meth:`conventions` and ``parameters``
+        (the count); loaders add what they know (config, weights) through ``self.provenance``."""
+        return {"format": type(self).__name__, **self.conventions(),
+                "parameters": sum(p.numel() for p in self.parameters()), **getattr(self, "provenance", {})}
+
     def score(self, x: Tensor, sigma) -> Tensor:
         """``grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` in [0, 1] pixel units."""
         sigma = self._sigma_batch(sigma, x)
@@ -96,6 +111,9 @@ def _per_image(v: Tensor) -> Tensor:
     return v.reshape(-1, 1, 1, 1)
 
 
+_RANGE_NAMES = {"01": "[0, 1]", "pm1": "[-1, 1]"}
+
+
 class GaussianPrior(Prior):
     """Data ~ N(mean, std^2 I) on the pixel scale; the denoiser is exact: ``mean + std^2/(std^2+sigma^2) (x - mean)``.
 
@@ -109,6 +127,9 @@ class GaussianPrior(Prior):
             raise ValueError(f"std must be positive, got {std}.")
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.std = float(std)
+
+    def conventions(self) -> dict:
+        return {"data_range": "[0, 1]", "noise_parametrisation": "exact Gaussian denoiser", "time_input": "pixel sigma"}
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         shrink = self.std**2 / (self.std**2 + _per_image(sigma) ** 2)
@@ -127,6 +148,10 @@ class EDMDenoiser(Prior):
         super().__init__()
         self.net = net
         self.sigma_data = float(sigma_data)
+
+    def conventions(self) -> dict:
+        return {"data_range": "[-1, 1]", "noise_parametrisation": "EDM-preconditioned denoiser (Karras et al. 2022)",
+                "time_input": "ln(sigma_pm1) / 4"}
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         x_pm1, s = to_pm1(x), pixel_sigma_to_pm1(sigma)
@@ -150,22 +175,29 @@ class EpsilonPrior(Prior):
     :param time_of_sigma: maps pixel sigma (N,) to the model's time input (N,); see :meth:`ddpm` and :meth:`vp`.
     """
 
-    def __init__(self, model: nn.Module, time_of_sigma: Callable[[Tensor], Tensor]):
+    def __init__(self, model: nn.Module, time_of_sigma: Callable[[Tensor], Tensor], time_input: str = "custom"):
         super().__init__()
         self.model = model
         self.time_of_sigma = time_of_sigma
+        self.time_input = time_input
 
     @classmethod
     def ddpm(cls, model: nn.Module, schedule: DDPMSchedule | None = None) -> "EpsilonPrior":
         """Discrete DDPM time input: the fractional timestep (0..999) whose sigma matches (diffusers' convention)."""
         schedule = schedule or DDPMSchedule()
-        return cls(model, lambda sigma: schedule.timestep_of_sigma(sigma).to(sigma))
+        return cls(model, lambda sigma: schedule.timestep_of_sigma(sigma).to(sigma),
+                   time_input=f"DDPM timestep 0..{schedule.num_steps - 1} (fractional)")
 
     @classmethod
     def vp(cls, model: nn.Module, schedule: VPSchedule | None = None, time_scale: float = 999.0) -> "EpsilonPrior":
         """Continuous VP-SDE time input ``time_scale * t`` (score_sde's DDPM++ takes 999 t)."""
         schedule = schedule or VPSchedule()
-        return cls(model, lambda sigma: time_scale * schedule.t_of_sigma(sigma))
+        return cls(model, lambda sigma: time_scale * schedule.t_of_sigma(sigma),
+                   time_input=f"{time_scale:g} t, continuous VP time (beta {schedule.beta_min:g} -> "
+                              f"{schedule.beta_max:g})")
+
+    def conventions(self) -> dict:
+        return {"data_range": "[-1, 1]", "noise_parametrisation": "epsilon (VP)", "time_input": self.time_input}
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         y, s = to_pm1(x), pixel_sigma_to_pm1(sigma)
@@ -186,10 +218,76 @@ class DenoiserPrior(Prior):
         self.module = module
         self.data_range = data_range
 
+    def conventions(self) -> dict:
+        return {"data_range": _RANGE_NAMES[self.data_range], "noise_parametrisation": "denoiser D(x, sigma)",
+                "time_input": f"sigma on {_RANGE_NAMES[self.data_range]}"}
+
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.data_range == "01":
             return self.module(x, sigma)
         return to_01(self.module(to_pm1(x), pixel_sigma_to_pm1(sigma)))
+
+
+def _to_range(x: Tensor, sigma: Tensor, data_range: str) -> tuple[Tensor, Tensor]:
+    """A [0, 1] image and pixel sigma -> the same on ``data_range`` ("01" or "pm1")."""
+    return (x, sigma) if data_range == "01" else (to_pm1(x), pixel_sigma_to_pm1(sigma))
+
+
+def _from_range(x: Tensor, data_range: str) -> Tensor:
+    return x if data_range == "01" else to_01(x)
+
+
+class VEScorePrior(Prior):
+    """A variance-exploding score network ``net(x, sigma)`` returning ``grad log p_sigma(x)`` itself (its output already
+    divided by sigma), such as score_sde's continuous VE NCSN++ (Song et al. 2021, ``scale_by_sigma``). Tweedie:
+    ``D = x + sigma^2 net(x, sigma)``, on the network's ``data_range`` ("01": [0, 1] with pixel sigma, as score_sde's
+    VE CIFAR-10 configs with ``data.centered = False``; "pm1": [-1, 1])."""
+
+    def __init__(self, net: nn.Module, data_range: str = "01"):
+        super().__init__()
+        if data_range not in _RANGE_NAMES:
+            raise ValueError(f"data_range must be '01' or 'pm1', got {data_range!r}.")
+        self.net = net
+        self.data_range = data_range
+
+    def conventions(self) -> dict:
+        return {"data_range": _RANGE_NAMES[self.data_range],
+                "noise_parametrisation": "score (output divided by sigma, VE)",
+                "time_input": f"sigma on {_RANGE_NAMES[self.data_range]}"}
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        x_in, s = _to_range(x, sigma, self.data_range)
+        return _from_range(x_in + _per_image(s) ** 2 * self.net(x_in, s), self.data_range)
+
+
+class NCSNv2Prior(Prior):
+    """NCSNv2 (Song & Ermon 2020): ``net(x, i) = f(x) / sigmas[i]`` with a noise-unconditional body ``f`` (the paper's
+    Technique 3), so ``f(x) ~ -eps`` serves every noise level: ``D = x + sigma f(x)``. ``f`` is read as
+    ``net(x, i) sigmas[i]`` at the level ``i`` nearest to sigma (at a training level this is exactly the reference's
+    score); ADP (Yoon et al. 2021) uses ``f`` directly (``used_sigmas = 1``), which is the same denoiser.
+
+    :param net: an :class:`purifiers.nets.ncsnv2.NCSNv2` (anything with ``sigmas`` and ``net(x, labels)``).
+    :param data_range: "01" when the config has ``rescaled: false`` (sigma in pixel units), "pm1" when ``true``.
+    """
+
+    def __init__(self, net: nn.Module, data_range: str = "01"):
+        super().__init__()
+        if data_range not in _RANGE_NAMES:
+            raise ValueError(f"data_range must be '01' or 'pm1', got {data_range!r}.")
+        self.net = net
+        self.data_range = data_range
+
+    def conventions(self) -> dict:
+        sigmas = self.net.sigmas
+        return {"data_range": _RANGE_NAMES[self.data_range],
+                "noise_parametrisation": "score at level i (output divided by sigmas[i]); sigma-unconditional body",
+                "time_input": f"level index 0..{len(sigmas) - 1}, sigmas {float(sigmas[0]):g} -> {float(sigmas[-1]):g}"}
+
+    def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        x_in, s = _to_range(x, sigma, self.data_range)
+        levels = (self.net.sigmas.log()[None, :] - s.log()[:, None].to(self.net.sigmas)).abs().argmin(dim=1)
+        minus_eps = self.net(x_in, levels) * _per_image(self.net.sigmas[levels].to(x_in))
+        return _from_range(x_in + _per_image(s) * minus_eps, self.data_range)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,20 +322,36 @@ def _load_builtin_prior(path: str) -> EDMDenoiser:
                          "wrap your own network with load_prior(module, kind=...) instead.")
     net = SmallUNet(**json.loads(metadata["config"]))
     net.load_state_dict(load_file(path))
-    return EDMDenoiser(net, sigma_data=float(metadata["sigma_data"])).eval()
+    prior = EDMDenoiser(net, sigma_data=float(metadata["sigma_data"])).eval()
+    prior.provenance = {"format": BUILTIN_FORMAT, "file": os.path.basename(path)}
+    return prior
 
 
-def load_state_dict_safely(path: str) -> dict:
-    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)`` for pickles."""
+def load_state_dict_safely(path: str):
+    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)`` for pickles (which also
+    reads the checkpoint containers of :mod:`purifiers.checkpoints`: dicts and lists of tensors and plain values)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for pickles that hold code
-        raise ValueError(f"refusing to load {path}: it is a pickle that holds more than tensors (arbitrary code could "
-                         f"run). Convert it to safetensors. ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    except Exception as err:
+        raise ValueError(_torch_load_failure(path, err)) from err
+
+
+def _torch_load_failure(path: str, err: Exception) -> str:
+    """Say which of the three usual causes made ``torch.load(weights_only=True)`` fail."""
+    detail = f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save's zip, or a (legacy) pickle
+        return (f"{path} is not a PyTorch checkpoint (a torch.save zip or pickle) nor a .safetensors file; "
+                f"it starts with {head!r}. {detail}")
+    if "weights only" in str(err).lower():
+        return (f"refusing to load {path}: it is a pickle that holds more than tensors and plain values (unpickling "
+                f"it could run arbitrary code). Convert it to safetensors. {detail}")
+    return f"{path} looks like a PyTorch file but cannot be read: truncated or corrupt (re-download it). {detail}"
 
 
 def _load_diffusers_unet(folder: str) -> nn.Module:
@@ -284,7 +398,8 @@ def _resolve_diffusers_folder(path: str) -> str | None:
 
 
 def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_input: str = "ddpm",
-               device: str | torch.device = "cpu", **gaussian_kwargs) -> Prior:
+               format: str | None = None, config=None, ema: bool = True, device: str | torch.device = "cpu",
+               **gaussian_kwargs) -> Prior:
     """Return a :class:`Prior` for ``source``.
 
     :param source: one of
@@ -295,7 +410,13 @@ def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_
         * a ``torch.nn.Module``: with ``kind="denoiser"`` it is called ``module(x, sigma)`` on ``data_range`` data
           ("01" or "pm1"); with ``kind="epsilon"`` it is called ``module(x_t, time)`` on [-1, 1] VP data, ``time_input``
           "ddpm" (fractional timestep 0..999) or "vp" (999 t, t the continuous VP-SDE time);
+        * a path to an authors' checkpoint (``.pth``/``.pt``) in a format of :mod:`purifiers.checkpoints`: score_sde's
+          ``checkpoint_8.pth`` (DDPM++/NCSN++, VP or VE) or NCSNv2's ``checkpoint.pth``, detected from its contents;
         * an existing :class:`Prior`, returned as is.
+    :param format: the checkpoint format (a name of ``purifiers.checkpoints.FORMATS``) instead of detecting it.
+    :param config: the network config of a checkpoint: a known config name (e.g.
+        ``"vp/cifar10_ddpmpp_deep_continuous"``), a JSON/YAML file or a dict; inferred from the weights when None.
+    :param ema: load a checkpoint's EMA weights (the authors' evaluation weights) rather than the raw ones.
     :param device: where the prior's parameters go.
     """
     if isinstance(source, Prior):
@@ -319,11 +440,16 @@ def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_
         folder = _resolve_diffusers_folder(path) if os.path.isdir(path) else None
         if folder is not None:
             prior = EpsilonPrior.ddpm(_load_diffusers_unet(folder), _diffusers_schedule(folder))
-        elif path.endswith(".safetensors"):
+            prior.provenance = {"format": "diffusers UNet2DModel", "file": folder}
+        elif path.endswith(".safetensors") and format is None:
             prior = _load_builtin_prior(path)
+        elif os.path.isfile(path):
+            from purifiers.checkpoints import load_checkpoint
+
+            prior = load_checkpoint(path, format=format, config=config, ema=ema)
         else:
-            raise ValueError(f"cannot tell what prior {path!r} is: expected a built-in .safetensors file or a diffusers "
-                             "folder with config.json (UNet2DModel).")
+            raise ValueError(f"cannot tell what prior {path!r} is: expected a built-in .safetensors file, an authors' "
+                             "checkpoint file or a diffusers folder with config.json (UNet2DModel).")
     else:
         raise ValueError(f"unsupported prior source of type {type(source).__name__}.")
     return prior.to(device).eval()

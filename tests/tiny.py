@@ -77,3 +77,57 @@ def check_exact_pgd_increases_the_defended_loss(purifier, model, nb_classes, eps
             return nn.functional.nll_loss(defended(torch.from_numpy(inp)), torch.from_numpy(y)).item()
 
     assert loss(x_adv) > loss(x) + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small random networks saved in the authors' checkpoint containers (score_sde's checkpoint_*.pth, NCSNv2's
+# checkpoint.pth), written the way their training loops write them.
+
+TINY_SCORE_SDE = {  # the CIFAR-10 configs' structure (VP DDPM++, VE NCSN++ with FIR and the input pyramid), shrunk
+    "vp": dict(sde="vpsde", nf=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
+               embedding_type="positional", centered=True),
+    "ve": dict(sde="vesde", nf=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
+               embedding_type="fourier", fir=True, progressive_input="residual", scale_by_sigma=True, centered=False),
+}
+TINY_NCSNV2 = dict(ngf=4, num_classes=10, sigma_begin=1.0, sigma_end=0.01)
+
+
+def tiny_score_sde(kind="vp", seed=0, image_size=32):
+    from purifiers.nets.score_sde import NCSNpp, ScoreSDEConfig
+
+    torch.manual_seed(seed)
+    return NCSNpp(ScoreSDEConfig.from_mapping({**TINY_SCORE_SDE[kind], "image_size": image_size})).eval()
+
+
+def tiny_ncsnv2(seed=0):
+    from purifiers.nets.ncsnv2 import NCSNv2, NCSNv2Config
+
+    torch.manual_seed(seed)
+    return NCSNv2(NCSNv2Config(**TINY_NCSNV2)).eval()
+
+
+def _raw_weights(net, seed):
+    """The 'model' entry's weights: the trained (EMA-averaged) parameters plus noise, so a test can tell which of the
+    two was loaded; buffers and frozen parameters (score_sde's Fourier ``W``) are never averaged, so they stay."""
+    g = gen(seed)
+    trainable = {k for k, p in net.named_parameters() if p.requires_grad}
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if k in trainable else v
+            for k, v in net.state_dict().items()}
+
+
+def save_score_sde_checkpoint(net, path, seed=1):
+    """score_sde's ``save_checkpoint``: {optimizer, model, ema, step}; ``module.`` keys (DataParallel); the EMA's
+    ``shadow_params`` are the trainable parameters in ``parameters()`` order (here: the network's own weights)."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    torch.save({"optimizer": torch.optim.Adam(trainable).state_dict(),
+                "model": {f"module.{k}": v for k, v in _raw_weights(net, seed).items()},
+                "ema": {"decay": 0.9999, "num_updates": 3, "shadow_params": [p.detach().clone() for p in trainable]},
+                "step": 3}, path)
+
+
+def save_ncsnv2_checkpoint(net, path, seed=1):
+    """NCSNv2's runner: [state_dict, optimizer, epoch, step, ema] with ``module.`` keys; the EMA keyed by unprefixed
+    names (here: the network's own weights)."""
+    torch.save([{f"module.{k}": v for k, v in _raw_weights(net, seed).items()},
+                torch.optim.Adam(net.parameters()).state_dict(), 1, 3,
+                {k: p.detach().clone() for k, p in net.named_parameters()}], path)

@@ -1,0 +1,305 @@
+"""The authors' checkpoint containers, read without executing code and mapped onto :mod:`purifiers.priors`.
+
+Each format is one :class:`CheckpointFormat` in :data:`FORMATS`: a ``matches(obj)`` test on the object that
+``torch.load(weights_only=True)`` returns and a ``load(obj, config, ema)`` that builds the network, loads the weights
+strictly and wraps it in the :class:`~purifiers.priors.Prior` of its convention. Adding a format is one
+:func:`register_format` call beside the others.
+
+* ``score_sde``: ``checkpoint_*.pth`` of yang-song/score_sde_pytorch (Song et al. 2021), as DiffPure and COUP use:
+  ``{"model", "ema", "optimizer", "step"}``, model keys prefixed ``module.``, the EMA as ``ema["shadow_params"]``, a
+  list over the trainable parameters in ``parameters()`` order. VP configs: network input ``999 t``, output epsilon,
+  [-1, 1] data; VE configs: sigma input, output the score.
+* ``ncsnv2``: ``checkpoint*.pth`` of ermongroup/ncsnv2 (Song & Ermon 2020), as ADP uses: a list
+  ``[state_dict, optimizer, epoch, step, ema]``, ``module.`` keys, the EMA a dict keyed by unprefixed names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from purifiers.conventions import VPSchedule
+from purifiers.priors import EpsilonPrior, NCSNv2Prior, Prior, VEScorePrior, load_state_dict_safely
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    name: str
+    description: str
+    matches: Callable[[object], bool]
+    load: Callable[[object, object, bool], Prior]  # (loaded object, config or None, use the EMA weights) -> Prior
+
+
+FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_format(name: str, description: str, matches: Callable[[object], bool],
+                    load: Callable[[object, object, bool], Prior]) -> None:
+    FORMATS[name] = CheckpointFormat(name, description, matches, load)
+
+
+def detect_format(obj) -> str | None:
+    """The name of the first registered format whose ``matches`` accepts ``obj``, or None."""
+    return next((fmt.name for fmt in FORMATS.values() if fmt.matches(obj)), None)
+
+
+def load_checkpoint(path: str, *, format: str | None = None, config=None, ema: bool = True) -> Prior:
+    """Read ``path`` safely, detect (or check) its format and return its prior, with ``describe()`` naming the format,
+    config and weights.
+
+    :param format: a name of :data:`FORMATS`; detected when None.
+    :param config: the network config: a known config name, a path to a JSON or YAML file (safe YAML only), or a dict;
+        when None it is inferred from the checkpoint's parameter names and shapes.
+    :param ema: use the EMA weights the container holds (the weights the authors sample and evaluate with).
+    """
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; known: {', '.join(FORMATS)}.")
+    obj = load_state_dict_safely(path)
+    detected = detect_format(obj)
+    if format is None and detected is None:
+        raise ValueError(f"cannot tell what checkpoint {path} is: {_summary(obj)}. Known formats: "
+                         + "; ".join(f"{f.name} ({f.description})" for f in FORMATS.values()) + ".")
+    name = format or detected
+    if not FORMATS[name].matches(obj):
+        raise ValueError(f"{path} is not a {name} checkpoint ({FORMATS[name].description}): {_summary(obj)}"
+                         + (f"; it looks like {detected}." if detected else "."))
+    prior = FORMATS[name].load(obj, read_config(config), ema)
+    prior.provenance = {"format": name, "file": os.path.basename(path), **prior.provenance}
+    return prior
+
+
+def read_config(config):
+    """A config argument as given (None, a name, a dict or a dataclass), or the mapping parsed from a ``.json`` /
+    ``.yaml`` / ``.yml`` file. YAML is read with ``yaml.safe_load``: files that need Python object tags (ncsnv2 writes
+    its run's ``config.yml`` that way) are refused."""
+    if not isinstance(config, (str, os.PathLike)) or not os.path.splitext(os.fspath(config))[1]:
+        return config
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    with open(path) as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        if not path.endswith((".yaml", ".yml")):
+            raise ValueError(f"config {path}: expected a .json, .yaml or .yml file, or a known config name.")
+        import yaml
+
+        try:
+            return yaml.safe_load(f)
+        except yaml.constructor.ConstructorError as err:
+            raise ValueError(f"config {path} needs unsafe YAML (it holds Python object tags such as "
+                             f"!!python/object:argparse.Namespace) and is not read. Copy its data: and model: sections "
+                             f"into a plain YAML or JSON file, or use the repository's configs/*.yml. ({err.problem})"
+                             ) from err
+
+
+def _summary(obj) -> str:
+    if isinstance(obj, dict):
+        return f"a dict with keys {list(obj)[:8]}"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)} entries ({', '.join(type(v).__name__ for v in obj[:6])})"
+    return f"a {type(obj).__name__}"
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _mismatch(net: nn.Module, state: dict) -> tuple[list, list, list]:
+    """(missing, unexpected, wrong-shape) keys of ``state`` against ``net.state_dict()``."""
+    ours = net.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in ours.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
+def _describe_mismatch(missing, unexpected, shapes, n=5) -> str:
+    parts = [f"{len(missing)} missing keys (first: {missing[:n]})" if missing else "",
+             f"{len(unexpected)} unexpected keys (first: {unexpected[:n]})" if unexpected else "",
+             f"{len(shapes)} shape mismatches (first: {shapes[:n]})" if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def _build(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a network on the meta device (no memory, no initialisation) to compare names and shapes."""
+    with torch.device("meta"):
+        return factory()
+
+
+def _load_strict(net_factory: Callable[[], nn.Module], state: dict, what: str) -> nn.Module:
+    missing, unexpected, shapes = _mismatch(_build(net_factory), state)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what}: the checkpoint does not match the network: "
+                         f"{_describe_mismatch(missing, unexpected, shapes)}.")
+    net = net_factory()
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# score_sde
+# --------------------------------------------------------------------------------------------------------------------
+
+def _is_score_sde(obj) -> bool:
+    return (isinstance(obj, dict) and {"model", "ema", "step"} <= set(obj) and _is_state_dict(obj["model"])
+            and isinstance(obj["ema"], dict) and "shadow_params" in obj["ema"])
+
+
+def _score_sde_config(config, state: dict):
+    from purifiers.nets import score_sde
+
+    if isinstance(config, score_sde.ScoreSDEConfig):
+        return config, "given"
+    if isinstance(config, str):
+        return score_sde.named_config(config), config
+    if isinstance(config, dict):
+        return score_sde.ScoreSDEConfig.from_mapping(config), "given"
+    if config is not None:
+        raise ValueError(f"score_sde config must be a name, a mapping or a file, got {type(config).__name__}.")
+    # Infer: the known config whose names and shapes all match (VP and VE NCSN++ differ by the Fourier embedding).
+    reports = {}
+    for name, candidate in score_sde.CONFIGS.items():
+        mismatch = _mismatch(_build(partial(score_sde.NCSNpp, candidate)), state)
+        if not any(mismatch):
+            return candidate, name
+        reports[name] = mismatch
+    closest = min(reports, key=lambda n: sum(map(len, reports[n])))
+    raise ValueError(f"score_sde checkpoint: no known config ({', '.join(score_sde.CONFIGS)}) matches its "
+                     f"parameters; closest {closest}: {_describe_mismatch(*reports[closest])}. Pass config= (a name, "
+                     "or a JSON/YAML file of the reference config's model and data fields) for another network.")
+
+
+def _load_score_sde(obj: dict, config, ema: bool) -> Prior:
+    from purifiers.nets.score_sde import NCSNpp
+
+    state = _strip_prefix(obj["model"])
+    cfg, config_name = _score_sde_config(config, state)
+    net = _load_strict(lambda: NCSNpp(cfg), state, f"score_sde ({config_name})")
+    weights = "model"
+    if ema:
+        shadow = obj["ema"]["shadow_params"]
+        # The EMA list follows parameters() over the trainable parameters only (not the frozen Fourier W).
+        trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        if len(shadow) != len(trainable):
+            raise ValueError(f"score_sde ({config_name}): ema['shadow_params'] holds {len(shadow)} tensors for "
+                             f"{len(trainable)} trainable parameters; the EMA does not belong to this network.")
+        bad = [n for (n, p), s in zip(trainable, shadow) if tuple(p.shape) != tuple(s.shape)]
+        if bad:
+            raise ValueError(f"score_sde ({config_name}): ema['shadow_params'] shapes differ from the parameters "
+                             f"(first: {bad[:5]}).")
+        with torch.no_grad():
+            for (_, p), s in zip(trainable, shadow):
+                p.copy_(s)
+        weights = "ema"
+    if cfg.sde == "vpsde":
+        prior = EpsilonPrior.vp(net, VPSchedule(cfg.beta_min, cfg.beta_max), time_scale=999.0)
+    else:
+        prior = VEScorePrior(net, data_range="pm1" if cfg.centered else "01")
+    prior.provenance = {"config": config_name, "weights": weights, "step": int(obj["step"])}
+    return prior
+
+
+register_format("score_sde", "yang-song/score_sde_pytorch checkpoint_*.pth: {model, ema, optimizer, step}",
+                _is_score_sde, _load_score_sde)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NCSNv2
+# --------------------------------------------------------------------------------------------------------------------
+
+def _is_ncsnv2(obj) -> bool:
+    # The reference saves a DataParallel state_dict ("module." keys); a re-saved bare one is accepted too.
+    return (isinstance(obj, (list, tuple)) and len(obj) >= 4 and _is_state_dict(obj[0])
+            and {"sigmas", "begin_conv.weight"} <= set(_strip_prefix(obj[0])))
+
+
+def _ncsnv2_config(config, state: dict):
+    from purifiers.nets import ncsnv2
+
+    if isinstance(config, ncsnv2.NCSNv2Config):
+        return config, "given"
+    if isinstance(config, str):
+        return ncsnv2.named_config(config), config
+    if isinstance(config, dict):
+        return ncsnv2.NCSNv2Config.from_mapping(config), "given"
+    if config is not None:
+        raise ValueError(f"NCSNv2 config must be a name, a mapping or a file, got {type(config).__name__}.")
+    # Infer the sizes from the weights; the data flags (logit_transform, rescaled) keep the reference configs' default
+    # (data on [0, 1]), as every released NCSNv2 config has them.
+    conv, sigmas = state["begin_conv.weight"], state["sigmas"]
+    return ncsnv2.NCSNv2Config(ngf=conv.shape[0], channels=conv.shape[1], num_classes=len(sigmas),
+                               sigma_begin=float(sigmas[0]), sigma_end=float(sigmas[-1])), "inferred from the weights"
+
+
+def _load_ncsnv2(obj, config, ema: bool) -> Prior:
+    from purifiers.nets.ncsnv2 import NCSNv2
+
+    state = _strip_prefix(obj[0])
+    cfg, config_name = _ncsnv2_config(config, state)
+    # The sigmas buffer is part of the checkpoint; it overrides the config's (equal up to float rounding).
+    net = _load_strict(lambda: NCSNv2(cfg), state, f"ncsnv2 ({config_name})")
+    weights = "model"
+    if ema and len(obj) >= 5 and isinstance(obj[4], dict):
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        missing = [n for n in names if n not in obj[4]]
+        unexpected = [k for k in obj[4] if k not in dict(net.named_parameters())]
+        if missing or unexpected:
+            raise ValueError(f"ncsnv2 ({config_name}): the EMA entry does not match the network: "
+                             f"{_describe_mismatch(missing, unexpected, [])}.")
+        net.load_state_dict(obj[4], strict=False)
+        weights = "ema"
+    elif ema:
+        weights = "model (the checkpoint holds no EMA)"
+    prior = NCSNv2Prior(net, data_range="pm1" if cfg.rescaled else "01")
+    prior.provenance = {"config": config_name, "weights": weights, "step": int(obj[3])}
+    return prior
+
+
+register_format("ncsnv2", "ermongroup/ncsnv2 checkpoint*.pth: [state_dict, optimizer, epoch, step, ema]",
+                _is_ncsnv2, _load_ncsnv2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cards of the known public checkpoints (purifiers/cards/*.json)
+# --------------------------------------------------------------------------------------------------------------------
+
+CARDS_DIR = os.path.join(os.path.dirname(__file__), "cards")
+
+
+def known_cards() -> list[dict]:
+    cards = []
+    for name in sorted(os.listdir(CARDS_DIR)):
+        if name.endswith(".json"):
+            with open(os.path.join(CARDS_DIR, name)) as f:
+                cards.append(json.load(f))
+    return cards
+
+
+def find_card(description: dict) -> dict | None:
+    """The card of a known checkpoint with the format, config and parameter count that ``Prior.describe()`` reports
+    (and, where the card names a file, the same file name), or None. The counts were taken from the reference
+    implementations' networks."""
+    for card in known_cards():
+        if card["format"] != description.get("format"):
+            continue
+        config = card.get("config")
+        if config not in (None, "inferred from the weights") and config != description.get("config"):
+            continue
+        if card.get("file_name") and description.get("file") and card["file_name"] != description["file"]:
+            continue
+        if card.get("parameters") is not None and card["parameters"] != description.get("parameters"):
+            continue
+        return card
+    return None
