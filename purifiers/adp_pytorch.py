@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from purifiers.adp import ADP, DEFAULT_CONDITIONING, NOISY_INPUT_RANGE, PAPER_LAMBDA, PAPER_STEPS, PAPER_TAU
 from purifiers.art_base import PurifierPyTorch

@@ -116,7 +116,7 @@ def test_reproduce_cifar10_paper_defenses_run_with_each_checkpoint_format(name, 
     result = reproduce.reproduce(reproduce.build_parser().parse_args(
         ["--dataset", "cifar10", "--data-dir", str(checkpoints["data"]), "--prior", str(path),
          "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp",
-         "--attacks", "blind-pgd", "--n", "2", "--out", str(out), "--quiet"]))
+         "--attacks", "BlindPGD", "--n", "2", "--out", str(out), "--quiet"]))
     assert "adp" in {row["defense"] for row in result["rows"]}
     assert (out / "reproduce_cifar10.md").exists()
 
