@@ -4,8 +4,8 @@ Entries are grouped by ``<dataset>/<threat_model>`` (the folder layout RobustBen
 robustbench`` write) and sorted as RobustBench's ``leaderboard/template.py`` sorts them (``ACC_FIELDS`` of Linf/L2 is
 ``("external", "autoattack_acc")``: ``external`` when the entry has it, else ``autoattack_acc``, descending). The
 columns follow RobustBench's site: "Best known robust accuracy" shows ``external`` or ``autoattack_acc``; "AA eval.
-potentially unreliable" shows ☑ / × / Unknown. robustbench 1.1.1's wheel lacks the jinja template its renderer needs
-(``../shared/reference/rb_aa_ta.md`` §1.3), so the tables are rendered here; footnotes are escaped, not trusted HTML.
+potentially unreliable" shows ☑ / × / Unknown. robustbench 1.1.1's wheel lacks the jinja template its renderer needs,
+so the tables are rendered here; footnotes are escaped, not trusted HTML.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The single module through which this package imports robustbench 1.1.1.
 
-robustbench 1.1.1 cannot be imported as installed from the registry (``../shared/reference/rb_aa_ta.md`` §0):
+robustbench 1.1.1 cannot be imported as installed from the registry:
 
 * ``robustbench/loaders.py`` imports ``pkg_resources``, which setuptools >= 82 no longer ships: we provide the one
   function it uses, ``resource_filename``, when the real module is missing;
