@@ -284,12 +284,17 @@ def _resolve_diffusers_folder(path: str) -> str | None:
 
 
 def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_input: str = "ddpm",
-               device: str | torch.device = "cpu", **gaussian_kwargs) -> Prior:
+               device: str | torch.device = "cpu", format: str | None = None, config=None,
+               **gaussian_kwargs) -> Prior:
     """Return a :class:`Prior` for ``source``.
 
     :param source: one of
         * ``"gaussian"``: a :class:`GaussianPrior` (``mean=``, ``std=`` keyword arguments);
         * a path to a built-in prior ``.safetensors`` file (as shipped in ``benchmarks/models/``);
+        * a path to an NVlabs EDM ``.pkl`` (read without executing it), an EDM or guided-diffusion state_dict
+          (``.pt``/``.safetensors``); ``format=`` ("edm-pickle", "edm-state-dict", "guided-diffusion") and
+          ``config=`` (constructor arguments, a JSON file or a preset name) override the detection: see
+          :mod:`purifiers.formats_edm_adm`;
         * a path to a local diffusers folder holding a ``UNet2DModel`` (e.g. a download of ``google/ddpm-cifar10-32``,
           or its ``unet/`` subfolder): DDPM epsilon-prediction on [-1, 1] with 1000 linear betas;
         * a ``torch.nn.Module``: with ``kind="denoiser"`` it is called ``module(x, sigma)`` on ``data_range`` data
@@ -316,8 +321,13 @@ def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_
         path = os.fspath(source)
         if not os.path.exists(path):
             raise ValueError(f"prior path {path!r} does not exist.")
+        from purifiers.formats_edm_adm import load_checkpoint_prior
+
         folder = _resolve_diffusers_folder(path) if os.path.isdir(path) else None
-        if folder is not None:
+        checkpoint_prior = None if folder is not None else load_checkpoint_prior(path, format, config)
+        if checkpoint_prior is not None:
+            prior = checkpoint_prior
+        elif folder is not None:
             prior = EpsilonPrior.ddpm(_load_diffusers_unet(folder), _diffusers_schedule(folder))
         elif path.endswith(".safetensors"):
             prior = _load_builtin_prior(path)

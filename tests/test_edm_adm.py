@@ -1,0 +1,385 @@
+"""The authors' checkpoints: EDM networks and pickles (read without running their code), guided-diffusion's ADM.
+
+Architecture fixtures (``tests/fixtures/*.json``) hold ``{name: shape}`` of ``state_dict()`` recorded from the
+reference implementations (repository and commit inside each file), never from this package's code.
+"""
+
+import builtins
+import collections
+import copyreg
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from purifiers import conventions
+from purifiers.edm_pickle import ALLOWED_GLOBALS, RestrictedUnpickler, read_edm_pickle
+from purifiers.formats_edm_adm import EDM_PRESETS, PreconditionedPrior, load_edm_pickle
+from purifiers.nets import adm, edm
+from purifiers.priors import load_prior
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GEN = torch.Generator().manual_seed(0)
+
+# Small configurations (fast on CPU) of each EDM flavour; 16x16 images.
+SMALL_DDPMPP = dict(class_name="EDMPrecond", img_resolution=16, img_channels=3, model_type="SongUNet",
+                    model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9,
+                    dropout=0.13, embedding_type="positional", channel_mult_noise=1, resample_filter=[1, 1])
+SMALL_NCSNPP = dict(SMALL_DDPMPP, embedding_type="fourier", encoder_type="residual", channel_mult_noise=2,
+                    resample_filter=[1, 3, 3, 1])
+SMALL_ADM = dict(image_size=16, model_channels=32, num_res_blocks=1, attention_resolutions=[8], learn_sigma=True,
+                 channel_mult=[1, 2], num_head_channels=16, resblock_updown=True, use_scale_shift_norm=True)
+
+
+def _build(config, precond=None):
+    config = dict(config)
+    cls = edm.PRECONDITIONERS[precond or config.pop("class_name")]
+    config.pop("class_name", None)
+    torch.manual_seed(0)
+    net = cls(**config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.1, generator=GEN)
+    return net
+
+
+def _images(n=2, side=16, channels=3):
+    return 0.2 + 0.6 * torch.rand(n, channels, side, side, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Architectures against the reference-recorded fixtures
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _fixture(name):
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["edm_cifar10_32x32_uncond_vp", "edm_cifar10_32x32_uncond_ve",
+                                  "edm_imagenet_64x64_cond_adm", "adm_256x256_uncond"])
+def test_state_dict_names_and_shapes_equal_the_reference(name):
+    fixture = _fixture(name)
+    assert len(fixture["commit"]) == 40
+    config = dict(fixture["config"])
+    with torch.device("meta"):  # full-size networks: shapes only
+        if name.startswith("adm"):
+            net = adm.ADMUNet(**adm.PRESETS["256x256_uncond"])
+        else:
+            net = edm.PRECONDITIONERS[config.pop("class_name")](**config)
+    ours = [(k, list(v.shape)) for k, v in net.state_dict().items()]
+    assert ours == list(fixture["state_dict"].items())
+
+
+def test_edm_presets_are_the_recorded_configs():
+    for preset, fixture in (("edm-cifar10-32x32-uncond-vp", "edm_cifar10_32x32_uncond_vp"),
+                            ("edm-cifar10-32x32-uncond-ve", "edm_cifar10_32x32_uncond_ve")):
+        recorded = _fixture(fixture)["config"]
+        assert {k: v for k, v in EDM_PRESETS[preset].items() if k != "use_fp16"} == \
+            {k: v for k, v in recorded.items() if k != "use_fp16"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preconditioning (EDM Table 1), hand-computed
+# ----------------------------------------------------------------------------------------------------------------------
+
+# sigma on [-1, 1]: (c_skip, c_out, c_in, c_noise), computed by hand from Table 1 (sigma_data = 0.5; VP beta_min 0.1,
+# beta_d 19.9, M = 1000: c_noise = 999 (sqrt(0.01 + 39.8 ln(1 + s^2)) - 0.1) / 19.9).
+HAND = {
+    "EDMPrecond": {1.0: (0.2, 0.4472136, 0.8944272, 0.0), 0.2: (0.8620690, 0.1856953, 1.8569534, -0.4023595)},
+    "VPPrecond": {1.0: (1.0, -1.0, 0.7071068, 258.70130), 0.2: (1.0, -0.2, 0.9805807, 57.901295)},
+    "VEPrecond": {1.0: (1.0, 1.0, 1.0, -0.6931472), 0.2: (1.0, 0.2, 1.0, -2.3025851)},
+}
+COEFFICIENTS = {"EDMPrecond": conventions.edm_preconditioning, "VPPrecond": conventions.vp_preconditioning,
+                "VEPrecond": conventions.ve_preconditioning}
+
+
+@pytest.mark.parametrize("precond", sorted(HAND))
+def test_preconditioning_coefficients_match_table_1(precond):
+    for sigma, expected in HAND[precond].items():
+        got = [float(c) for c in COEFFICIENTS[precond](torch.tensor(sigma, dtype=torch.float64))]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+class _RecordingNet(nn.Module):
+    """Stands in for the U-Net: records its inputs and returns a fixed F."""
+
+    def forward(self, x, c_noise, class_labels=None):
+        self.seen = (x.clone(), c_noise.clone())
+        return torch.full_like(x, 0.3)
+
+
+@pytest.mark.parametrize("precond", sorted(HAND))
+def test_preconditioner_applies_its_coefficients(precond):
+    net = _build(SMALL_DDPMPP, precond)
+    net.model = _RecordingNet()
+    x, sigma = torch.randn(2, 3, 16, 16, generator=GEN), torch.tensor([1.0, 0.2])
+    out = net(x, sigma)
+    for i, s in enumerate((1.0, 0.2)):
+        c_skip, c_out, c_in, c_noise = HAND[precond][s]
+        torch.testing.assert_close(net.model.seen[0][i], c_in * x[i], rtol=1e-5, atol=1e-6)
+        assert float(net.model.seen[1][i]) == pytest.approx(c_noise, rel=1e-5, abs=1e-5)
+        torch.testing.assert_close(out[i], c_skip * x[i] + c_out * 0.3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [SMALL_DDPMPP, SMALL_NCSNPP], ids=["ddpmpp", "ncsnpp"])
+def test_prior_score_is_tweedie_on_the_pixel_scale(config):
+    """Pixel sigma 0.1 is EDM sigma 0.2: D_pixel = (c_skip y + c_out F(c_in y, ln(0.2)/4) + 1)/2 with y = 2x - 1, and
+    the score is (D_pixel - x) / 0.1^2."""
+    net = _build(config)
+    prior = PreconditionedPrior(net, "test")
+    x = _images()
+    y = 2 * x - 1
+    c_skip, c_out, c_in, c_noise = HAND["EDMPrecond"][0.2]
+    with torch.no_grad():
+        f = net.model(c_in * y, torch.full((2,), c_noise))
+        expected_d = (c_skip * y + c_out * f + 1) / 2
+        torch.testing.assert_close(prior.denoise(x, 0.1), expected_d, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(prior.score(x, 0.1), (expected_d - x) / 0.01, rtol=1e-4, atol=1e-3)
+    assert f.abs().max() > 0.1  # the network contributes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EDM pickles: a test-only writer of torch_utils.persistence's layout
+# ----------------------------------------------------------------------------------------------------------------------
+
+# What a real EDM pickle embeds is the source of training/networks.py; executing it is what a normal unpickle does.
+# This one marks and refuses its own execution.
+EMBEDDED_SOURCE = ("import builtins\nbuiltins._edm_embedded_source_ran = True\n"
+                   "raise RuntimeError('the embedded source of the pickle was executed')\n")
+
+
+def _fake_reconstruct(meta):
+    """What torch_utils.persistence._reconstruct_persistent_obj does first: exec the embedded module source."""
+    exec(meta["module_src"], {})  # the test's own harmless source, run only to prove a plain unpickle runs it
+
+
+class _Persistent:
+    """Pickles as EDM's persistent classes do: ``_reconstruct_persistent_obj({type, version, module_src, class_name,
+    state})``, state being the module's ``__dict__``."""
+
+    def __init__(self, class_name, state):
+        self.meta = dict(type="class", version=6, module_src=EMBEDDED_SOURCE, class_name=class_name, state=state)
+
+    def __reduce__(self):
+        return _fake_reconstruct, (self.meta,)
+
+
+class _ModuleDictState:
+    """Pickles as a plain ``torch.nn.ModuleDict`` does (protocol >= 2: NEWOBJ of the class, then BUILD)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    # pickle writes NEWOBJ only for an object of the class it names, so this stand-in reports that class.
+    __class__ = property(lambda self: nn.ModuleDict)
+
+    def __reduce__(self):
+        return copyreg.__newobj__, (nn.ModuleDict,), self.state
+
+
+def _module_state(module, init_kwargs=None):
+    state = {"training": False, "_parameters": collections.OrderedDict(module._parameters),
+             "_buffers": collections.OrderedDict(module._buffers),
+             "_non_persistent_buffers_set": set(module._non_persistent_buffers_set),
+             "_backward_hooks": collections.OrderedDict(), "_forward_hooks": collections.OrderedDict(),
+             "_modules": collections.OrderedDict((n, _persisted(c)) for n, c in module._modules.items()),
+             "_init_args": (), "_init_kwargs": init_kwargs or {}}
+    if isinstance(module, edm.UNetBlock):
+        state["skip_scale"] = np.float64(module.skip_scale)  # EDM stores np.sqrt(0.5): a numpy scalar global
+    return state
+
+
+def _persisted(module, init_kwargs=None):
+    if module is None:
+        return None
+    if type(module) is nn.ModuleDict:
+        return _ModuleDictState(_module_state(module))
+    return _Persistent(type(module).__name__, _module_state(module, init_kwargs))
+
+
+@pytest.fixture
+def fake_torch_utils(monkeypatch):
+    """``torch_utils.persistence`` as pickle needs it to write the global (and a plain unpickle to resolve it)."""
+    package, persistence = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    persistence._reconstruct_persistent_obj = _fake_reconstruct
+    _fake_reconstruct.__module__, _fake_reconstruct.__qualname__ = persistence.__name__, "_reconstruct_persistent_obj"
+    package.persistence = persistence
+    monkeypatch.setitem(sys.modules, "torch_utils", package)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
+    yield
+    if hasattr(builtins, "_edm_embedded_source_ran"):
+        del builtins._edm_embedded_source_ran
+
+
+def _write_edm_snapshot(path, net, config, extra_ema=None):
+    kwargs = {k: v for k, v in config.items() if k != "class_name"}
+    ema = _persisted(net, kwargs) if extra_ema is None else extra_ema
+    snapshot = {"ema": ema, "loss_fn": _Persistent("EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5}),
+                "augment_pipe": _Persistent("AugmentPipe", {"p": 0.12}),
+                "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "resolution": 16}}
+    with open(path, "wb") as f:
+        pickle.dump(snapshot, f, protocol=4)
+
+
+@pytest.mark.parametrize("config", [SMALL_DDPMPP, SMALL_NCSNPP], ids=["ddpmpp", "ncsnpp"])
+def test_edm_pickle_loads_without_running_its_code(tmp_path, fake_torch_utils, config):
+    net = _build(config)
+    path = tmp_path / "edm-snapshot.pkl"
+    _write_edm_snapshot(path, net, config)
+    raw = path.read_bytes()
+    assert b"torch_utils.persistence" in raw and b"_edm_embedded_source_ran" in raw
+    with pytest.raises(RuntimeError, match="embedded source of the pickle was executed"):
+        pickle.loads(raw)  # the layout is genuine: a normal unpickle runs the embedded source
+    assert builtins.__dict__.pop("_edm_embedded_source_ran")
+
+    prior = load_prior(str(path))
+    assert not hasattr(builtins, "_edm_embedded_source_ran")
+    assert isinstance(prior, PreconditionedPrior) and isinstance(prior.precond, edm.EDMPrecond)
+    assert prior.describe()["format"] == "edm-pickle"
+    assert prior.describe()["parameter_count"] == sum(p.numel() for p in net.parameters())
+    x, sigma = 2 * _images() - 1, torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(prior.precond(x, sigma), net(x, sigma), rtol=0, atol=0)
+    assert prior.precond.model.map_augment.weight.shape == (config["model_channels"] * config["channel_mult_noise"], 9)
+
+
+def test_both_numpy_spellings_of_the_scalar_global_are_accepted():
+    value = np.float64(math.sqrt(0.5))
+    written = pickle.dumps(value, protocol=3)  # protocol 3 names globals as text: "c<module>\n<name>\n"
+    spelling = next(m for m in (b"numpy._core.multiarray", b"numpy.core.multiarray") if b"c" + m + b"\n" in written)
+    for module in (b"numpy.core.multiarray", b"numpy._core.multiarray"):  # numpy < 2 and numpy >= 2
+        crafted = written.replace(b"c" + spelling + b"\n", b"c" + module + b"\n")
+        assert RestrictedUnpickler(io.BytesIO(crafted)).load() == value
+
+
+@pytest.mark.parametrize("payload, name", [
+    (b"cos\nsystem\n(S'echo pwned'\ntR.", "os.system"),
+    (b"cbuiltins\neval\n(S'1+1'\ntR.", "builtins.eval"),
+    (b"ctorch_utils.persistence\n_src_to_module\n(S'x'\ntR.", "torch_utils.persistence._src_to_module"),
+])
+def test_other_globals_are_refused(tmp_path, payload, name):
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        load_prior(str(path))
+
+
+def test_unknown_persistent_class_is_refused_by_name(tmp_path, fake_torch_utils):
+    net = _build(SMALL_DDPMPP)
+    path = tmp_path / "unknown.pkl"
+    _write_edm_snapshot(path, net, SMALL_DDPMPP, extra_ema=_Persistent("StealthNet", {"_init_kwargs": {}}))
+    with pytest.raises(ValueError, match="unknown class 'StealthNet'"):
+        load_prior(str(path))
+    assert not hasattr(builtins, "_edm_embedded_source_ran")
+
+
+def test_bad_edm_files_give_clear_errors(tmp_path, fake_torch_utils):
+    net = _build(SMALL_DDPMPP)
+    good = tmp_path / "good.pkl"
+    _write_edm_snapshot(good, net, SMALL_DDPMPP)
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="not a readable EDM pickle"):
+        load_prior(str(truncated))
+    text = tmp_path / "notes.pkl"
+    text.write_text("these are not weights\n")
+    with pytest.raises(ValueError, match="not a readable EDM pickle"):
+        load_prior(str(text))
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"loss": 1.0}, f)
+    with pytest.raises(ValueError, match="without 'ema'"):
+        load_prior(str(tmp_path / "plain.pkl"))
+    # Constructor arguments that do not describe the stored tensors (another configuration).
+    wrong = tmp_path / "wrong.pkl"
+    kwargs = {k: v for k, v in SMALL_DDPMPP.items() if k != "class_name"}
+    _write_edm_snapshot(wrong, net, SMALL_DDPMPP, extra_ema=_Persistent(
+        "EDMPrecond", _module_state(net, dict(kwargs, model_channels=32))))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_prior(str(wrong))
+    assert isinstance(read_edm_pickle(str(good)), dict)
+
+
+def test_allowed_globals_are_few_and_inert():
+    assert not any(module in ("os", "posix", "subprocess", "builtins", "sys") for module, _ in ALLOWED_GLOBALS)
+    assert all(module != "torch_utils.persistence" or name == "_reconstruct_persistent_obj"
+               for module, name in ALLOWED_GLOBALS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EDM and ADM state_dict files
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_edm_state_dict_files_load_with_a_config(tmp_path):
+    from safetensors.torch import save_file
+
+    net = _build(SMALL_NCSNPP)
+    x, sigma = 2 * _images() - 1, torch.tensor([0.5, 5.0])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "edm.safetensors")
+    torch.save(net.model.state_dict(), tmp_path / "inner.pt")  # the inner SongUNet's names, without "model."
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_NCSNPP))
+    for path, config in ((tmp_path / "edm.safetensors", SMALL_NCSNPP), (tmp_path / "inner.pt", tmp_path / "config.json")):
+        prior = load_prior(str(path), config=config if isinstance(config, dict) else str(config))
+        assert prior.describe()["format"] == "edm-state-dict"
+        with torch.no_grad():
+            torch.testing.assert_close(prior.precond(x, sigma), net(x, sigma), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="matches none of the known configurations"):
+        load_prior(str(tmp_path / "edm.safetensors"))  # no config, and not a released configuration
+    with pytest.raises(ValueError, match="does not fit"):
+        load_prior(str(tmp_path / "edm.safetensors"), config=SMALL_DDPMPP)  # another architecture
+
+
+def _small_adm():
+    torch.manual_seed(0)
+    unet = adm.ADMUNet(**SMALL_ADM).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.05, generator=GEN)
+    return unet
+
+
+def test_adm_state_dict_fp16_loads_runs_float32_and_uses_the_epsilon_channels(tmp_path):
+    unet = _small_adm()
+    torch.save({k: v.half() for k, v in unet.state_dict().items()}, tmp_path / "adm.pt")  # fp16 weights
+    prior = load_prior(str(tmp_path / "adm.pt"), config=SMALL_ADM)  # detected from the names
+    assert prior.describe()["format"] == "guided-diffusion"
+    assert all(p.dtype == torch.float32 for p in prior.parameters())
+    reference = adm.ADMUNet(**SMALL_ADM).eval()
+    reference.load_state_dict({k: v.half().float() for k, v in unet.state_dict().items()})
+    x_t, t = torch.randn(2, 3, 16, 16, generator=GEN), torch.tensor([50.0, 400.0])
+    with torch.no_grad():
+        full = reference(x_t, t)
+        eps = prior.model(x_t, t)
+    assert full.shape[1] == 6 and full.dtype == torch.float32
+    torch.testing.assert_close(eps, full[:, :3], rtol=0, atol=0)
+    # The prior's denoiser: D = (y - s eps(y / sqrt(1 + s^2), t(s)) + 1) / 2 with the DDPM timestep of s.
+    x, sigma = _images(), 0.05
+    y, s = 2 * x - 1, 0.1
+    step = conventions.DDPMSchedule().timestep_of_sigma(torch.tensor([sigma] * 2)).float()
+    with torch.no_grad():
+        expected = (y - s * reference(y / math.sqrt(1 + s**2), step)[:, :3] + 1) / 2
+        torch.testing.assert_close(prior.denoise(x, sigma), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_adm_bad_input_gives_clear_errors(tmp_path):
+    unet = _small_adm()
+    torch.save(unet.state_dict(), tmp_path / "adm.pt")
+    with pytest.raises(ValueError, match="matches none of the known configurations"):
+        load_prior(str(tmp_path / "adm.pt"))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_prior(str(tmp_path / "adm.pt"), config=dict(SMALL_ADM, model_channels=64))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_prior(str(tmp_path / "adm.pt"), format="edm-state-dict", config=SMALL_DDPMPP)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "adm.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="refusing to load|cut.pt"):
+        load_prior(str(tmp_path / "cut.pt"), format="guided-diffusion", config=SMALL_ADM)
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        load_prior(str(tmp_path / "adm.pt"), format="stylegan")
