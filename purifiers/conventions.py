@@ -141,8 +141,8 @@ def _log1p(v):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# EDM preconditioning (Karras et al. 2022, Table 1): D(x, s) = c_skip x + c_out F(c_in x, c_noise), with x on [-1, 1] and
-# s the noise level on that scale (twice the pixel sigma). Each returns (c_skip, c_out, c_in, c_noise).
+# EDM preconditioning (Karras et al. 2022, Table 1): D(x, s) = c_skip x + c_out F(c_in x, c_noise), with x on [-1, 1]
+# and s the noise level on that scale (twice the pixel sigma). Each returns (c_skip, c_out, c_in, c_noise).
 # ----------------------------------------------------------------------------------------------------------------------
 
 def edm_preconditioning(sigma_pm1, sigma_data: float = 0.5):

@@ -180,7 +180,7 @@ def network_from_persisted(record) -> edm._Precond:
 
 
 def load_checked_state_dict(net: torch.nn.Module, state: dict, what: str) -> None:
-    """``load_state_dict`` (cast to float32) with a ``ValueError`` that lists missing, unexpected and mis-shaped names."""
+    """``load_state_dict`` (cast to float32), or a ``ValueError`` listing missing, unexpected and mis-shaped names."""
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -326,7 +326,8 @@ def test_edm_state_dict_files_load_with_a_config(tmp_path):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "edm.safetensors")
     torch.save(net.model.state_dict(), tmp_path / "inner.pt")  # the inner SongUNet's names, without "model."
     (tmp_path / "config.json").write_text(json.dumps(SMALL_NCSNPP))
-    for path, config in ((tmp_path / "edm.safetensors", SMALL_NCSNPP), (tmp_path / "inner.pt", tmp_path / "config.json")):
+    for path, config in ((tmp_path / "edm.safetensors", SMALL_NCSNPP),
+                         (tmp_path / "inner.pt", tmp_path / "config.json")):
         prior = load_prior(str(path), config=config if isinstance(config, dict) else str(config))
         assert prior.describe()["format"] == "edm-state-dict"
         with torch.no_grad():
@@ -383,3 +384,68 @@ def test_adm_bad_input_gives_clear_errors(tmp_path):
         load_prior(str(tmp_path / "cut.pt"), format="guided-diffusion", config=SMALL_ADM)
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         load_prior(str(tmp_path / "adm.pt"), format="stylegan")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The papers' defenses end to end on tiny fakes (plumbing: random networks are no priors)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _tiny_cifar_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 10))
+
+
+def test_cifar10_scoreopt_with_an_edm_pickle_prior(tmp_path, fake_torch_utils, monkeypatch):
+    """``python -m benchmarks reproduce --dataset cifar10 --prior edm.pkl``: paper-default ScoreOpt (ScoreOpt-O) on a
+    fake CIFAR-10 folder with a small random EDM network written in EDM's pickle layout."""
+    from benchmarks import reproduce
+
+    config = dict(SMALL_DDPMPP, img_resolution=32, model_channels=8, attn_resolutions=[])
+    net = _build(config)
+    with torch.no_grad():  # a random F is O(1): keep its contribution small so the iterates stay in range
+        net.model.dec["32x32_aux_conv"].weight.mul_(1e-2)
+    _write_edm_snapshot(tmp_path / "edm.pkl", net, config)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [3, 5]}, f)
+    module = types.ModuleType("_edm_adm_fakes")
+    module.classifier = _tiny_cifar_classifier
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    result = reproduce.reproduce(reproduce.build_parser().parse_args(
+        ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--prior", str(tmp_path / "edm.pkl"),
+         "--classifier", f"{module.__name__}:classifier", "--defenses", "scoreopt",
+         "--attacks", "blind-pgd", "--n", "2", "--out", str(tmp_path / "rep"), "--quiet"]))
+    assert {row["defense"] for row in result["rows"] if "defense" in row} >= {"scoreopt"}
+    assert not hasattr(builtins, "_edm_embedded_source_ran")
+
+
+def test_imagenet_style_diffpure_with_an_adm_prior_resizes_around_purification(tmp_path):
+    """DiffPure's ImageNet convention on fakes: 12x12 inputs purified at the ADM network's 16x16, returned at 12x12.
+    A random epsilon network denoises nothing, so the reverse SDE only adds noise: t* = 0.05 (not ImageNet's 0.15)
+    keeps the iterates in the range the prior checks."""
+    from purifiers import DiffPurePyTorch
+
+    unet = _small_adm()
+    with torch.no_grad():  # a random epsilon is O(1): keep it small so the reverse SDE stays in range
+        unet.out[2].weight.mul_(1e-2)
+    torch.save({k: v.half() for k, v in unet.state_dict().items()}, tmp_path / "adm.pt")
+    prior = load_prior(str(tmp_path / "adm.pt"), config=SMALL_ADM)
+    seen = []
+    prior.model.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    purifier = DiffPurePyTorch(prior, t_star=0.05, resize_to=16, seed=0, device_type="cpu")
+    x = _images(side=12).numpy()
+    purified, _ = purifier(x)
+    assert purified.shape == x.shape and np.isfinite(purified).all()
+    assert seen and set(seen) == {(2, 3, 16, 16)} and len(seen) == 50  # Euler steps at dt = 1e-3
+    assert purifier.resize_to == 16
+
+
+def test_resize_to_must_be_a_positive_side():
+    from purifiers.priors import GaussianPrior
+    from purifiers.vpsde import DiffPure
+
+    for bad in (0, -3, 2.5, "256"):
+        with pytest.raises(ValueError, match="resize_to"):
+            DiffPure(GaussianPrior(), resize_to=bad)
