@@ -72,7 +72,7 @@ class PreconditionedPrior(Prior):
         time_input = {"EDMPrecond": "c_noise = ln(sigma_pm1) / 4", "VPPrecond": "c_noise = 999 t(sigma_pm1)",
                       "VEPrecond": "c_noise = ln(sigma_pm1 / 2)"}[kind]
         return {"format": self.source_format, "architecture": f"{kind}/{self.precond.model_type}",
-                "data_range": "[-1, 1]", "noise_parametrisation": f"EDM {kind} preconditioning (Karras et al. 2022, "
+                "data_range": "pm1", "noise_parametrisation": f"EDM {kind} preconditioning (Karras et al. 2022, "
                 "Table 1), sigma_pm1 = 2 x pixel sigma", "time_input": time_input,
                 "parameter_count": _parameter_count(self.precond)}
 
@@ -98,7 +98,7 @@ class ADMPrior(EpsilonPrior):
 
     def describe(self) -> dict:
         return {"format": ADM_STATE_DICT, "architecture": "guided-diffusion UNetModel",
-                "data_range": "[-1, 1]", "noise_parametrisation": "epsilon (first 3 of 6 output channels), DDPM "
+                "data_range": "pm1", "noise_parametrisation": "epsilon (first 3 of 6 output channels), DDPM "
                 "1000 linear betas 1e-4..0.02", "time_input": "DDPM timestep 0..999 (fractional)",
                 "parameter_count": _parameter_count(self.model)}
 

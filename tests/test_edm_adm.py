@@ -36,6 +36,8 @@ SMALL_DDPMPP = dict(class_name="EDMPrecond", img_resolution=16, img_channels=3, 
                     dropout=0.13, embedding_type="positional", channel_mult_noise=1, resample_filter=[1, 1])
 SMALL_NCSNPP = dict(SMALL_DDPMPP, embedding_type="fourier", encoder_type="residual", channel_mult_noise=2,
                     resample_filter=[1, 3, 3, 1])
+SMALL_DHARIWAL = dict(class_name="EDMPrecond", img_resolution=16, img_channels=3, model_type="DhariwalUNet",
+                      model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
 SMALL_ADM = dict(image_size=16, model_channels=32, num_res_blocks=1, attention_resolutions=[8], learn_sigma=True,
                  channel_mult=[1, 2], num_head_channels=16, resblock_updown=True, use_scale_shift_norm=True)
 
@@ -230,7 +232,9 @@ def _write_edm_snapshot(path, net, config, extra_ema=None):
         pickle.dump(snapshot, f, protocol=4)
 
 
-@pytest.mark.parametrize("config", [SMALL_DDPMPP, SMALL_NCSNPP], ids=["ddpmpp", "ncsnpp"])
+@pytest.mark.parametrize("config", [SMALL_DDPMPP, SMALL_NCSNPP, dict(SMALL_DDPMPP, class_name="VPPrecond"),
+                                    dict(SMALL_NCSNPP, class_name="VEPrecond"), SMALL_DHARIWAL],
+                         ids=["edm-ddpmpp", "edm-ncsnpp", "vp-ddpmpp", "ve-ncsnpp", "edm-adm"])
 def test_edm_pickle_loads_without_running_its_code(tmp_path, fake_torch_utils, config):
     net = _build(config)
     path = tmp_path / "edm-snapshot.pkl"
@@ -243,13 +247,15 @@ def test_edm_pickle_loads_without_running_its_code(tmp_path, fake_torch_utils, c
 
     prior = load_prior(str(path))
     assert not hasattr(builtins, "_edm_embedded_source_ran")
-    assert isinstance(prior, PreconditionedPrior) and isinstance(prior.precond, edm.EDMPrecond)
+    assert isinstance(prior, PreconditionedPrior) and type(prior.precond) is edm.PRECONDITIONERS[config["class_name"]]
     assert prior.describe()["format"] == "edm-pickle"
     assert prior.describe()["parameter_count"] == sum(p.numel() for p in net.parameters())
     x, sigma = 2 * _images() - 1, torch.tensor([0.3, 2.0])
     with torch.no_grad():
         torch.testing.assert_close(prior.precond(x, sigma), net(x, sigma), rtol=0, atol=0)
-    assert prior.precond.model.map_augment.weight.shape == (config["model_channels"] * config["channel_mult_noise"], 9)
+    if "augment_dim" in config:  # the augmentation-label layer of the released CIFAR-10 networks is kept
+        noise_channels = config["model_channels"] * config["channel_mult_noise"]
+        assert prior.precond.model.map_augment.weight.shape == (noise_channels, 9)
 
 
 def test_both_numpy_spellings_of_the_scalar_global_are_accepted():
@@ -336,6 +342,10 @@ def test_edm_state_dict_files_load_with_a_config(tmp_path):
         load_prior(str(tmp_path / "edm.safetensors"))  # no config, and not a released configuration
     with pytest.raises(ValueError, match="does not fit"):
         load_prior(str(tmp_path / "edm.safetensors"), config=SMALL_DDPMPP)  # another architecture
+    conditional = _build(dict(SMALL_DDPMPP, label_dim=5))
+    save_file({k: v.contiguous() for k, v in conditional.state_dict().items()}, tmp_path / "cond.safetensors")
+    with pytest.raises(ValueError, match="class-conditional"):
+        load_prior(str(tmp_path / "cond.safetensors"), config=dict(SMALL_DDPMPP, label_dim=5))
 
 
 def _small_adm():
