@@ -81,6 +81,23 @@ def test_state_dict_names_and_shapes_equal_the_reference(name):
     assert ours == list(fixture["state_dict"].items())
 
 
+@pytest.mark.parametrize("name, loader, preset", [
+    ("adm_256x256_uncond", "adm", "256x256_uncond"),
+    ("edm_cifar10_32x32_uncond_vp", "edm", "edm-cifar10-32x32-uncond-vp"),
+    ("edm_cifar10_32x32_uncond_ve", "edm", "edm-cifar10-32x32-uncond-ve")])
+def test_a_state_dict_shaped_like_the_released_file_is_recognised(name, loader, preset):
+    """Without config=, the preset is found from the shapes: here those the reference recorded (meta tensors)."""
+    from purifiers import formats_edm_adm as formats
+
+    state = {k: torch.empty(shape, device="meta") for k, shape in _fixture(name)["state_dict"].items()}
+    if loader == "adm":
+        assert formats._matching_preset(state, adm.PRESETS, formats._build_adm, "ADM") == adm.PRESETS[preset]
+        assert formats._looks_like(state) == formats.ADM_STATE_DICT
+    else:
+        assert formats._matching_preset(state, EDM_PRESETS, formats._build_edm, "EDM") == EDM_PRESETS[preset]
+        assert formats._looks_like(state) == formats.EDM_STATE_DICT
+
+
 def test_edm_presets_are_the_recorded_configs():
     for preset, fixture in (("edm-cifar10-32x32-uncond-vp", "edm_cifar10_32x32_uncond_vp"),
                             ("edm-cifar10-32x32-uncond-ve", "edm_cifar10_32x32_uncond_ve")):
@@ -450,6 +467,19 @@ def test_imagenet_style_diffpure_with_an_adm_prior_resizes_around_purification(t
     assert purified.shape == x.shape and np.isfinite(purified).all()
     assert seen and set(seen) == {(2, 3, 16, 16)} and len(seen) == 50  # Euler steps at dt = 1e-3
     assert purifier.resize_to == 16
+
+
+def test_resize_to_with_the_adjoint_solver():
+    from purifiers.priors import GaussianPrior
+    from purifiers.vpsde import DiffPure
+
+    purifier = DiffPure(GaussianPrior(), t_star=0.01, resize_to=8)
+    x = _images(n=1, side=4)
+    noise = purifier.draw_noise(x, torch.Generator().manual_seed(0))
+    assert noise.start.shape == (1, 3, 8, 8)
+    out = purifier.purify_adjoint(x, noise)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, purifier.purify(x, noise), rtol=0, atol=1e-4)
 
 
 def test_resize_to_must_be_a_positive_side():

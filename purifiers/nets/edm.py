@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 def _uniform(shape, fan_in: int) -> Tensor:
     """Random init in +-1/sqrt(fan_in): only for building a network before its checkpoint's tensors overwrite it."""
     bound = 1.0 / math.sqrt(max(fan_in, 1))
-    return (torch.rand(shape) * 2.0 - 1.0) * bound
+    return torch.empty(shape).uniform_(-bound, bound)
 
 
 class Linear(nn.Module):
@@ -64,9 +64,10 @@ class Conv2d(nn.Module):
         fan_in = in_channels * kernel * kernel
         self.weight = nn.Parameter(_uniform((out_channels, in_channels, kernel, kernel), fan_in)) if kernel else None
         self.bias = nn.Parameter(_uniform((out_channels,), fan_in)) if kernel and bias else None
-        taps = torch.as_tensor(resample_filter, dtype=torch.float32)
-        filter_2d = torch.outer(taps, taps)[None, None] / taps.sum() ** 2
-        self.register_buffer("resample_filter", filter_2d if up or down else None)
+        # The outer product in plain Python: a handful of numbers, and no tensor arithmetic when built on the meta device.
+        taps = [float(tap) for tap in resample_filter]
+        filter_2d = [[[[a * b / sum(taps) ** 2 for b in taps] for a in taps]]]
+        self.register_buffer("resample_filter", torch.tensor(filter_2d) if up or down else None)
 
     def _upsample(self, x: Tensor, channels: int, padding: int) -> Tensor:
         # Zero-insertion upsampling followed by the filter, as one transposed convolution; x4 keeps the mean.
@@ -184,7 +185,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", torch.normal(0.0, float(scale), size=(num_channels // 2,)))
 
     def forward(self, x: Tensor) -> Tensor:
         angles = torch.outer(x, 2 * math.pi * self.freqs.to(x.dtype))
