@@ -8,8 +8,8 @@ MNIST (default; bundled data, shipped classifier and prior, the purifier develop
   harness of :mod:`benchmarks.autoattack_eval`), scored single-shot (what the papers report) and multi-draw (the
   mean over ``draws`` forward passes of the deployed defense), with the worst case over the attacks.
 
-CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior DIFFUSERS_DIR --classifier robustbench:Standard``): the same
-table with each purifier class's defaults (the papers' CIFAR-10 settings,
+CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior PRIOR --classifier robustbench:Standard``, PRIOR a diffusers
+folder or an EDM ``.pkl``): the same table with each purifier class's defaults (the papers' CIFAR-10 settings,
 :data:`benchmarks.autoattack_eval.PAPER_DEFAULT_DEFENSES`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP
 Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
 
@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
     parser.add_argument("--full", action="store_true", help="the papers' attack settings (for a GPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder")
+    parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder "
+                        "or an EDM .pkl (anything purifiers.load_prior detects)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10: the folder holding cifar-10-batches-py/")
     parser.add_argument("--classifier", default=None, help="CIFAR-10: robustbench:<Name> or module:function")
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
@@ -327,7 +328,8 @@ def load_setting(args):
     from benchmarks.robustbench_eval import load_classifier
 
     if args.prior is None or args.data_dir is None or args.classifier is None:
-        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder) and --classifier.")
+        raise ValueError("the CIFAR-10 protocol needs --data-dir, --prior (a diffusers folder or an EDM .pkl) and "
+                         "--classifier.")
     classifier = load_classifier(args.classifier, "cifar10", "Linf" if args.norm == "linf" else "L2", args.model_dir)
     prior = load_prior(args.prior)
     x, y = load_cifar10(args.data_dir, "test", n=args.n)
