@@ -129,6 +129,13 @@ def _read_config(config, presets: dict, what: str) -> dict | None:
     raise ValueError(f"{what} config {config!r} is neither a dict, a JSON file nor a preset ({sorted(presets)}).")
 
 
+def _read_state_dict(path: str, state: dict | None) -> dict:
+    state = load_state_dict_safely(path) if state is None else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict (a flat dict of name -> tensor).")
+    return state
+
+
 def _shapes_on_meta(build) -> dict:
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in build().state_dict().items()}
@@ -157,7 +164,7 @@ def _build_edm(config: dict) -> edm._Precond:
 
 def load_edm_state_dict(path: str, config=None, state: dict | None = None) -> PreconditionedPrior:
     """A prior from an EDM network's state_dict file (``.pt``/``.safetensors``) and its constructor arguments."""
-    state = load_state_dict_safely(path) if state is None else state
+    state = _read_state_dict(path, state)
     if not any(k.startswith("model.") for k in state):  # the inner network's state_dict: put it under the wrapper
         state = {f"model.{k}": v for k, v in state.items()}
     config = _read_config(config, EDM_PRESETS, "EDM") or _matching_preset(state, EDM_PRESETS, _build_edm, "EDM")
@@ -175,7 +182,7 @@ def _build_adm(config: dict) -> adm.ADMUNet:
 
 def load_adm_state_dict(path: str, config=None, state: dict | None = None) -> ADMPrior:
     """A prior from a guided-diffusion state_dict (fp16 or fp32 tensors; the network runs in float32)."""
-    state = load_state_dict_safely(path) if state is None else state
+    state = _read_state_dict(path, state)
     config = (_read_config(config, adm.PRESETS, "guided-diffusion")
               or _matching_preset(state, adm.PRESETS, _build_adm, "guided-diffusion"))
     unet = _build_adm(config)
@@ -200,10 +207,13 @@ def detect_format(path: str, state: dict | None = None) -> str | None:
     if path.endswith(".pkl"):
         return EDM_PICKLE
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt") as f:
-            return _looks_like(f.keys())
+        try:
+            with safe_open(path, framework="pt") as f:
+                return _looks_like(f.keys())
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated?): {err}") from err
     if path.endswith((".pt", ".pth")) and isinstance(state, dict):
         return _looks_like(state)
     return None

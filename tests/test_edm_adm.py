@@ -359,6 +359,12 @@ def test_edm_state_dict_files_load_with_a_config(tmp_path):
         load_prior(str(tmp_path / "edm.safetensors"))  # no config, and not a released configuration
     with pytest.raises(ValueError, match="does not fit"):
         load_prior(str(tmp_path / "edm.safetensors"), config=SMALL_DDPMPP)  # another architecture
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "edm.safetensors").read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_prior(str(tmp_path / "cut.safetensors"), config=SMALL_NCSNPP)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a state_dict"):
+        load_prior(str(tmp_path / "list.pt"), format="edm-state-dict", config=SMALL_NCSNPP)
     conditional = _build(dict(SMALL_DDPMPP, label_dim=5))
     save_file({k: v.contiguous() for k, v in conditional.state_dict().items()}, tmp_path / "cond.safetensors")
     with pytest.raises(ValueError, match="class-conditional"):
