@@ -1,7 +1,8 @@
 """The authors' checkpoints: EDM networks and pickles (read without running their code), guided-diffusion's ADM.
 
-Architecture fixtures (``tests/fixtures/*.json``) hold ``{name: shape}`` of ``state_dict()`` recorded from the
-reference implementations (repository and commit inside each file), never from this package's code.
+Fixtures (``tests/fixtures/``), recorded from the reference implementations (repository and commit inside each file),
+never from this package's code: ``{name: shape}`` of ``state_dict()`` per released configuration, and
+``reference_outputs_*.json``, the outputs of small reference networks whose weights follow a fixed formula.
 """
 
 import builtins
@@ -96,6 +97,53 @@ def test_a_state_dict_shaped_like_the_released_file_is_recognised(name, loader, 
     else:
         assert formats._matching_preset(state, EDM_PRESETS, formats._build_edm, "EDM") == EDM_PRESETS[preset]
         assert formats._looks_like(state) == formats.EDM_STATE_DICT
+
+
+def _formula_weights(net):
+    """The weights the reference-output fixtures were recorded with (their "recorded_with" says the same)."""
+    state = {}
+    for i, (name, value) in enumerate(net.state_dict().items()):
+        w = torch.sin(torch.arange(value.numel(), dtype=torch.float64) * 0.37 + i)
+        if name.endswith("freqs"):
+            w = 4.0 * w
+        elif name.endswith("weight") and value.ndim == 1:  # normalisation gains
+            w = 1.0 + 0.5 * w
+        else:
+            w = 0.15 * w
+        state[name] = w.reshape(value.shape).to(value.dtype)
+    net.load_state_dict(state)
+    return net
+
+
+def _formula_input():
+    return torch.cos(torch.arange(2 * 3 * 8 * 8, dtype=torch.float64) * 0.11).reshape(2, 3, 8, 8).float()
+
+
+@pytest.mark.parametrize("case", ["edm_ddpmpp", "ve_ncsnpp", "vp_ddpmpp", "edm_dhariwal"])
+def test_edm_outputs_equal_the_reference_outputs(case):
+    recorded = json.loads((FIXTURES / "reference_outputs_edm.json").read_text())["cases"][case]
+    config = dict(recorded["config"])
+    net = _formula_weights(edm.PRECONDITIONERS[config.pop("class_name")](**config).eval())
+    with torch.no_grad():
+        out = net(_formula_input(), torch.tensor(recorded["sigma"]))
+    # The tolerance covers float32 summation order (measured: 6e-6); a wrong attention scale moves outputs by 2e-4.
+    torch.testing.assert_close(out.flatten(), torch.tensor(recorded["output"]), rtol=1e-5, atol=3e-5)
+
+
+def test_adm_outputs_equal_the_reference_outputs():
+    recorded = json.loads((FIXTURES / "reference_outputs_adm.json").read_text())["cases"]["adm_small"]
+    flags = recorded["config"]  # guided-diffusion's create_model flags
+    unet = adm.ADMUNet(image_size=flags["image_size"], model_channels=flags["num_channels"],
+                       num_res_blocks=flags["num_res_blocks"], learn_sigma=flags["learn_sigma"],
+                       attention_resolutions=[int(r) for r in flags["attention_resolutions"].split(",")],
+                       channel_mult=[int(m) for m in flags["channel_mult"].split(",")],
+                       num_head_channels=flags["num_head_channels"], resblock_updown=flags["resblock_updown"],
+                       use_scale_shift_norm=flags["use_scale_shift_norm"]).eval()
+    with torch.no_grad():
+        out = _formula_weights(unet)(_formula_input(), torch.tensor(recorded["timesteps"]))
+    assert out.shape == (2, 6, 8, 8)
+    # The tolerance covers float32 summation order (measured: 6e-6); a wrong attention scale moves outputs by 2e-4.
+    torch.testing.assert_close(out.flatten(), torch.tensor(recorded["output"]), rtol=1e-5, atol=3e-5)
 
 
 def test_edm_presets_are_the_recorded_configs():
