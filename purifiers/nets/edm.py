@@ -64,7 +64,7 @@ class Conv2d(nn.Module):
         fan_in = in_channels * kernel * kernel
         self.weight = nn.Parameter(_uniform((out_channels, in_channels, kernel, kernel), fan_in)) if kernel else None
         self.bias = nn.Parameter(_uniform((out_channels,), fan_in)) if kernel and bias else None
-        # The outer product in plain Python: a handful of numbers, and no tensor arithmetic when built on the meta device.
+        # The outer product in plain Python: a few numbers, and no tensor arithmetic when built on the meta device.
         taps = [float(tap) for tap in resample_filter]
         filter_2d = [[[[a * b / sum(taps) ** 2 for b in taps] for a in taps]]]
         self.register_buffer("resample_filter", torch.tensor(filter_2d) if up or down else None)
