@@ -223,7 +223,7 @@ class ReverseVPSDE(nn.Module):
             raise ValueError(f"forward_alpha must be one of {FORWARD_ALPHAS}, got {self.forward_alpha!r}.")
         if self.guidance_gradient not in GUIDANCE_GRADIENTS:
             raise ValueError(f"guidance_gradient must be one of {GUIDANCE_GRADIENTS}, got {self.guidance_gradient!r}.")
-        if self.resize_to is not None and not (isinstance(self.resize_to, int) and self.resize_to > 0):
+        if self.resize_to is not None and not (type(self.resize_to) is int and self.resize_to > 0):
             raise ValueError(f"resize_to must be a positive integer (a square side) or None, got {self.resize_to!r}.")
 
     # ------------------------------------------------------------------------------------------------------------------

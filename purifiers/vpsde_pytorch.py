@@ -112,7 +112,8 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
     :param forward_diffusion: diffuse the input to t* first (the reference's ``--mode diffPure``); default off.
     :param guidance_gradient: ``"full"`` (differentiable guidance) or ``"detached"`` (the reference code's).
     :param resize_to: purify at this square side (bilinear resize in and out; 256 for guided-diffusion's ImageNet
-        model on 224x224 inputs, DiffPure's convention); ``None`` (default): at the input size.
+        model on 224x224 inputs, DiffPure's convention); the guidance classifier then sees images of that side too.
+        ``None`` (default): at the input size.
     :param surrogate_steps: steps of the coarse solver of ``gradient="surrogate"``.
     :param gradient: ``"bpda"``, ``"exact"``, ``"adjoint"`` or ``"surrogate"`` (module docstring).
     Further keyword arguments (``eot_samples``, ``clip_values``, ``channels_first``, ``batch_size``, ``verbose``,

@@ -540,6 +540,6 @@ def test_resize_to_must_be_a_positive_side():
     from purifiers.priors import GaussianPrior
     from purifiers.vpsde import DiffPure
 
-    for bad in (0, -3, 2.5, "256"):
+    for bad in (0, -3, 2.5, "256", True):
         with pytest.raises(ValueError, match="resize_to"):
             DiffPure(GaussianPrior(), resize_to=bad)
