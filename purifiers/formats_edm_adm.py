@@ -186,6 +186,9 @@ def load_adm_state_dict(path: str, config=None, state: dict | None = None) -> AD
     config = (_read_config(config, adm.PRESETS, "guided-diffusion")
               or _matching_preset(state, adm.PRESETS, _build_adm, "guided-diffusion"))
     unet = _build_adm(config)
+    if unet.num_classes is not None:
+        raise ValueError(f"{path} is a class-conditional guided-diffusion network ({unet.num_classes} classes); "
+                         "purification needs an unconditional prior such as 256x256_diffusion_uncond.pt.")
     if unet.out_channels != 2 * unet.in_channels:
         raise ValueError("only learn_sigma=True guided-diffusion networks (6 output channels) are supported.")
     load_checked_state_dict(unet, state, f"guided-diffusion UNetModel {config}")

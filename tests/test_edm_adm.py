@@ -68,14 +68,15 @@ def _fixture(name):
 
 
 @pytest.mark.parametrize("name", ["edm_cifar10_32x32_uncond_vp", "edm_cifar10_32x32_uncond_ve",
-                                  "edm_imagenet_64x64_cond_adm", "adm_256x256_uncond"])
+                                  "edm_imagenet_64x64_cond_adm", "adm_256x256_uncond", "adm_128x128_cond",
+                                  "adm_64x64_cond"])
 def test_state_dict_names_and_shapes_equal_the_reference(name):
     fixture = _fixture(name)
     assert len(fixture["commit"]) == 40
     config = dict(fixture["config"])
     with torch.device("meta"):  # full-size networks: shapes only
         if name.startswith("adm"):
-            net = adm.ADMUNet(**adm.PRESETS["256x256_uncond"])
+            net = adm.ADMUNet(**adm.PRESETS[name.removeprefix("adm_")])
         else:
             net = edm.PRECONDITIONERS[config.pop("class_name")](**config)
     ours = [(k, list(v.shape)) for k, v in net.state_dict().items()]
@@ -83,7 +84,8 @@ def test_state_dict_names_and_shapes_equal_the_reference(name):
 
 
 @pytest.mark.parametrize("name, loader, preset", [
-    ("adm_256x256_uncond", "adm", "256x256_uncond"),
+    ("adm_256x256_uncond", "adm", "256x256_uncond"), ("adm_128x128_cond", "adm", "128x128_cond"),
+    ("adm_64x64_cond", "adm", "64x64_cond"),
     ("edm_cifar10_32x32_uncond_vp", "edm", "edm-cifar10-32x32-uncond-vp"),
     ("edm_cifar10_32x32_uncond_ve", "edm", "edm-cifar10-32x32-uncond-ve")])
 def test_a_state_dict_shaped_like_the_released_file_is_recognised(name, loader, preset):
@@ -130,17 +132,33 @@ def test_edm_outputs_equal_the_reference_outputs(case):
     torch.testing.assert_close(out.flatten(), torch.tensor(recorded["output"]), rtol=1e-5, atol=3e-5)
 
 
-def test_adm_outputs_equal_the_reference_outputs():
-    recorded = json.loads((FIXTURES / "reference_outputs_adm.json").read_text())["cases"]["adm_small"]
-    flags = recorded["config"]  # guided-diffusion's create_model flags
-    unet = adm.ADMUNet(image_size=flags["image_size"], model_channels=flags["num_channels"],
-                       num_res_blocks=flags["num_res_blocks"], learn_sigma=flags["learn_sigma"],
-                       attention_resolutions=[int(r) for r in flags["attention_resolutions"].split(",")],
-                       channel_mult=[int(m) for m in flags["channel_mult"].split(",")],
-                       num_head_channels=flags["num_head_channels"], resblock_updown=flags["resblock_updown"],
-                       use_scale_shift_norm=flags["use_scale_shift_norm"]).eval()
+def _adm_kwargs(flags):
+    """Our ADMUNet arguments for guided-diffusion's ``create_model`` flags (as its README spells them)."""
+    renamed = {"num_channels": "model_channels"}
+    dropped = {"use_fp16", "class_cond", "attention_resolutions", "channel_mult"}
+    kwargs = {renamed.get(k, k): v for k, v in flags.items() if k not in dropped}
+    kwargs["attention_resolutions"] = [int(r) for r in flags["attention_resolutions"].split(",")]
+    if flags.get("channel_mult"):
+        kwargs["channel_mult"] = [int(m) for m in flags["channel_mult"].split(",")]
+    if flags.get("class_cond"):
+        kwargs["num_classes"] = 1000  # guided-diffusion's NUM_CLASSES
+    return kwargs
+
+
+@pytest.mark.parametrize("name", ["adm_256x256_uncond", "adm_128x128_cond", "adm_64x64_cond"])
+def test_adm_presets_are_the_recorded_configs(name):
+    preset = adm.PRESETS[name.removeprefix("adm_")]
+    preset = {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()}
+    assert preset == _adm_kwargs(_fixture(name)["config"])
+
+
+@pytest.mark.parametrize("case", ["adm_small", "adm_small_cond"])
+def test_adm_outputs_equal_the_reference_outputs(case):
+    recorded = json.loads((FIXTURES / "reference_outputs_adm.json").read_text())["cases"][case]
+    unet = _formula_weights(adm.ADMUNet(**_adm_kwargs(recorded["config"])).eval())
+    labels = torch.tensor(recorded["class_labels"]) if "class_labels" in recorded else None
     with torch.no_grad():
-        out = _formula_weights(unet)(_formula_input(), torch.tensor(recorded["timesteps"]))
+        out = unet(_formula_input(), torch.tensor(recorded["timesteps"]), labels)
     assert out.shape == (2, 6, 8, 8)
     # The tolerance covers float32 summation order (measured: 6e-6); a wrong attention scale moves outputs by 2e-4.
     torch.testing.assert_close(out.flatten(), torch.tensor(recorded["output"]), rtol=1e-5, atol=3e-5)
@@ -465,6 +483,10 @@ def test_adm_bad_input_gives_clear_errors(tmp_path):
         load_prior(str(tmp_path / "cut.pt"), format="guided-diffusion", config=SMALL_ADM)
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         load_prior(str(tmp_path / "adm.pt"), format="stylegan")
+    conditional = adm.ADMUNet(**dict(SMALL_ADM, num_classes=10))
+    torch.save(conditional.state_dict(), tmp_path / "cond.pt")
+    with pytest.raises(ValueError, match="class-conditional"):
+        load_prior(str(tmp_path / "cond.pt"), config=dict(SMALL_ADM, num_classes=10))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ADM U-Net of guided-diffusion (Dhariwal & Nichol, NeurIPS 2021), written from the paper and checked against
 openai/guided-diffusion ``guided_diffusion/unet.py`` (read, not copied): same module tree and parameter names
 (``input_blocks``, ``middle_block``, ``output_blocks``, ``out``, ``time_embed``), so the released state_dicts load one
-to one. Unconditional models only; inference in float32 (fp16 checkpoints are cast on loading).
+to one. Inference in float32 (fp16 checkpoints are cast on loading).
 
 The network takes [-1, 1] images and an (integer or fractional) DDPM timestep and returns epsilon and, when
 ``learn_sigma``, the interpolation weights of the learned variance as channels 3..5.
@@ -17,11 +17,18 @@ from torch.nn import functional as F
 
 Tensor = torch.Tensor
 
-# guided-diffusion's README flags, per released unconditional checkpoint (model_channels is its --num_channels).
+# guided-diffusion's README flags per released diffusion checkpoint (model_channels is its --num_channels). The 64x64
+# and 128x128 networks are class-conditional (1000 ImageNet classes), so they are recognised but not usable as priors.
 PRESETS = {
     "256x256_uncond": dict(image_size=256, model_channels=256, num_res_blocks=2, learn_sigma=True,
                            attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True,
                            use_scale_shift_norm=True),
+    "128x128_cond": dict(image_size=128, model_channels=256, num_res_blocks=2, learn_sigma=True, num_classes=1000,
+                         attention_resolutions=(32, 16, 8), num_heads=4, resblock_updown=True,
+                         use_scale_shift_norm=True),
+    "64x64_cond": dict(image_size=64, model_channels=192, num_res_blocks=3, learn_sigma=True, num_classes=1000,
+                       attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True,
+                       use_new_attention_order=True, use_scale_shift_norm=True, dropout=0.1),
 }
 # Channel multipliers guided-diffusion picks from the image size when none is given.
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
@@ -156,12 +163,14 @@ class ADMUNet(nn.Module):
     :param num_res_blocks: residual blocks per resolution.
     :param attention_resolutions: image sides at which blocks get self-attention (``--attention_resolutions``).
     :param learn_sigma: 6 output channels (epsilon, then the learned variance) instead of 3.
+    :param num_classes: class-conditional with this many labels (``--class_cond``: 1000); ``None``: unconditional.
     :param use_new_attention_order: split q, k, v before the heads (``--use_new_attention_order``).
     """
 
     def __init__(self, image_size: int, model_channels: int, num_res_blocks: int, attention_resolutions=(16,),
-                 learn_sigma: bool = False, in_channels: int = 3, dropout: float = 0.0, channel_mult=None,
-                 conv_resample: bool = True, num_heads: int = 1, num_head_channels: int = -1,
+                 learn_sigma: bool = False, num_classes: int | None = None, in_channels: int = 3,
+                 dropout: float = 0.0, channel_mult=None, conv_resample: bool = True, num_heads: int = 1,
+                 num_head_channels: int = -1,
                  num_heads_upsample: int = -1, use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False):
         super().__init__()
@@ -169,13 +178,7 @@ class ADMUNet(nn.Module):
             if image_size not in DEFAULT_CHANNEL_MULT:
                 raise ValueError(f"no default channel_mult for image_size {image_size}; pass channel_mult.")
             channel_mult = DEFAULT_CHANNEL_MULT[image_size]
-        self.config = dict(image_size=image_size, model_channels=model_channels, num_res_blocks=num_res_blocks,
-                           attention_resolutions=list(attention_resolutions), learn_sigma=learn_sigma,
-                           in_channels=in_channels, dropout=dropout, channel_mult=list(channel_mult),
-                           conv_resample=conv_resample, num_heads=num_heads, num_head_channels=num_head_channels,
-                           num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
-                           resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order)
-        self.in_channels, self.model_channels = in_channels, model_channels
+        self.in_channels, self.model_channels, self.num_classes = in_channels, model_channels, num_classes
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         attention_ds = {image_size // res for res in attention_resolutions}  # downsampling factors with attention
         emb_dim = model_channels * 4
@@ -187,6 +190,8 @@ class ADMUNet(nn.Module):
             return AttentionBlock(ch, heads, num_head_channels, legacy_order=not use_new_attention_order)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         block_channels, ds = [ch], 1
@@ -221,8 +226,15 @@ class ADMUNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(input_ch, self.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """Output (N, 3 or 6, H, W) for [-1, 1] images ``x``, DDPM ``timesteps`` (N,) and, when class-conditional,
+        integer ``class_labels`` (N,)."""
+        if (class_labels is None) != (self.num_classes is None):
+            raise ValueError("pass class_labels exactly when the network is class-conditional "
+                             f"(num_classes={self.num_classes}).")
         emb = self.time_embed(timestep_embedding(timesteps.reshape(-1).expand(x.shape[0]), self.model_channels))
+        if class_labels is not None:
+            emb = emb + self.label_emb(class_labels)
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb)
