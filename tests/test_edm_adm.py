@@ -11,7 +11,6 @@ import copyreg
 import io
 import json
 import math
-import os
 import pickle
 import sys
 import types
@@ -24,7 +23,7 @@ from torch import nn
 
 from purifiers import conventions
 from purifiers.edm_pickle import ALLOWED_GLOBALS, RestrictedUnpickler, read_edm_pickle
-from purifiers.formats_edm_adm import EDM_PRESETS, PreconditionedPrior, load_edm_pickle
+from purifiers.formats_edm_adm import EDM_PRESETS, PreconditionedPrior
 from purifiers.nets import adm, edm
 from purifiers.priors import load_prior
 
