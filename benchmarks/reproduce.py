@@ -9,10 +9,9 @@ MNIST (default; bundled data, shipped classifier and prior, the purifier develop
   mean over ``draws`` forward passes of the deployed defense), with the worst case over the attacks.
 
 CIFAR-10 (``--dataset cifar10 --data-dir DIR --prior PRIOR --classifier robustbench:Standard``, PRIOR a diffusers
-folder or an authors' checkpoint such as score_sde's ``checkpoint_8.pth``, see :mod:`purifiers.checkpoints`): the same
-table with each purifier class's defaults (the papers' CIFAR-10 settings, from
-the registry :mod:`benchmarks.defenses`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP
-Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
+folder or an authors' checkpoint such as score_sde's ``checkpoint_8.pth`` or EDM's ``.pkl``, see
+:mod:`purifiers.checkpoints`): the same table with the papers' CIFAR-10 settings (the registry,
+:mod:`benchmarks.defenses`) at eps 8/255, against the papers' CIFAR-10 numbers (ADP Tables 2-3, ScoreOpt Table 1, COUP Tables 1 and 3 which also list DiffPure). Nothing is downloaded.
 
 By default the attack settings are scaled down to fit a CPU (fewer iterations and EOT samples, AutoAttack 'rand'
 only, small ``n``): every row and table says so, and such numbers are smoke tests, not robustness claims. ``--full``
@@ -292,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="the papers' attack settings (for a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder or "
-                        "an authors' checkpoint (score_sde checkpoint_8.pth, NCSNv2 checkpoint.pth)")
+                        "an authors' checkpoint (score_sde checkpoint_8.pth, NCSNv2 checkpoint.pth, EDM .pkl)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10: the folder holding cifar-10-batches-py/")
     parser.add_argument("--classifier", default=None, help="CIFAR-10: robustbench:<Name> or module:function")
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")

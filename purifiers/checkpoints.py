@@ -11,6 +11,10 @@ strictly and wraps it in the :class:`~purifiers.priors.Prior` of its convention.
   [-1, 1] data; VE configs: sigma input, output the score.
 * ``ncsnv2``: ``checkpoint*.pth`` of ermongroup/ncsnv2 (Song & Ermon 2020), as ADP uses: a list
   ``[state_dict, optimizer, epoch, step, ema]``, ``module.`` keys, the EMA a dict keyed by unprefixed names.
+* ``edm-pickle``: NVlabs/edm's ``.pkl`` snapshots (Karras et al. 2022), as ScoreOpt uses, read by a restricted
+  unpickler that executes nothing (:mod:`purifiers.edm_pickle`); ``edm-state-dict``: such a network's state_dict;
+  ``guided-diffusion``: openai/guided-diffusion's ADM state_dicts (Dhariwal & Nichol 2021), as DiffPure's ImageNet
+  results use (:mod:`purifiers.formats_edm_adm`).
 """
 
 from __future__ import annotations
@@ -58,8 +62,14 @@ def load_checkpoint(path: str, *, format: str | None = None, config=None, ema: b
         when None it is inferred from the checkpoint's parameter names and shapes.
     :param ema: use the EMA weights the container holds (the weights the authors sample and evaluate with).
     """
+    if format == EDM_PICKLE or (format is None and path.endswith(".pkl")):
+        from purifiers.formats_edm_adm import load_edm_pickle
+
+        prior = load_edm_pickle(path)
+        prior.provenance = {"format": EDM_PICKLE, "file": os.path.basename(path), **prior.provenance}
+        return prior
     if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; known: {', '.join(FORMATS)}.")
+        raise ValueError(f"unknown checkpoint format {format!r}; known: {', '.join([*FORMATS, EDM_PICKLE])}.")
     obj = load_state_dict_safely(path)
     detected = detect_format(obj)
     if format is None and detected is None:
@@ -269,6 +279,36 @@ def _load_ncsnv2(obj, config, ema: bool) -> Prior:
 
 register_format("ncsnv2", "ermongroup/ncsnv2 checkpoint*.pth: [state_dict, optimizer, epoch, step, ema]",
                 _is_ncsnv2, _load_ncsnv2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NVlabs EDM and openai/guided-diffusion (purifiers.formats_edm_adm); EDM's .pkl files are pickles of code and are
+# read by their own restricted unpickler (load_checkpoint), never by torch.load.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _state_dict_format(name: str):
+    from purifiers.formats_edm_adm import looks_like
+
+    return lambda obj: _is_state_dict(obj) and looks_like(obj) == name
+
+
+def _load_edm_state_dict(obj: dict, config, ema: bool) -> Prior:
+    from purifiers.formats_edm_adm import load_edm_state_dict
+
+    return load_edm_state_dict("EDM state_dict", config, state=obj)
+
+
+def _load_adm_state_dict(obj: dict, config, ema: bool) -> Prior:
+    from purifiers.formats_edm_adm import load_adm_state_dict
+
+    return load_adm_state_dict("guided-diffusion state_dict", config, state=obj)
+
+
+EDM_PICKLE = "edm-pickle"
+register_format("edm-state-dict", "an NVlabs/edm network's state_dict (.pt / .safetensors), with config= or a known "
+                "preset's shapes", _state_dict_format("edm-state-dict"), _load_edm_state_dict)
+register_format("guided-diffusion", "openai/guided-diffusion UNetModel state_dict, e.g. 256x256_diffusion_uncond.pt",
+                _state_dict_format("guided-diffusion"), _load_adm_state_dict)
 
 
 # --------------------------------------------------------------------------------------------------------------------

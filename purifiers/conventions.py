@@ -138,3 +138,32 @@ def _sqrt(v):
 
 def _log1p(v):
     return torch.log1p(v) if isinstance(v, Tensor) else math.log1p(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EDM preconditioning (Karras et al. 2022, Table 1): D(x, s) = c_skip x + c_out F(c_in x, c_noise), with x on [-1, 1]
+# and s the noise level on that scale (twice the pixel sigma). Each returns (c_skip, c_out, c_in, c_noise).
+# ----------------------------------------------------------------------------------------------------------------------
+
+def edm_preconditioning(sigma_pm1, sigma_data: float = 0.5):
+    """EDM's own: ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``,
+    ``c_noise = ln(s)/4``."""
+    total = _sqrt(sigma_pm1**2 + sigma_data**2)
+    return sigma_data**2 / total**2, sigma_pm1 * sigma_data / total, 1.0 / total, _log(sigma_pm1) / 4.0
+
+
+def vp_preconditioning(sigma_pm1, beta_min: float = VP_BETA_MIN, beta_d: float = VP_BETA_MAX - VP_BETA_MIN,
+                       steps: int = DDPM_STEPS):
+    """VP: ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = (M-1) t(s)`` with ``t(s)`` the VP-SDE
+    time of noise level ``s`` (beta(t) = beta_min + beta_d t), as :meth:`VPSchedule.t_of_sigma` solves it."""
+    t = VPSchedule(beta_min, beta_min + beta_d).t_of_sigma(pm1_sigma_to_pixel(sigma_pm1))
+    return 1.0, -sigma_pm1, 1.0 / _sqrt(sigma_pm1**2 + 1.0), (steps - 1) * t
+
+
+def ve_preconditioning(sigma_pm1):
+    """VE: ``c_skip = 1``, ``c_out = s``, ``c_in = 1``, ``c_noise = ln(s/2)``."""
+    return 1.0, sigma_pm1, 1.0, _log(0.5 * sigma_pm1)
+
+
+def _log(v):
+    return torch.log(v) if isinstance(v, Tensor) else math.log(v)

@@ -309,6 +309,17 @@ def save_builtin_prior(prior: EDMDenoiser, path: str, card: dict | None = None) 
             json.dump(card, f, indent=2)
 
 
+def _is_builtin_prior(path: str) -> bool:
+    """Whether a safetensors file carries the built-in prior's metadata (else it is some network's state_dict)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == BUILTIN_FORMAT
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
 def _load_builtin_prior(path: str) -> EDMDenoiser:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -410,12 +421,15 @@ def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_
         * a ``torch.nn.Module``: with ``kind="denoiser"`` it is called ``module(x, sigma)`` on ``data_range`` data
           ("01" or "pm1"); with ``kind="epsilon"`` it is called ``module(x_t, time)`` on [-1, 1] VP data, ``time_input``
           "ddpm" (fractional timestep 0..999) or "vp" (999 t, t the continuous VP-SDE time);
-        * a path to an authors' checkpoint (``.pth``/``.pt``) in a format of :mod:`purifiers.checkpoints`: score_sde's
-          ``checkpoint_8.pth`` (DDPM++/NCSN++, VP or VE) or NCSNv2's ``checkpoint.pth``, detected from its contents;
+        * a path to an authors' checkpoint in a format of :mod:`purifiers.checkpoints`, detected from its contents:
+          score_sde's ``checkpoint_8.pth`` (DDPM++/NCSN++, VP or VE), NCSNv2's ``checkpoint.pth``, an NVlabs EDM
+          ``.pkl`` (read without executing it) or an EDM network state_dict (``.pt``/``.safetensors``) with its config,
+          guided-diffusion's ``256x256_diffusion_uncond.pt``;
         * an existing :class:`Prior`, returned as is.
     :param format: the checkpoint format (a name of ``purifiers.checkpoints.FORMATS``) instead of detecting it.
     :param config: the network config of a checkpoint: a known config name (e.g.
-        ``"vp/cifar10_ddpmpp_deep_continuous"``), a JSON/YAML file or a dict; inferred from the weights when None.
+        ``"vp/cifar10_ddpmpp_deep_continuous"``, ``"edm-cifar10-32x32-uncond-vp"``, ``"256x256_uncond"``), a JSON/YAML
+        file or a dict; inferred from the weights when None.
     :param ema: load a checkpoint's EMA weights (the authors' evaluation weights) rather than the raw ones.
     :param device: where the prior's parameters go.
     """
@@ -441,7 +455,7 @@ def load_prior(source, *, kind: str | None = None, data_range: str = "01", time_
         if folder is not None:
             prior = EpsilonPrior.ddpm(_load_diffusers_unet(folder), _diffusers_schedule(folder))
             prior.provenance = {"format": "diffusers UNet2DModel", "file": folder}
-        elif path.endswith(".safetensors") and format is None:
+        elif path.endswith(".safetensors") and format is None and _is_builtin_prior(path):
             prior = _load_builtin_prior(path)
         elif os.path.isfile(path):
             from purifiers.checkpoints import load_checkpoint

@@ -180,12 +180,15 @@ class ReverseVPSDE(nn.Module):
     :param guidance_gradient: ``"full"`` (the guidance stays differentiable, the classifier-Hessian term included) or
         ``"detached"`` (the reference code's guidance, a constant to backpropagation).
     :param checkpoint_steps: when differentiated, recompute each solver step in the backward pass.
+    :param resize_to: purify at this square side: the input is resized (bilinear) to it and the result back to the
+        input's size, DiffPure's ImageNet convention (224 -> 256 for guided-diffusion's 256x256 model); ``None``: no
+        resizing.
     """
 
     def __init__(self, prior: Prior, classifier: nn.Module | None = None, *, t_star: float = 0.1,
                  guidance_scale: float = 0.0, dt: float = 1e-3, t_end: float = DEFAULT_T_END,
                  forward_diffusion: bool = False, forward_alpha: str = "continuous", guidance_gradient: str = "full",
-                 checkpoint_steps: bool = True, schedule: VPSchedule | None = None):
+                 checkpoint_steps: bool = True, schedule: VPSchedule | None = None, resize_to: int | None = None):
         super().__init__()
         self.prior = prior
         self.classifier = classifier
@@ -198,6 +201,7 @@ class ReverseVPSDE(nn.Module):
         self.guidance_gradient = guidance_gradient
         self.checkpoint_steps = checkpoint_steps
         self.schedule = schedule or VPSchedule()
+        self.resize_to = resize_to
         # Images through the classifier for the guidance (forward passes; each also costs one backward pass).
         self.guidance_evaluations = 0
         self.check_params()
@@ -219,6 +223,8 @@ class ReverseVPSDE(nn.Module):
             raise ValueError(f"forward_alpha must be one of {FORWARD_ALPHAS}, got {self.forward_alpha!r}.")
         if self.guidance_gradient not in GUIDANCE_GRADIENTS:
             raise ValueError(f"guidance_gradient must be one of {GUIDANCE_GRADIENTS}, got {self.guidance_gradient!r}.")
+        if self.resize_to is not None and not (type(self.resize_to) is int and self.resize_to > 0):
+            raise ValueError(f"resize_to must be a positive integer (a square side) or None, got {self.resize_to!r}.")
 
     # ------------------------------------------------------------------------------------------------------------------
     @property
@@ -256,11 +262,19 @@ class ReverseVPSDE(nn.Module):
     # ------------------------------------------------------------------------------------------------------------------
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> SDENoise:
         """All random draws of one purification of ``x``, from ``generator`` (a fixed seed gives fixed noise)."""
+        shape = x.shape if self.resize_to is None else (*x.shape[:2], self.resize_to, self.resize_to)
         start = None
         if self.forward_diffusion:
-            start = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            start = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
         grid = self.grid()
-        return SDENoise(start, brownian_increments(x.shape, grid, generator, x.device, x.dtype), grid)
+        return SDENoise(start, brownian_increments(shape, grid, generator, x.device, x.dtype), grid)
+
+    def _resized(self, x: Tensor, side=None) -> Tensor:
+        """``x`` resized (bilinear, as DiffPure's ImageNet evaluation) to ``side`` (default :attr:`resize_to`)."""
+        size = side if side is not None else (self.resize_to, self.resize_to)
+        if self.resize_to is None or tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def start_state(self, x: Tensor, noise: SDENoise) -> Tensor:
         """The reverse SDE's state at ``t*`` ([-1, 1]): the input (COUP) or its forward diffusion (DiffPure)."""
@@ -281,10 +295,10 @@ class ReverseVPSDE(nn.Module):
         """
         grid, increments = noise.on_steps(num_steps or len(noise.grid) - 1)
         differentiable = torch.is_grad_enabled() and x.requires_grad
-        out = solve_reverse_vp(self.start_state(x, noise), grid, increments, self.schedule, self.vp_score,
-                               self.guidance_fn, float(self.guidance_scale),
+        out = solve_reverse_vp(self.start_state(self._resized(x), noise), grid, increments, self.schedule,
+                               self.vp_score, self.guidance_fn, float(self.guidance_scale),
                                checkpoint_steps=self.checkpoint_steps and differentiable)
-        return to_01(out).clamp(0.0, 1.0)
+        return self._resized(to_01(out), x.shape[-2:]).clamp(0.0, 1.0)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Purify a batch of [0, 1] NCHW images; every random draw comes from ``generator``."""
@@ -297,15 +311,16 @@ class ReverseVPSDE(nn.Module):
         backward pass solves the stochastic adjoint SDE (Li et al. 2020) on the same Brownian path instead of
         backpropagating through the solver's steps. ``adjoint_method=None`` is torchsde's default (Milstein for Ito
         diagonal noise), which the reference uses."""
-        start = self.start_state(x, noise)
+        image = self._resized(x)
+        start = self.start_state(image, noise)
         # torchsde integrates forward in time: s = -t runs from -t* up to -t_end.
         solver_times = -noise.grid
-        sde = _TorchsdeReverseVPSDE(self, x.shape[1:])
+        sde = _TorchsdeReverseVPSDE(self, image.shape[1:])
         bm = _GridBrownian(solver_times, noise.increments.flatten(2))
         step = float(noise.grid[0] - noise.grid[1])
         ys = torchsde.sdeint_adjoint(sde, start.flatten(1), solver_times[[0, -1]].to(x.device), bm=bm, method="euler",
                                      adjoint_method=adjoint_method, dt=step, adjoint_params=())
-        return to_01(ys[-1].reshape(x.shape)).clamp(0.0, 1.0)
+        return self._resized(to_01(ys[-1].reshape(image.shape)), x.shape[-2:]).clamp(0.0, 1.0)
 
 
 class COUP(ReverseVPSDE):

@@ -50,10 +50,11 @@ class _ReverseVPSDEPyTorch(PurifierPyTorch):
     """Shared ART wrapper of :class:`purifiers.vpsde.ReverseVPSDE` purifiers (see the module docstring)."""
 
     gradient_modes = ("bpda", "exact", "adjoint", "surrogate")
-    params = PurifierPyTorch.params + ["t_star", "dt", "surrogate_steps"]
+    params = PurifierPyTorch.params + ["t_star", "dt", "resize_to", "surrogate_steps"]
 
     t_star = _algorithm_setting("t_star", "diffusion time the reverse SDE starts at")
     dt = _algorithm_setting("dt", "Euler-Maruyama step")
+    resize_to = _algorithm_setting("resize_to", "square side the purification runs at (None: the input's)")
 
     def __init__(self, algorithm: ReverseVPSDE, *, surrogate_steps: int = 20, **kwargs):
         self.surrogate_steps = surrogate_steps
@@ -110,6 +111,9 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
     :param t_end: end time of the reverse SDE (1e-5).
     :param forward_diffusion: diffuse the input to t* first (the reference's ``--mode diffPure``); default off.
     :param guidance_gradient: ``"full"`` (differentiable guidance) or ``"detached"`` (the reference code's).
+    :param resize_to: purify at this square side (bilinear resize in and out; 256 for guided-diffusion's ImageNet
+        model on 224x224 inputs, DiffPure's convention); the guidance classifier then sees images of that side too.
+        ``None`` (default): at the input size.
     :param surrogate_steps: steps of the coarse solver of ``gradient="surrogate"``.
     :param gradient: ``"bpda"``, ``"exact"``, ``"adjoint"`` or ``"surrogate"`` (module docstring).
     Further keyword arguments (``eot_samples``, ``clip_values``, ``channels_first``, ``batch_size``, ``verbose``,
@@ -123,9 +127,9 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
 
     def __init__(self, prior: Prior, classifier: nn.Module, t_star: float = 0.1, guidance_scale: float = 1.0,
                  dt: float = 1e-3, t_end: float = DEFAULT_T_END, forward_diffusion: bool = False,
-                 guidance_gradient: str = "full", surrogate_steps: int = 20, **kwargs):
+                 guidance_gradient: str = "full", resize_to: int | None = None, surrogate_steps: int = 20, **kwargs):
         algorithm = COUP(prior, classifier, t_star=t_star, guidance_scale=guidance_scale, dt=dt, t_end=t_end,
-                         forward_diffusion=forward_diffusion, guidance_gradient=guidance_gradient)
+                         forward_diffusion=forward_diffusion, guidance_gradient=guidance_gradient, resize_to=resize_to)
         super().__init__(algorithm, surrogate_steps=surrogate_steps, **kwargs)
 
 
@@ -143,6 +147,8 @@ class DiffPurePyTorch(_ReverseVPSDEPyTorch):
     :param dt: Euler-Maruyama step (1e-3).
     :param t_end: end time of the reverse SDE (1e-5).
     :param forward_alpha: ``"continuous"`` alpha_bar(t*) (paper) or ``"ddpm"`` (the reference code's discrete one).
+    :param resize_to: purify at this square side (bilinear resize in and out): 256 reproduces DiffPure's ImageNet
+        protocol (224x224 inputs, guided-diffusion's 256x256 model, ``t_star=0.15``); ``None`` (default): no resize.
     :param surrogate_steps: steps of the coarse solver of ``gradient="surrogate"``.
     :param gradient: ``"bpda"``, ``"exact"``, ``"adjoint"`` or ``"surrogate"`` (module docstring).
     Further keyword arguments: see :class:`purifiers.PurifierPyTorch`.
@@ -153,6 +159,7 @@ class DiffPurePyTorch(_ReverseVPSDEPyTorch):
     forward_alpha = _algorithm_setting("forward_alpha", "'continuous' or 'ddpm' alpha_bar of the forward diffusion")
 
     def __init__(self, prior: Prior, t_star: float = 0.1, dt: float = 1e-3, t_end: float = DEFAULT_T_END,
-                 forward_alpha: str = "continuous", surrogate_steps: int = 20, **kwargs):
-        algorithm = DiffPure(prior, t_star=t_star, dt=dt, t_end=t_end, forward_alpha=forward_alpha)
+                 forward_alpha: str = "continuous", resize_to: int | None = None, surrogate_steps: int = 20, **kwargs):
+        algorithm = DiffPure(prior, t_star=t_star, dt=dt, t_end=t_end, forward_alpha=forward_alpha,
+                             resize_to=resize_to)
         super().__init__(algorithm, surrogate_steps=surrogate_steps, **kwargs)
