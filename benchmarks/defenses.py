@@ -114,9 +114,10 @@ REGISTRY: dict[str, DefenseRecord] = {
         paper=Paper("Diffusion Models for Adversarial Purification (DiffPure)",
                     "Weili Nie, Brandon Guo, Yujia Huang, Chaowei Xiao, Arash Vahdat, Anima Anandkumar", "ICML 2022",
                     "https://arxiv.org/abs/2205.07460"),
-        # DiffPure §5: t* = 0.1 on CIFAR-10 l_inf (0.15 on ImageNet), 100 steps.
+        # DiffPure §5: t* = 0.1 on CIFAR-10 l_inf, 100 steps; on ImageNet t* = 0.15 with 224x224 inputs purified at
+        # the 256x256 of guided-diffusion's prior (its code's resize).
         paper_settings=dict(t_star=0.1, dt=1e-3),
-        settings={"mnist": dict(t_star=0.2, dt=1e-3)},
+        settings={"mnist": dict(t_star=0.2, dt=1e-3), "imagenet": dict(t_star=0.15, dt=1e-3, resize_to=256)},
         published=(PublishedNumber("cifar10", "AutoAttack", 89.02, 70.64, "COUP Table 1 (DiffPure)"),
                    PublishedNumber("cifar10", "BPDA+EOT", 89.02, 81.40, "COUP Table 3 (DiffPure)")),
         quickstart_seconds=259, wrapper_defaults=dict(seed=0, batch_size=100)),

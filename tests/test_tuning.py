@@ -65,3 +65,4 @@ def test_cached_blind_pgd_is_keyed_by_weights_and_data(classifier, mnist_val, tm
     np.testing.assert_array_equal(cached_blind_pgd(classifier, x[:4], y[:4], str(tmp_path)), first)
     cached_blind_pgd(classifier, x[:3], y[:3], str(tmp_path))
     assert len(list(tmp_path.glob("*.npy"))) == 2 and not list(tmp_path.glob("*.tmp*"))
+
