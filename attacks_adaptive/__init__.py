@@ -32,7 +32,7 @@ from attacks_adaptive.geometry import NORMS
 from attacks_adaptive.joint import JointAttack
 from attacks_adaptive.losses import LOSSES
 from attacks_adaptive.pgd_eot import PGDEOT
-from attacks_adaptive.runner import run_worst_case
+from attacks_adaptive.runner import collect_worst_case, run_worst_case
 from attacks_adaptive.scoring import (
            SCORINGS,
            any_iteration,
@@ -44,4 +44,4 @@ from attacks_adaptive.spsa import SPSA
 
 __all__ = ["Attack", "AttackResult", "DefendedModel", "LOSSES", "NORMS", "BlindPGD", "BPDAEOT", "JointAttack", "SPSA",
            "PGDEOT", "APGDEOT", "DiffHammer", "SCORINGS", "single_shot", "multi_draw", "any_iteration",
-           "n_evaluation", "run_worst_case"]
+           "n_evaluation", "run_worst_case", "collect_worst_case"]

