@@ -485,7 +485,7 @@ def test_attacks_command_runs_a_named_subset_and_rejects_unknown_names(tmp_path)
 
     result = run_attacks(str(tmp_path), defenses=["none"], preset_name="smoke", attacks=["PGD"], verbose=False)
     assert {row["attack"] for row in result["rows"]} == {"PGD", "worst-case(PGD)"}
-    with pytest.raises(ValueError, match="no attack \\['Nope'\\]"):
+    with pytest.raises(ValueError, match="none of the attacks \\['Nope'\\] is in the suite of 'none'"):
         run_attacks(str(tmp_path / "other"), defenses=["none"], preset_name="smoke", attacks=["Nope"], verbose=False)
 
 
