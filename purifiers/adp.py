@@ -58,7 +58,7 @@ Detection gate (App. F, ``detection_threshold``): inputs whose score norm exceed
 training images get the full noise ``sigma``, the others ``beta * sigma`` (beta = 0.2), which spares clean accuracy.
 
 Gradients: with autograd on and ``x.requires_grad`` the module is differentiable in ``x`` through every step. Each
-score evaluation is checkpointed (``torch.utils.checkpoint``), so memory does not grow with ``T`` beyond a few images
+score evaluation is checkpointed (:mod:`purifiers.checkpointing`), so memory does not grow with ``T`` beyond a few images
 per step. By default the step sizes (and the conditioning levels derived from them) are constants of the backward
 pass, as in Croce et al. (2022); ``step_size_gradient=True`` differentiates them too (through the probe evaluation).
 """
@@ -69,8 +69,8 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from purifiers.checkpointing import checkpointed
 from purifiers.priors import Prior
 from purifiers.validation import check_images
 
@@ -273,8 +273,12 @@ class ADP(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     def _score(self, x: Tensor, cond: Tensor) -> Tensor:
         if self.checkpoint_steps and torch.is_grad_enabled() and (x.requires_grad or cond.requires_grad):
-            return checkpoint(adp_score, self.prior, x, cond, use_reentrant=False)
+            return checkpointed(self._score_piece, x, cond)[0]
         return adp_score(self.prior, x, cond)
+
+    def _score_piece(self, differentiable: bool, x: Tensor, cond: Tensor) -> tuple[Tensor]:
+        with torch.set_grad_enabled(differentiable):
+            return (adp_score(self.prior, x, cond),)
 
     def _step(self, x: Tensor, cond: Tensor, active: Tensor, check_score_norm: bool):
         g = self._score(x, cond)

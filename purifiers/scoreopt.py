@@ -57,6 +57,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from purifiers.checkpointing import checkpointed
 from purifiers.conventions import pm1_sigma_to_pixel, to_01, to_pm1
 from purifiers.priors import Prior
 from purifiers.validation import check_images
@@ -87,43 +88,13 @@ def _squared_norm(v: Tensor) -> Tensor:
     return v.pow(2).flatten(1).sum(1)
 
 
-class _RecomputedInBackward(torch.autograd.Function):
-    """Activation checkpointing of one piece of the unrolled loop, ``run(differentiable, *tensors) -> tensors``.
-
-    The forward runs the piece without a graph (``differentiable=False``: a step's own gradient is still taken) and
-    keeps only its input tensors; the backward re-runs it with ``differentiable=True`` (the step's gradient taken with
-    ``create_graph=True``) and backpropagates through that graph, so only one step's graph is alive at a time. The
-    result is the gradient with respect to the piece's tensor inputs (the purifier's input flows through them), not
-    the prior's parameters. (torch.utils.checkpoint does the same, but its first call imports torch._dynamo, which
-    costs seconds per process.)
-    """
-
-    @staticmethod
-    def forward(ctx, run, *inputs):
-        ctx.run = run
-        ctx.save_for_backward(*inputs)
-        return tuple(out.detach() for out in run(False, *inputs))
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        needs = ctx.needs_input_grad[1:]
-        inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-        with torch.enable_grad():
-            outputs = ctx.run(True, *inputs)
-        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad and grad is not None]
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        grads = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [grad for _, grad in pairs],
-                                         allow_unused=True) if pairs and wanted else [None] * len(wanted))
-        return (None, *(next(grads) if need else None for need in needs))
-
-
 class ScoreOpt(nn.Module):
     """ScoreOpt-O (Algorithm 1) and ScoreOpt-N (Algorithm 2) as a pure-torch module: ``forward(x, generator)``.
 
     ``forward`` is differentiable in ``x`` when autograd is on and ``x`` requires a gradient: every optimiser step is
     then taken with ``create_graph=True`` (second-order terms of the loss, Adam's moments and normalisation included),
-    each step under activation checkpointing so memory grows with the number of steps only by a few images per step
-    (the step's inputs and noise). Otherwise each step's gradient is taken and detached, with no graph kept across
+    each step under activation checkpointing (:mod:`purifiers.checkpointing`) so memory grows with the number of
+    steps only by a few images per step (the step's inputs and noise). Otherwise each step's gradient is taken and detached, with no graph kept across
     steps.
 
     :param prior: a :class:`purifiers.Prior` (denoiser on [0, 1] images, pixel sigma).
@@ -257,7 +228,7 @@ class ScoreOpt(nn.Module):
     def _run(self, piece, differentiable: bool, *inputs):
         """Run one piece of the loop, checkpointed when differentiating through the loop (``checkpoint_steps``)."""
         if differentiable and self.checkpoint_steps:
-            return _RecomputedInBackward.apply(piece, *inputs)
+            return checkpointed(piece, *inputs)
         return piece(differentiable, *inputs)
 
     def _one_shot(self, differentiable: bool, z: Tensor, sigma: Tensor) -> tuple[Tensor]:

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 import torchsde
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from purifiers.checkpointing import checkpointed
 from purifiers.conventions import DDPMSchedule, VPSchedule, to_01, to_pm1
 from purifiers.priors import Prior
 from purifiers.validation import check_images
@@ -124,19 +125,29 @@ def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSc
 
     :param x: the state at ``grid[0]`` (any shape; batch first).
     :param increments: ``(len(grid) - 1, *x.shape)``, ``dW_k ~ N(0, grid[k] - grid[k+1])``.
-    :param checkpoint_steps: recompute each step in the backward pass (``torch.utils.checkpoint``) instead of storing
-        its graph, so memory holds one state per step rather than every network activation of every step.
+    :param checkpoint_steps: recompute each step in the backward pass (:func:`purifiers.checkpointing.checkpointed`)
+        instead of storing its graph, so memory holds one state per step rather than every network activation of
+        every step. The forward pass runs each step once without a graph (the guidance's own gradient taken without
+        ``create_graph``); the backward pass runs it once more with the guidance differentiable, so the classifier's
+        Hessian term is kept and each step costs two network forwards in all.
     """
     if increments.shape != (len(grid) - 1, *x.shape):
         raise ValueError(f"increments have shape {tuple(increments.shape)}; expected {(len(grid) - 1, *x.shape)}.")
     times = grid.tolist()
     for k in range(len(times) - 1):
-        args = (x, times[k], times[k] - times[k + 1], increments[k], schedule, score_fn, guidance_fn, guidance_scale)
-        if checkpoint_steps:
-            x = checkpoint(reverse_vp_step, *args, use_reentrant=False)
+        step = partial(_reverse_vp_piece, times[k], times[k] - times[k + 1], schedule, score_fn, guidance_fn,
+                       guidance_scale)
+        if checkpoint_steps and torch.is_grad_enabled() and x.requires_grad:
+            x = checkpointed(step, x, increments[k])[0]
         else:
-            x = reverse_vp_step(*args)
+            x = reverse_vp_step(x, times[k], times[k] - times[k + 1], increments[k], schedule, score_fn, guidance_fn,
+                                guidance_scale)
     return x
+
+
+def _reverse_vp_piece(t, delta, schedule, score_fn, guidance_fn, guidance_scale, differentiable, x, dw):
+    with torch.set_grad_enabled(differentiable):
+        return (reverse_vp_step(x, t, delta, dw, schedule, score_fn, guidance_fn, guidance_scale),)
 
 
 @dataclass

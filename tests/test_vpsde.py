@@ -387,3 +387,17 @@ def test_selection_prefers_robustness_within_the_clean_tolerance():
     # 64 images cannot resolve 1.5 points: one image (1.56 points) is tolerated
     choice = select([row(0.1, 1.0, 0.5, 64), row(0.2, 63 / 64, 0.7, 64), row(0.3, 62 / 64, 0.8, 64)], "diffpure", 1.0)
     assert choice["t_star"] == 0.2 and choice["meets_clean_target"]
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0])
+def test_exact_gradient_costs_two_network_forwards_per_step(prior64, guidance_scale):
+    # One forward in the forward pass, one recomputation in the backward pass (purifiers.checkpointing); the
+    # guidance's create_graph must not make the checkpoint recompute the step during the forward pass.
+    coup = COUP(prior64, _tiny_classifier(), t_star=0.02, dt=4e-3, guidance_scale=guidance_scale)
+    x = images(n=3).requires_grad_(True)
+    prior64.nfe.reset()
+    out = coup(x, generator=gen(1))
+    assert prior64.nfe.forward == 3 * coup.num_steps
+    torch.autograd.grad(out.sum(), x)
+    assert prior64.nfe.forward == 2 * 3 * coup.num_steps
+    assert prior64.nfe.backward == 3 * coup.num_steps
