@@ -70,9 +70,10 @@ import math
 import torch
 from torch import nn
 
+from purifiers import noise as noise_lib
 from purifiers.checkpointing import checkpointed
 from purifiers.priors import Prior
-from purifiers.validation import check_images
+from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
 
@@ -112,7 +113,7 @@ def median_heuristic_sigma(x, max_images: int = 2000) -> float:
 
 def adp_score(prior: Prior, x: Tensor, cond: Tensor) -> Tensor:
     """ADP's score ``s(x) = c * grad log p_c(x) = (D(x, c) - x) / c`` at conditioning level ``cond`` (N,)."""
-    return (prior.denoise(x, cond) - x) / _per_image(cond)
+    return (prior.denoise_unchecked(x, cond) - x) / _per_image(cond)
 
 
 def score_norm(prior: Prior, x: Tensor, sigma: float, batch_size: int = 256) -> Tensor:
@@ -249,10 +250,16 @@ class ADP(nn.Module):
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Purify a batch of NCHW images (in [0, 1], possibly plus noise): one ADP run per row (repeat rows for the
-        S-run ensemble)."""
+        S-run ensemble). Any floating dtype is accepted: the purification runs in the prior network's dtype and the
+        result comes back in the input's."""
         check_images(x, name="ADP input", value_range=NOISY_INPUT_RANGE)
+        return self.purify_unchecked(as_network_dtype(x, self.prior), generator).to(x.dtype)
+
+    def purify_unchecked(self, x: Tensor, generator=None) -> Tensor:
+        """:meth:`forward` without the input checks or the dtype cast, for callers that validated ``x`` already (the
+        ART wrapper). ``generator``: a ``torch.Generator``, :class:`purifiers.noise.RowGenerators` or ``None``."""
         sigma = self.injection_sigma(x)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = noise_lib.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x0 = (x + _per_image(sigma) * noise).clamp(0.0, 1.0)
         return self.update(x0, sigma)
 

@@ -22,7 +22,9 @@ from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
 from torch import nn
 from tqdm import tqdm
 
-from purifiers.validation import check_images
+from purifiers.noise import RowGenerators, row_seeds
+from purifiers.speed import SpeedOptions, apply_speed_options
+from purifiers.validation import as_network_dtype, check_images
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -47,8 +49,17 @@ class PurifierPyTorch(PreprocessorPyTorch):
     :param channels_first: ``True`` for NCHW input, ``False`` for NHWC.
     :param batch_size: rows purified at once without a gradient (ART hands ``predict``'s whole input to ``forward``).
     :param verbose: show a progress bar over batches.
-    :param seed: seed of the purifier's own random generator (noise is reproducible across calls' sequence), or
-        ``None`` for torch's global generator.
+    :param seed: seed of the purifier's own random streams, or ``None`` for torch's global generator. With a seed,
+        row ``i`` of the ``k``-th call since construction or :meth:`reset_generator` draws all its noise from its own
+        stream seeded by ``(seed, k, i)`` (:mod:`purifiers.noise`): the sequence of calls is reproducible, and an
+        image's purification does not depend on ``batch_size`` (bit-identical on CPU with the built-in prior).
+    :param device_type: ART's convention: ``"gpu"`` (CUDA when available) or ``"cpu"``; ``None`` (default): ``"gpu"``
+        when CUDA is available, else ``"cpu"``. It sets where ART's ``__call__`` puts numpy input; the purification
+        itself runs on the device of the input tensor (the prior moves there).
+    :param channels_last, compile, amp: speed options of the prior network (:class:`purifiers.speed.SpeedOptions`:
+        ``channels_last`` memory format, ``torch.compile``, CUDA mixed precision ``"fp16"``/``"bf16"``, refused on
+        CPU). All off by default. Any floating input dtype is accepted: the purification runs in the prior network's
+        dtype (float64 numpy input is cast) and returns the input's dtype.
     """
 
     params = ["gradient", "eot_samples", "clip_values", "channels_first", "batch_size", "verbose", "seed"]
@@ -59,8 +70,14 @@ class PurifierPyTorch(PreprocessorPyTorch):
 
     def __init__(self, algorithm: nn.Module, *, gradient: str = "bpda", eot_samples: int = 1,
                  clip_values: tuple[float, float] = (0.0, 1.0), channels_first: bool = True, batch_size: int = 128,
-                 verbose: bool = False, seed: int | None = None, device_type: str = "gpu"):
+                 verbose: bool = False, seed: int | None = None, device_type: str | None = None,
+                 channels_last: bool = False, compile: bool | dict = False, amp: str | None = None):
+        if device_type is None:
+            device_type = "gpu" if torch.cuda.is_available() else "cpu"
+        if device_type not in ("cpu", "gpu"):
+            raise ValueError(f"device_type must be 'cpu' or 'gpu' (ART's convention), got {device_type!r}.")
         super().__init__(device_type=device_type, is_fitted=True, apply_fit=False, apply_predict=True)
+        self.device_type = device_type
         self.algorithm = algorithm
         self.gradient = gradient
         self.eot_samples = eot_samples
@@ -69,8 +86,15 @@ class PurifierPyTorch(PreprocessorPyTorch):
         self.batch_size = batch_size
         self.verbose = verbose
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._calls = 0
+        self.speed = SpeedOptions(channels_last=channels_last, compile=compile, amp=amp)
+        if self.speed.amp is not None and device_type == "cpu":
+            raise ValueError(f"amp={amp!r} is for CUDA inputs (mixed precision is off on CPU, where autocast is slower "
+                             "than float32); leave amp=None with device_type='cpu'.")
         self._check_params()
+        prior = getattr(self.algorithm, "prior", None)
+        if prior is not None:
+            apply_speed_options(prior, self.speed)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -97,21 +121,21 @@ class PurifierPyTorch(PreprocessorPyTorch):
     def set_params(self, **kwargs) -> None:
         super().set_params(**kwargs)
         if "seed" in kwargs:
-            self._generators.clear()
+            self.reset_generator()
 
     # ---------------------------------------------------------------------------------------------------------------
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The wrapper's random generator on ``device`` (``None`` when no seed was given: torch's global RNG)."""
+    def generator(self, device: torch.device, rows: int) -> RowGenerators | None:
+        """The noise source of the next call of ``rows`` rows on ``device``: per-row streams seeded by
+        ``(seed, call number, row)`` (the call counter advances), or ``None`` without a seed (torch's global RNG)."""
         if self.seed is None:
             return None
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(int(self.seed))
-        return self._generators[device]
+        seeds = row_seeds(int(self.seed), self._calls, int(rows))
+        self._calls += 1
+        return RowGenerators(seeds, device)
 
     def reset_generator(self) -> None:
-        """Restart the seeded noise stream, so the next call draws the same noise as the first one did."""
-        self._generators.clear()
+        """Restart the seeded noise, so the next call draws the same noise as the first one did."""
+        self._calls = 0
 
     @property
     def input_channels(self) -> int | None:
@@ -123,9 +147,14 @@ class PurifierPyTorch(PreprocessorPyTorch):
         """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""
         return {"bpda": lambda x, gen: straight_through(x, self._purify_no_grad(x, gen))}
 
-    def _purify_no_grad(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _purify_no_grad(self, x: Tensor, generator) -> Tensor:
         with torch.no_grad():
-            return self.algorithm(x, generator=generator)
+            return self._run_algorithm(x, generator)
+
+    def _run_algorithm(self, x: Tensor, generator) -> Tensor:
+        """The algorithm on validated input: its unchecked path where it has one."""
+        run = getattr(self.algorithm, "purify_unchecked", None)
+        return run(x, generator) if run is not None else self.algorithm(x, generator=generator)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _to_nchw(self, x: Tensor) -> Tensor:
@@ -137,17 +166,23 @@ class PurifierPyTorch(PreprocessorPyTorch):
     def purify(self, x: Tensor, with_gradient: bool) -> Tensor:
         """Purify an NCHW tensor in [0, 1]: in the gradient mode when ``with_gradient``, else in batches without graph.
 
-        This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT.
+        This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT. The one place the
+        input is validated (the algorithms' inner loops do not check again); any floating dtype is accepted, computed
+        in the prior network's dtype and returned in the input's.
         """
+        if not isinstance(x, Tensor):
+            raise ValueError(f"purifier input must be a torch.Tensor, got {type(x).__name__}.")
         check_images(x, name="purifier input", channels=self.input_channels, value_range=self.input_range)
         self.algorithm.to(x.device)
-        gen = self.generator(x.device)
+        self.speed.check_device(x.device)
+        x_net = as_network_dtype(x, getattr(self.algorithm, "prior", self.algorithm))
+        gen = self.generator(x.device, x.shape[0])
         if with_gradient:
-            return self._gradient_estimators()[self.gradient](x, gen)
+            return self._gradient_estimators()[self.gradient](x_net, gen).to(x.dtype)
         chunks = range(0, x.shape[0], self.batch_size)
-        out = [self._purify_no_grad(x[i:i + self.batch_size], gen)
+        out = [self._purify_no_grad(x_net[i:i + self.batch_size], None if gen is None else gen[i:i + self.batch_size])
                for i in tqdm(chunks, desc=type(self).__name__, disable=not self.verbose or len(chunks) < 2)]
-        return torch.cat(out).clamp(*self.clip_values)
+        return torch.cat(out).clamp(*self.clip_values).to(x.dtype)
 
     def forward(self, x: Tensor, y=None):
         """ART's entry point: purify ``x`` (as laid out by ``channels_first``), returning ``(x_purified, y)``.
@@ -171,8 +206,11 @@ class PurifierPyTorch(PreprocessorPyTorch):
         return self._from_nchw(self.purify(self._to_nchw(x), torch.is_grad_enabled()))
 
     def __call__(self, x: np.ndarray, y=None):
-        check_images(x if self.channels_first else np.moveaxis(x, -1, 1), name="purifier input",
-                     channels=self.input_channels, value_range=self.input_range)
+        """ART's numpy entry: ``forward`` (which validates the input once) on ``x`` put on this wrapper's device."""
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"purifier input must be a numpy array, got {type(x).__name__}.")
+        if not np.issubdtype(x.dtype, np.floating):
+            check_images(x, name="purifier input")  # raises the dtype error before torch converts the array
         return super().__call__(x, y)
 
 

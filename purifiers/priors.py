@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from purifiers.conventions import DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, to_01, to_pm1
+from purifiers.speed import run_denoise
 from purifiers.validation import check_images
 
 Tensor = torch.Tensor
@@ -56,10 +57,24 @@ class Prior(nn.Module):
         """
         check_images(x, name="prior input", value_range=None)
         sigma = self._sigma_batch(sigma, x)
-        if x.abs().max() > 2.0 + 10.0 * float(sigma.max()):
-            raise ValueError(f"prior input has values up to {float(x.abs().max()):g}, far outside [0, 1] for noise level "
+        x_max = float(x.detach().abs().max())
+        if x_max > 2.0 + 10.0 * float(sigma.max()):
+            raise ValueError(f"prior input has values up to {x_max:g}, far outside [0, 1] for noise level "
                              f"{float(sigma.max()):g}: this looks like 0-255 images; divide by 255.")
-        out = self._denoise(x, sigma)
+        return self.denoise_unchecked(x, sigma)
+
+    def denoise_unchecked(self, x: Tensor, sigma) -> Tensor:
+        """:meth:`denoise` without the input checks, for the purifiers' inner loops: their public entries validate the
+        input once, and every check here would cost a device synchronisation per network call. ``sigma`` is a float
+        or an (N,) tensor, trusted to be positive and finite. Without autograd the network runs under
+        ``torch.inference_mode`` (same values, less bookkeeping); the speed options of :mod:`purifiers.speed` apply."""
+        sigma = self._sigma_batch(sigma, x, check=False)
+        if torch.is_grad_enabled():
+            out = run_denoise(self, x, sigma)
+        else:
+            with torch.inference_mode():
+                out = run_denoise(self, x, sigma)
+            out = out.clone()  # an ordinary tensor again, which autograd may save later
         self.nfe.forward += x.shape[0]
         if out.requires_grad:
             out.register_hook(self._count_backward)
@@ -80,14 +95,14 @@ class Prior(nn.Module):
         self.nfe.backward += grad.shape[0]
 
     @staticmethod
-    def _sigma_batch(sigma, x: Tensor) -> Tensor:
+    def _sigma_batch(sigma, x: Tensor, check: bool = True) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         sigma = sigma.reshape(-1)
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]} images.")
-        if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
+        if check and not (torch.isfinite(sigma).all() and (sigma > 0).all()):
             raise ValueError("sigma must be positive and finite.")
         return sigma
 

@@ -57,10 +57,11 @@ from functools import partial
 import torch
 from torch import nn
 
+from purifiers import noise as noise_lib
 from purifiers.checkpointing import checkpointed
 from purifiers.conventions import pm1_sigma_to_pixel, to_01, to_pm1
 from purifiers.priors import Prior
-from purifiers.validation import check_images
+from purifiers.validation import as_network_dtype, check_images
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -178,7 +179,7 @@ class ScoreOpt(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     def denoise_pm1(self, z: Tensor, sigma: Tensor) -> Tensor:
         """``D_theta(z; sigma)`` in the paper's coordinates: ``z`` on [-1, 1], ``sigma`` (N,) EDM sigma on [-1, 1]."""
-        return to_pm1(self.prior.denoise(to_01(z), pm1_sigma_to_pixel(sigma)))
+        return to_pm1(self.prior.denoise_unchecked(to_01(z), pm1_sigma_to_pixel(sigma)))
 
     def loss_terms(self, x: Tensor, x_a: Tensor, sigma: Tensor, eps1: Tensor, eps2: Tensor | None = None) -> dict:
         """The per-image terms of eqs. (6)-(8) at ``x`` (ScoreOpt-O's view), all on [-1, 1]: ``"diff"``,
@@ -193,14 +194,24 @@ class ScoreOpt(nn.Module):
     def one_shot_surrogate(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The authors' PGD+EOT surrogate ``D(x + sigma_0 eps; sigma_0)`` on [0, 1] images (one ``randn`` draw of
         ``x``'s shape; sigma_0 = :attr:`surrogate_sigma`). Not clipped, so no gradient is cut at saturated pixels."""
+        check_images(x, name="ScoreOpt input")
+        return self._one_shot_surrogate(as_network_dtype(x, self.prior), generator).to(x.dtype)
+
+    def _one_shot_surrogate(self, x: Tensor, generator=None) -> Tensor:
         sigma = pm1_sigma_to_pixel(self.surrogate_sigma)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.prior.denoise(x + sigma * eps, sigma)
+        eps = noise_lib.randn(x.shape, generator, device=x.device, dtype=x.dtype)
+        return self.prior.denoise_unchecked(x + sigma * eps, sigma)
 
     # ---------------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Purify a batch of [0, 1] NCHW images; every random draw uses ``generator``."""
+        """Purify a batch of [0, 1] NCHW images; every random draw uses ``generator``. Any floating dtype is accepted:
+        the purification runs in the prior network's dtype and the result comes back in the input's."""
         check_images(x, name="ScoreOpt input")
+        return self.purify_unchecked(as_network_dtype(x, self.prior), generator).to(x.dtype)
+
+    def purify_unchecked(self, x: Tensor, generator=None) -> Tensor:
+        """:meth:`forward` without the input checks or the dtype cast, for callers that validated ``x`` already (the
+        ART wrapper). ``generator``: a ``torch.Generator``, :class:`purifiers.noise.RowGenerators` or ``None``."""
         differentiable = torch.is_grad_enabled() and x.requires_grad
         x_a = to_pm1(x)
         outer = x_a
@@ -210,13 +221,13 @@ class ScoreOpt(nn.Module):
         first_moment, second_moment = torch.zeros_like(x_a), torch.zeros_like(x_a)
         for _ in range(self.steps):
             sigma = self._draw_sigma(x_a, generator)
-            eps1 = torch.randn(x_a.shape, generator=generator, device=x_a.device, dtype=x_a.dtype)
+            eps1 = noise_lib.randn(x_a.shape, generator, device=x_a.device, dtype=x_a.dtype)
             if self.variant == "N":  # Algorithm 2: a new variable x_t = x_i + sigma eps1, and a new optimiser for it
                 z, t = outer + _per_image(sigma) * eps1, 0
                 first_moment, second_moment = torch.zeros_like(x_a), torch.zeros_like(x_a)
             for _ in range(self.inner_steps):
                 t += 1
-                eps2 = (torch.randn(x_a.shape, generator=generator, device=x_a.device, dtype=x_a.dtype)
+                eps2 = (noise_lib.randn(x_a.shape, generator, device=x_a.device, dtype=x_a.dtype)
                         if self.loss == "sr" else None)
                 z, first_moment, second_moment = self._run(
                     partial(self._step, t), differentiable, z, first_moment, second_moment, outer, x_a, sigma,
@@ -237,7 +248,7 @@ class ScoreOpt(nn.Module):
 
     def _draw_sigma(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
         low, high = self.noise_range
-        u = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=like.dtype)
+        u = noise_lib.rand((like.shape[0],), generator, device=like.device, dtype=like.dtype)
         return low + (high - low) * u
 
     def _step(self, t: int, differentiable: bool, z: Tensor, first_moment: Tensor, second_moment: Tensor,

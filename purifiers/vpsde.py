@@ -55,10 +55,11 @@ import torch
 import torchsde
 from torch import nn
 
+from purifiers import noise as noise_lib
 from purifiers.checkpointing import checkpointed
 from purifiers.conventions import DDPMSchedule, VPSchedule, to_01, to_pm1
 from purifiers.priors import Prior
-from purifiers.validation import check_images
+from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
 # The reference code integrates down to t = 1e-5, not 0: the score diverges as t -> 0.
@@ -80,7 +81,7 @@ def brownian_increments(shape, grid: Tensor, generator: torch.Generator | None =
                         dtype=torch.float32) -> Tensor:
     """Brownian increments ``dW_k ~ N(0, (t_k - t_{k+1}) I)`` for every step of ``grid``: shape ``(N, *shape)``."""
     steps = (grid[:-1] - grid[1:]).to(device=device, dtype=dtype)
-    z = torch.randn((len(steps), *shape), generator=generator, device=device, dtype=dtype)
+    z = noise_lib.randn((len(steps), *shape), generator, device=device, dtype=dtype, batch_dim=1)
     return z * steps.sqrt().reshape(-1, *([1] * len(shape)))
 
 
@@ -245,7 +246,7 @@ class ReverseVPSDE(nn.Module):
         log_a = self.schedule.log_alpha_bar(t)
         sqrt_a, one_minus_a = math.exp(0.5 * log_a), -math.expm1(log_a)
         sigma = self.schedule.sigma(t)  # pixel sigma of the variance-exploding form x_t / sqrt(a)
-        denoised = self.prior.denoise(to_01(x / sqrt_a), sigma)
+        denoised = self.prior.denoise_unchecked(to_01(x / sqrt_a), sigma)
         return -(x - sqrt_a * to_pm1(denoised)) / one_minus_a
 
     def guidance(self, x: Tensor) -> Tensor:
@@ -269,7 +270,7 @@ class ReverseVPSDE(nn.Module):
         """All random draws of one purification of ``x``, from ``generator`` (a fixed seed gives fixed noise)."""
         start = None
         if self.forward_diffusion:
-            start = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            start = noise_lib.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         grid = self.grid()
         return SDENoise(start, brownian_increments(x.shape, grid, generator, x.device, x.dtype), grid)
 
@@ -298,9 +299,12 @@ class ReverseVPSDE(nn.Module):
         return to_01(out).clamp(0.0, 1.0)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Purify a batch of [0, 1] NCHW images; every random draw comes from ``generator``."""
+        """Purify a batch of [0, 1] NCHW images; every random draw comes from ``generator``. Any floating dtype is
+        accepted: the purification runs in the prior network's dtype and the result comes back in the input's.
+        (:meth:`purify` is the unchecked path, for callers that validated ``x`` already.)"""
         check_images(x, name="purifier input")
-        return self.purify(x, self.draw_noise(x, generator))
+        x_net = as_network_dtype(x, self.prior)
+        return self.purify(x_net, self.draw_noise(x_net, generator)).to(x.dtype)
 
     # ------------------------------------------------------------------------------------------------------------------
     def purify_adjoint(self, x: Tensor, noise: SDENoise, adjoint_method: str | None = None) -> Tensor:

@@ -204,7 +204,7 @@ def test_surrogate_value_is_the_defense_and_gradient_the_coarse_solver(prior64):
     out = purifier.forward(x_var)[0]
     grad, = torch.autograd.grad(out.sum(), x_var)
     purifier.reset_generator()
-    noise = purifier.algorithm.draw_noise(x, purifier.generator(x.device))
+    noise = purifier.algorithm.draw_noise(x, purifier.generator(x.device, x.shape[0]))
     with torch.no_grad():
         torch.testing.assert_close(out, purifier.algorithm.purify(x, noise))
     x_var = x.clone().requires_grad_(True)
