@@ -177,6 +177,9 @@ class ADP(nn.Module):
     :param detection_sigma: the conditioning level of the gate's score (the paper's unconditional network needs none).
     """
 
+    #: draws its noise through :mod:`purifiers.noise`, so the ART wrapper may hand it per-image streams
+    row_generators = True
+
     def __init__(self, prior: Prior, sigma: float = 0.25, steps: int = PAPER_STEPS, lam: float = PAPER_LAMBDA,
                  delta: float | None = None, tau: float = PAPER_TAU, step_rule: str = "paper",
                  conditioning: str = DEFAULT_CONDITIONING, sigma_range: tuple[float, float] = (0.01, 1.0),

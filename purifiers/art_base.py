@@ -7,7 +7,7 @@
 
 Gradient modes live inside ``forward``, because ``PyTorchClassifier`` backpropagates through ``forward`` and never
 calls ``estimate_forward`` when every preprocessing step is a ``PreprocessorPyTorch``
-(``../shared/reference/art_api.md`` §0, §2). ``forward`` knows it is inside a gradient computation when autograd is on
+(ART's ``PyTorchClassifier._apply_preprocessing``). ``forward`` knows it is inside a gradient computation when autograd is on
 and the input requires a gradient; only then does it use the gradient mode and expand the batch for EOT.
 """
 
@@ -52,13 +52,15 @@ class PurifierPyTorch(PreprocessorPyTorch):
     :param seed: seed of the purifier's own random streams, or ``None`` for torch's global generator. With a seed,
         row ``i`` of the ``k``-th call since construction or :meth:`reset_generator` draws all its noise from its own
         stream seeded by ``(seed, k, i)`` (:mod:`purifiers.noise`): the sequence of calls is reproducible, and an
-        image's purification does not depend on ``batch_size`` (bit-identical on CPU with the built-in prior).
+        image's noise does not depend on ``batch_size``; its purification agrees across batch sizes to float rounding,
+        bit for bit on CPU with ``batch_invariant=True``.
     :param device_type: ART's convention: ``"gpu"`` (CUDA when available) or ``"cpu"``; ``None`` (default): ``"gpu"``
         when CUDA is available, else ``"cpu"``. It sets where ART's ``__call__`` puts numpy input; the purification
         itself runs on the device of the input tensor (the prior moves there).
-    :param channels_last, compile, amp: speed options of the prior network (:class:`purifiers.speed.SpeedOptions`:
-        ``channels_last`` memory format, ``torch.compile``, CUDA mixed precision ``"fp16"``/``"bf16"``, refused on
-        CPU). All off by default. Any floating input dtype is accepted: the purification runs in the prior network's
+    :param channels_last, compile, amp, batch_invariant: options of the prior network
+        (:class:`purifiers.speed.SpeedOptions`: ``channels_last`` memory format, ``torch.compile``, CUDA mixed
+        precision ``"fp16"``/``"bf16"`` (refused on CPU), fixed-size network blocks so that a seeded purification is
+        bit-identical on CPU whatever the batch size). All off by default. Any floating input dtype is accepted: the purification runs in the prior network's
         dtype (float64 numpy input is cast) and returns the input's dtype.
     """
 
@@ -71,7 +73,8 @@ class PurifierPyTorch(PreprocessorPyTorch):
     def __init__(self, algorithm: nn.Module, *, gradient: str = "bpda", eot_samples: int = 1,
                  clip_values: tuple[float, float] = (0.0, 1.0), channels_first: bool = True, batch_size: int = 128,
                  verbose: bool = False, seed: int | None = None, device_type: str | None = None,
-                 channels_last: bool = False, compile: bool | dict = False, amp: str | None = None):
+                 channels_last: bool = False, compile: bool | dict = False, amp: str | None = None,
+                 batch_invariant: bool = False):
         if device_type is None:
             device_type = "gpu" if torch.cuda.is_available() else "cpu"
         if device_type not in ("cpu", "gpu"):
@@ -87,7 +90,9 @@ class PurifierPyTorch(PreprocessorPyTorch):
         self.verbose = verbose
         self.seed = seed
         self._calls = 0
-        self.speed = SpeedOptions(channels_last=channels_last, compile=compile, amp=amp)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.speed = SpeedOptions(channels_last=channels_last, compile=compile, amp=amp,
+                                  batch_invariant=batch_invariant)
         if self.speed.amp is not None and device_type == "cpu":
             raise ValueError(f"amp={amp!r} is for CUDA inputs (mixed precision is off on CPU, where autocast is slower "
                              "than float32); leave amp=None with device_type='cpu'.")
@@ -124,24 +129,39 @@ class PurifierPyTorch(PreprocessorPyTorch):
             self.reset_generator()
 
     # ---------------------------------------------------------------------------------------------------------------
-    def generator(self, device: torch.device, rows: int) -> RowGenerators | None:
-        """The noise source of the next call of ``rows`` rows on ``device``: per-row streams seeded by
-        ``(seed, call number, row)`` (the call counter advances), or ``None`` without a seed (torch's global RNG)."""
+    def generator(self, device: torch.device, rows: int | None = None) -> RowGenerators | torch.Generator | None:
+        """The noise source of the next call (of ``rows`` rows) on ``device``; ``None`` without a seed (torch's global
+        RNG). With a seed: per-row streams seeded by ``(seed, call number, row)`` (the call counter advances) when the
+        algorithm draws through :mod:`purifiers.noise` (``row_generators = True``: ADP, ScoreOpt, COUP, DiffPure);
+        for any other algorithm (``algorithm(x, generator=torch.Generator)``) the wrapper's one seeded stream."""
         if self.seed is None:
             return None
-        seeds = row_seeds(int(self.seed), self._calls, int(rows))
-        self._calls += 1
-        return RowGenerators(seeds, device)
+        device = torch.device(device)
+        if getattr(self.algorithm, "row_generators", False) and rows is not None:
+            seeds = row_seeds(int(self.seed), self._calls, int(rows))
+            self._calls += 1
+            return RowGenerators(seeds, device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(int(self.seed))
+        return self._generators[device]
 
     def reset_generator(self) -> None:
         """Restart the seeded noise, so the next call draws the same noise as the first one did."""
         self._calls = 0
+        self._generators.clear()
 
     @property
     def input_channels(self) -> int | None:
         """The channel count the prior expects, where it records one (the built-in U-Net's config), else ``None``."""
         prior = getattr(self.algorithm, "prior", None)
         return getattr(getattr(prior, "net", None), "config", {}).get("in_channels")
+
+    @property
+    def input_multiple(self) -> int:
+        """Image height and width must be multiples of this (the built-in U-Net halves them at each of its levels)."""
+        prior = getattr(self.algorithm, "prior", None)
+        mults = getattr(getattr(prior, "net", None), "config", {}).get("channel_mults")
+        return 2 ** (len(mults) - 1) if mults else 1
 
     def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
         """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""
@@ -173,6 +193,9 @@ class PurifierPyTorch(PreprocessorPyTorch):
         if not isinstance(x, Tensor):
             raise ValueError(f"purifier input must be a torch.Tensor, got {type(x).__name__}.")
         check_images(x, name="purifier input", channels=self.input_channels, value_range=self.input_range)
+        if x.shape[2] % self.input_multiple or x.shape[3] % self.input_multiple:
+            raise ValueError(f"purifier input has height x width {x.shape[2]} x {x.shape[3]}; the prior's network needs "
+                             f"multiples of {self.input_multiple} (shape {tuple(x.shape)}).")
         self.algorithm.to(x.device)
         self.speed.check_device(x.device)
         x_net = as_network_dtype(x, getattr(self.algorithm, "prior", self.algorithm))
@@ -180,7 +203,8 @@ class PurifierPyTorch(PreprocessorPyTorch):
         if with_gradient:
             return self._gradient_estimators()[self.gradient](x_net, gen).to(x.dtype)
         chunks = range(0, x.shape[0], self.batch_size)
-        out = [self._purify_no_grad(x_net[i:i + self.batch_size], None if gen is None else gen[i:i + self.batch_size])
+        out = [self._purify_no_grad(x_net[i:i + self.batch_size],
+                                    gen[i:i + self.batch_size] if isinstance(gen, RowGenerators) else gen)
                for i in tqdm(chunks, desc=type(self).__name__, disable=not self.verbose or len(chunks) < 2)]
         return torch.cat(out).clamp(*self.clip_values).to(x.dtype)
 
@@ -273,10 +297,15 @@ class PurifiedClassifier(nn.Module):
                 "classifier": self.classifier_evaluations / n}
 
     def forward(self, x: Tensor) -> Tensor:
+        """Scores of the purified ``x`` (NCHW, [0, 1], any floating dtype; validated once, by the purifier)."""
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            raise ValueError("PurifiedClassifier input must be a 4-D torch.Tensor image batch (N, C, H, W), got "
+                             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}.")
         with_gradient = torch.is_grad_enabled() and x.requires_grad
         n = x.shape[0]
         x_runs = x.repeat(self.runs, 1, 1, 1) if self.runs > 1 else x
-        logits = self.classifier(self.purifier.purify(x_runs, with_gradient))
+        purified = self.purifier.purify(x_runs, with_gradient)
+        logits = self.classifier(as_network_dtype(purified, self.classifier))
         self.classifier_evaluations += logits.shape[0]
         self.images_seen += n
         logits = logits.reshape(self.runs, n, -1)

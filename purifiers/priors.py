@@ -228,17 +228,20 @@ def save_builtin_prior(prior: EDMDenoiser, path: str, card: dict | None = None) 
 
 def _load_builtin_prior(path: str) -> EDMDenoiser:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from purifiers.unet import SmallUNet
 
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors' header errors do not name the file
+        raise ValueError(f"cannot read the prior file {path}: it is truncated or not a valid safetensors file "
+                         f"({type(err).__name__}: {err}).") from err
     if metadata.get("format") != BUILTIN_FORMAT:
         raise ValueError(f"{path} is a safetensors file without the {BUILTIN_FORMAT!r} metadata of a built-in prior; "
                          "wrap your own network with load_prior(module, kind=...) instead.")
     net = SmallUNet(**json.loads(metadata["config"]))
-    net.load_state_dict(load_file(path))
+    net.load_state_dict(load_state_dict_safely(path))
     return EDMDenoiser(net, sigma_data=float(metadata["sigma_data"])).eval()
 
 
@@ -247,7 +250,11 @@ def load_state_dict_safely(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' header and size errors do not name the file
+            raise ValueError(f"cannot read the weights file {path}: it is truncated or not a valid safetensors file "
+                             f"({type(err).__name__}: {err}).") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for pickles that hold code

@@ -24,7 +24,7 @@ learning rate, the noise range and the loss scale of Table 10 mean here what the
 through :mod:`purifiers.conventions` (pixel sigma = sigma / 2, images mapped back to [0, 1]). Losses are the squared
 L2 norms of the paper (summed per image, then over the batch, so each image's update ignores the others).
 
-Paper versus the reference code (``../shared/reference/anchors.md`` §2), each choice a named option:
+Paper versus the authors' reference code, each choice a named option:
 
 * optimiser: Adam in all of the paper's experiments (App. C.5) and in the code: ``optimizer="adam"`` (default),
   written as explicit tensor maths (torch.optim.Adam's update with its default betas and eps) so the ``exact``
@@ -114,6 +114,9 @@ class ScoreOpt(nn.Module):
     :param checkpoint_steps: checkpoint each step when differentiating through the loop (recomputes each step's
         forward and gradient in the backward pass, costing prior evaluations, to keep memory bounded).
     """
+
+    #: draws its noise through :mod:`purifiers.noise`, so the ART wrapper may hand it per-image streams
+    row_generators = True
 
     def __init__(self, prior: Prior, variant: str = "O", loss: str = "diff", steps: int | None = None,
                  inner_steps: int | None = None, lr: float | None = None,

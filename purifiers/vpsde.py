@@ -30,8 +30,8 @@ the current iterate mapped to the classifier's [0, 1] input as the reference cod
 rescaled by ``sqrt(a)`` nor clipped) and differentiated with respect to the solver's [-1, 1] state. The classifier
 is the ordinary (not noise-aware) one, as in the paper.
 
-Paper versus reference code (``../shared/reference/anchors.md`` sections 3 and 4)
-------------------------------------------------------------------------------
+Paper versus reference code
+---------------------------
 * COUP starts the reverse SDE at the input itself (paper section 4.2, the reference's ``--mode sde``);
   ``forward_diffusion=True`` first diffuses it to ``t*`` (the reference's ``--mode diffPure``).
 * The reference computes the guidance on ``x.detach()``, so gradients taken through its solver (its stochastic
@@ -59,6 +59,7 @@ from purifiers import noise as noise_lib
 from purifiers.checkpointing import checkpointed
 from purifiers.conventions import DDPMSchedule, VPSchedule, to_01, to_pm1
 from purifiers.priors import Prior
+from purifiers.speed import in_blocks
 from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
@@ -194,6 +195,9 @@ class ReverseVPSDE(nn.Module):
     :param checkpoint_steps: when differentiated, recompute each solver step in the backward pass.
     """
 
+    #: draws its noise through :mod:`purifiers.noise`, so the ART wrapper may hand it per-image streams
+    row_generators = True
+
     def __init__(self, prior: Prior, classifier: nn.Module | None = None, *, t_star: float = 0.1,
                  guidance_scale: float = 0.0, dt: float = 1e-3, t_end: float = DEFAULT_T_END,
                  forward_diffusion: bool = False, forward_alpha: str = "continuous", guidance_gradient: str = "full",
@@ -256,7 +260,12 @@ class ReverseVPSDE(nn.Module):
         differentiable = torch.is_grad_enabled() and x.requires_grad and self.guidance_gradient == "full"
         with torch.enable_grad():
             x_in = x if differentiable else x.detach().requires_grad_(True)
-            log_confidence = torch.log_softmax(self.classifier(to_01(x_in)), dim=-1).max(dim=-1).values
+            options = getattr(self.prior, "speed_options", None)
+            if options is not None and options.batch_invariant:  # the classifier in fixed-size blocks too
+                logits = in_blocks(self.classifier, to_01(x_in))
+            else:
+                logits = self.classifier(to_01(x_in))
+            log_confidence = torch.log_softmax(logits, dim=-1).max(dim=-1).values
             # Rows are independent (classifier in eval mode), so the gradient of the sum is each row's gradient.
             (grad,) = torch.autograd.grad(log_confidence.sum(), x_in, create_graph=differentiable)
         return grad
