@@ -58,8 +58,8 @@ Detection gate (App. F, ``detection_threshold``): inputs whose score norm exceed
 training images get the full noise ``sigma``, the others ``beta * sigma`` (beta = 0.2), which spares clean accuracy.
 
 Gradients: with autograd on and ``x.requires_grad`` the module is differentiable in ``x`` through every step. Each
-score evaluation is checkpointed (:mod:`purifiers.checkpointing`), so memory does not grow with ``T`` beyond a few images
-per step. By default the step sizes (and the conditioning levels derived from them) are constants of the backward
+score evaluation is checkpointed (:mod:`purifiers.checkpointing`), so memory does not grow with ``T`` beyond a few
+images per step. By default the step sizes (and the conditioning levels derived from them) are constants of the backward
 pass, as in Croce et al. (2022); ``step_size_gradient=True`` differentiates them too (through the probe evaluation).
 """
 

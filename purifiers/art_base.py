@@ -6,8 +6,8 @@
   https://arxiv.org/abs/2202.13711 (Croce et al., adaptive test-time defenses).
 
 Gradient modes live inside ``forward``, because ``PyTorchClassifier`` backpropagates through ``forward`` and never
-calls ``estimate_forward`` when every preprocessing step is a ``PreprocessorPyTorch``
-(ART's ``PyTorchClassifier._apply_preprocessing``). ``forward`` knows it is inside a gradient computation when autograd is on
+calls ``estimate_forward`` when every preprocessing step is a ``PreprocessorPyTorch`` (ART's
+``PyTorchClassifier._apply_preprocessing``). ``forward`` knows it is inside a gradient computation when autograd is on
 and the input requires a gradient; only then does it use the gradient mode and expand the batch for EOT.
 """
 
@@ -60,8 +60,10 @@ class PurifierPyTorch(PreprocessorPyTorch):
     :param channels_last, compile, amp, batch_invariant: options of the prior network
         (:class:`purifiers.speed.SpeedOptions`: ``channels_last`` memory format, ``torch.compile``, CUDA mixed
         precision ``"fp16"``/``"bf16"`` (refused on CPU), fixed-size network blocks so that a seeded purification is
-        bit-identical on CPU whatever the batch size). All off by default. Any floating input dtype is accepted: the purification runs in the prior network's
-        dtype (float64 numpy input is cast) and returns the input's dtype.
+        bit-identical on CPU whatever the batch size). All off by default.
+
+    Any floating input dtype is accepted, the same way by every purifier: the purification runs in the prior network's
+    dtype (float64 numpy input is cast) and returns the input's dtype.
     """
 
     params = ["gradient", "eot_samples", "clip_values", "channels_first", "batch_size", "verbose", "seed"]
@@ -194,8 +196,8 @@ class PurifierPyTorch(PreprocessorPyTorch):
             raise ValueError(f"purifier input must be a torch.Tensor, got {type(x).__name__}.")
         check_images(x, name="purifier input", channels=self.input_channels, value_range=self.input_range)
         if x.shape[2] % self.input_multiple or x.shape[3] % self.input_multiple:
-            raise ValueError(f"purifier input has height x width {x.shape[2]} x {x.shape[3]}; the prior's network needs "
-                             f"multiples of {self.input_multiple} (shape {tuple(x.shape)}).")
+            raise ValueError(f"purifier input has height x width {x.shape[2]} x {x.shape[3]}; the prior's network "
+                             f"needs multiples of {self.input_multiple} (shape {tuple(x.shape)}).")
         self.algorithm.to(x.device)
         self.speed.check_device(x.device)
         x_net = as_network_dtype(x, getattr(self.algorithm, "prior", self.algorithm))

@@ -58,7 +58,8 @@ def checkpointed(run: Callable[..., Sequence[Tensor]], *inputs: Tensor | None) -
     return _RecomputedInBackward.apply(run, *inputs)
 
 
-def maybe_checkpointed(run: Callable[..., Sequence[Tensor]], enabled: bool, *inputs: Tensor | None) -> tuple[Tensor, ...]:
+def maybe_checkpointed(run: Callable[..., Sequence[Tensor]], enabled: bool,
+                       *inputs: Tensor | None) -> tuple[Tensor, ...]:
     """:func:`checkpointed` when ``enabled`` and a gradient is being recorded through a tensor input; else
     ``run(differentiable, *inputs)`` directly (``differentiable``: autograd records and an input requires a grad)."""
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

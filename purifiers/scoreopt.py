@@ -95,8 +95,8 @@ class ScoreOpt(nn.Module):
     ``forward`` is differentiable in ``x`` when autograd is on and ``x`` requires a gradient: every optimiser step is
     then taken with ``create_graph=True`` (second-order terms of the loss, Adam's moments and normalisation included),
     each step under activation checkpointing (:mod:`purifiers.checkpointing`) so memory grows with the number of
-    steps only by a few images per step (the step's inputs and noise). Otherwise each step's gradient is taken and detached, with no graph kept across
-    steps.
+    steps only by a few images per step (the step's inputs and noise). Otherwise each step's gradient is taken and
+    detached, with no graph kept across steps.
 
     :param prior: a :class:`purifiers.Prior` (denoiser on [0, 1] images, pixel sigma).
     :param variant: ``"O"`` (Algorithm 1) or ``"N"`` (Algorithm 2).

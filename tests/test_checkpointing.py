@@ -43,3 +43,13 @@ def test_only_inputs_that_require_a_gradient_get_one_and_no_grad_runs_plainly():
     with torch.no_grad():
         maybe_checkpointed(lambda d, a, b: _piece(calls, d, a, b), True, x, w)
     assert calls == [False]
+
+
+def test_the_memory_probe_reports_the_peak_and_the_network_evaluations_of_one_exact_gradient():
+    from purifiers.profiling import exact_gradient_peak_memory
+    from tiny import tiny_coup_exact
+
+    result = exact_gradient_peak_memory(tiny_coup_exact, 3)
+    assert result["peak_above_before"] >= 0 and result["grad_finite"] and result["rows"] == 2
+    assert result["prior_forward"] == 2 * 3 * 2  # two network forwards per step and image (purifiers.checkpointing)
+    assert result["prior_backward"] == 3 * 2

@@ -81,3 +81,13 @@ def check_exact_pgd_increases_the_defended_loss(purifier, model, nb_classes, eps
             return nn.functional.nll_loss(defended(torch.from_numpy(inp)), torch.from_numpy(y)).item()
 
     assert loss(x_adv) > loss(x) + 1e-3
+
+
+def tiny_coup_exact(steps, rows=2):
+    """A COUP wrapper with the exact gradient on the tiny prior and ``steps`` Euler steps, and a batch: a picklable
+    factory for :func:`purifiers.profiling.exact_gradient_peak_memory`."""
+    from purifiers import COUPPyTorch
+
+    purifier = COUPPyTorch(tiny_prior(torch.float32), linear_classifier(), t_star=2e-3 * steps + 1e-5, dt=2e-3,
+                           gradient="exact", seed=0, device_type="cpu")
+    return purifier, images(n=rows, dtype=torch.float32)
