@@ -25,7 +25,7 @@ from torch import nn
 
 from purifiers.conventions import DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, to_01, to_pm1
 from purifiers.speed import run_denoise
-from purifiers.validation import check_images
+from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
 
@@ -54,6 +54,8 @@ class Prior(nn.Module):
 
         :param x: (N, C, H, W) float tensor; noisy, so values may leave [0, 1].
         :param sigma: a positive float, or a tensor of shape (N,) (one level per image).
+
+        Any floating dtype is accepted: the network runs in its own dtype and the result comes back in ``x``'s.
         """
         check_images(x, name="prior input", value_range=None)
         sigma = self._sigma_batch(sigma, x)
@@ -61,7 +63,7 @@ class Prior(nn.Module):
         if x_max > 2.0 + 10.0 * float(sigma.max()):
             raise ValueError(f"prior input has values up to {x_max:g}, far outside [0, 1] for noise level "
                              f"{float(sigma.max()):g}: this looks like 0-255 images; divide by 255.")
-        return self.denoise_unchecked(x, sigma)
+        return self.denoise_unchecked(as_network_dtype(x, self), sigma).to(x.dtype)
 
     def denoise_unchecked(self, x: Tensor, sigma) -> Tensor:
         """:meth:`denoise` without the input checks, for the purifiers' inner loops: their public entries validate the
