@@ -58,8 +58,8 @@ Detection gate (App. F, ``detection_threshold``): inputs whose score norm exceed
 training images get the full noise ``sigma``, the others ``beta * sigma`` (beta = 0.2), which spares clean accuracy.
 
 Gradients: with autograd on and ``x.requires_grad`` the module is differentiable in ``x`` through every step. Each
-score evaluation is checkpointed (``torch.utils.checkpoint``), so memory does not grow with ``T`` beyond a few images
-per step. By default the step sizes (and the conditioning levels derived from them) are constants of the backward
+score evaluation is checkpointed (:mod:`purifiers.checkpointing`), so memory does not grow with ``T`` beyond a few
+images per step. By default the step sizes (and the conditioning levels derived from them) are constants of the backward
 pass, as in Croce et al. (2022); ``step_size_gradient=True`` differentiates them too (through the probe evaluation).
 """
 
@@ -69,10 +69,11 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from purifiers import noise as noise_lib
+from purifiers.checkpointing import checkpointed
 from purifiers.priors import Prior
-from purifiers.validation import check_images
+from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
 
@@ -112,7 +113,7 @@ def median_heuristic_sigma(x, max_images: int = 2000) -> float:
 
 def adp_score(prior: Prior, x: Tensor, cond: Tensor) -> Tensor:
     """ADP's score ``s(x) = c * grad log p_c(x) = (D(x, c) - x) / c`` at conditioning level ``cond`` (N,)."""
-    return (prior.denoise(x, cond) - x) / _per_image(cond)
+    return (prior.denoise_unchecked(x, cond) - x) / _per_image(cond)
 
 
 def score_norm(prior: Prior, x: Tensor, sigma: float, batch_size: int = 256) -> Tensor:
@@ -175,6 +176,9 @@ class ADP(nn.Module):
     :param beta: the gate's ``sigma_low / sigma_high`` (App. F: 0.2).
     :param detection_sigma: the conditioning level of the gate's score (the paper's unconditional network needs none).
     """
+
+    #: draws its noise through :mod:`purifiers.noise`, so the ART wrapper may hand it per-image streams
+    row_generators = True
 
     def __init__(self, prior: Prior, sigma: float = 0.25, steps: int = PAPER_STEPS, lam: float = PAPER_LAMBDA,
                  delta: float | None = None, tau: float = PAPER_TAU, step_rule: str = "paper",
@@ -249,10 +253,16 @@ class ADP(nn.Module):
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Purify a batch of NCHW images (in [0, 1], possibly plus noise): one ADP run per row (repeat rows for the
-        S-run ensemble)."""
+        S-run ensemble). Any floating dtype is accepted: the purification runs in the prior network's dtype and the
+        result comes back in the input's."""
         check_images(x, name="ADP input", value_range=NOISY_INPUT_RANGE)
+        return self.purify_unchecked(as_network_dtype(x, self.prior), generator).to(x.dtype)
+
+    def purify_unchecked(self, x: Tensor, generator=None) -> Tensor:
+        """:meth:`forward` without the input checks or the dtype cast, for callers that validated ``x`` already (the
+        ART wrapper). ``generator``: a ``torch.Generator``, :class:`purifiers.noise.RowGenerators` or ``None``."""
         sigma = self.injection_sigma(x)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = noise_lib.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x0 = (x + _per_image(sigma) * noise).clamp(0.0, 1.0)
         return self.update(x0, sigma)
 
@@ -273,8 +283,12 @@ class ADP(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     def _score(self, x: Tensor, cond: Tensor) -> Tensor:
         if self.checkpoint_steps and torch.is_grad_enabled() and (x.requires_grad or cond.requires_grad):
-            return checkpoint(adp_score, self.prior, x, cond, use_reentrant=False)
+            return checkpointed(self._score_piece, x, cond)[0]
         return adp_score(self.prior, x, cond)
+
+    def _score_piece(self, differentiable: bool, x: Tensor, cond: Tensor) -> tuple[Tensor]:
+        with torch.set_grad_enabled(differentiable):
+            return (adp_score(self.prior, x, cond),)
 
     def _step(self, x: Tensor, cond: Tensor, active: Tensor, check_score_norm: bool):
         g = self._score(x, cond)

@@ -57,7 +57,8 @@ class ADPPyTorch(PurifierPyTorch):
     :param noisy_inputs: accept inputs that carry additive noise, outside [0, 1] (as ART's randomized smoothing
         produces: ``NumpyRandomizedSmoothing(PyTorchClassifier(..., preprocessing_defences=[ADPPyTorch(...,
         noisy_inputs=True)]))``); 0-255 images are still rejected. ADP clips ``x + noise`` to [0, 1] first.
-    :param gradient, eot_samples, clip_values, channels_first, batch_size, verbose, seed, device_type: see
+    :param gradient, eot_samples, clip_values, channels_first, batch_size, verbose, seed, device_type, channels_last,
+        compile, amp, batch_invariant: see
         :class:`purifiers.PurifierPyTorch`.
     """
 
@@ -85,14 +86,16 @@ class ADPPyTorch(PurifierPyTorch):
                  detection_threshold: float | None = None, beta: float = 0.2, detection_sigma: float = 0.1,
                  noisy_inputs: bool = False, *, gradient: str = "bpda", eot_samples: int = 1, clip_values: tuple[float, float] = (0.0, 1.0),
                  channels_first: bool = True, batch_size: int = 128, verbose: bool = False, seed: int | None = None,
-                 device_type: str = "gpu"):
+                 device_type: str | None = None, channels_last: bool = False, compile: bool | dict = False,
+                 amp: str | None = None, batch_invariant: bool = False):
         algorithm = ADP(prior, sigma=sigma, steps=steps, lam=lam, delta=delta, tau=tau, step_rule=step_rule,
                         conditioning=conditioning, sigma_range=sigma_range, step_size_gradient=step_size_gradient,
                         checkpoint_steps=checkpoint_steps, detection_threshold=detection_threshold, beta=beta,
                         detection_sigma=detection_sigma)
         super().__init__(algorithm, gradient=gradient, eot_samples=eot_samples, clip_values=clip_values,
                          channels_first=channels_first, batch_size=batch_size, verbose=verbose, seed=seed,
-                         device_type=device_type)
+                         device_type=device_type, channels_last=channels_last, compile=compile, amp=amp,
+                         batch_invariant=batch_invariant)
         self.noisy_inputs = noisy_inputs
 
     @property
@@ -111,5 +114,5 @@ class ADPPyTorch(PurifierPyTorch):
 
     def _gradient_estimators(self):
         estimators = super()._gradient_estimators()
-        estimators["exact"] = lambda x, generator: self.algorithm(x, generator=generator)
+        estimators["exact"] = lambda x, generator: self.algorithm.purify_unchecked(x, generator)
         return estimators

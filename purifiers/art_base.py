@@ -6,8 +6,8 @@
   https://arxiv.org/abs/2202.13711 (Croce et al., adaptive test-time defenses).
 
 Gradient modes live inside ``forward``, because ``PyTorchClassifier`` backpropagates through ``forward`` and never
-calls ``estimate_forward`` when every preprocessing step is a ``PreprocessorPyTorch``
-(``../shared/reference/art_api.md`` §0, §2). ``forward`` knows it is inside a gradient computation when autograd is on
+calls ``estimate_forward`` when every preprocessing step is a ``PreprocessorPyTorch`` (ART's
+``PyTorchClassifier._apply_preprocessing``). ``forward`` knows it is inside a gradient computation when autograd is on
 and the input requires a gradient; only then does it use the gradient mode and expand the batch for EOT.
 """
 
@@ -22,7 +22,9 @@ from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
 from torch import nn
 from tqdm import tqdm
 
-from purifiers.validation import check_images
+from purifiers.noise import RowGenerators, row_seeds
+from purifiers.speed import SpeedOptions, apply_speed_options
+from purifiers.validation import as_network_dtype, check_images
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -47,8 +49,21 @@ class PurifierPyTorch(PreprocessorPyTorch):
     :param channels_first: ``True`` for NCHW input, ``False`` for NHWC.
     :param batch_size: rows purified at once without a gradient (ART hands ``predict``'s whole input to ``forward``).
     :param verbose: show a progress bar over batches.
-    :param seed: seed of the purifier's own random generator (noise is reproducible across calls' sequence), or
-        ``None`` for torch's global generator.
+    :param seed: seed of the purifier's own random streams, or ``None`` for torch's global generator. With a seed,
+        row ``i`` of the ``k``-th call since construction or :meth:`reset_generator` draws all its noise from its own
+        stream seeded by ``(seed, k, i)`` (:mod:`purifiers.noise`): the sequence of calls is reproducible, and an
+        image's noise does not depend on ``batch_size``; its purification agrees across batch sizes to float rounding,
+        bit for bit on CPU with ``batch_invariant=True``.
+    :param device_type: ART's convention: ``"gpu"`` (CUDA when available) or ``"cpu"``; ``None`` (default): ``"gpu"``
+        when CUDA is available, else ``"cpu"``. It sets where ART's ``__call__`` puts numpy input; the purification
+        itself runs on the device of the input tensor (the prior moves there).
+    :param channels_last, compile, amp, batch_invariant: options of the prior network
+        (:class:`purifiers.speed.SpeedOptions`: ``channels_last`` memory format, ``torch.compile``, CUDA mixed
+        precision ``"fp16"``/``"bf16"`` (refused on CPU), fixed-size network blocks so that a seeded purification is
+        bit-identical on CPU whatever the batch size). All off by default.
+
+    Any floating input dtype is accepted, the same way by every purifier: the purification runs in the prior network's
+    dtype (float64 numpy input is cast) and returns the input's dtype.
     """
 
     params = ["gradient", "eot_samples", "clip_values", "channels_first", "batch_size", "verbose", "seed"]
@@ -59,8 +74,15 @@ class PurifierPyTorch(PreprocessorPyTorch):
 
     def __init__(self, algorithm: nn.Module, *, gradient: str = "bpda", eot_samples: int = 1,
                  clip_values: tuple[float, float] = (0.0, 1.0), channels_first: bool = True, batch_size: int = 128,
-                 verbose: bool = False, seed: int | None = None, device_type: str = "gpu"):
+                 verbose: bool = False, seed: int | None = None, device_type: str | None = None,
+                 channels_last: bool = False, compile: bool | dict = False, amp: str | None = None,
+                 batch_invariant: bool = False):
+        if device_type is None:
+            device_type = "gpu" if torch.cuda.is_available() else "cpu"
+        if device_type not in ("cpu", "gpu"):
+            raise ValueError(f"device_type must be 'cpu' or 'gpu' (ART's convention), got {device_type!r}.")
         super().__init__(device_type=device_type, is_fitted=True, apply_fit=False, apply_predict=True)
+        self.device_type = device_type
         self.algorithm = algorithm
         self.gradient = gradient
         self.eot_samples = eot_samples
@@ -69,8 +91,17 @@ class PurifierPyTorch(PreprocessorPyTorch):
         self.batch_size = batch_size
         self.verbose = verbose
         self.seed = seed
+        self._calls = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.speed = SpeedOptions(channels_last=channels_last, compile=compile, amp=amp,
+                                  batch_invariant=batch_invariant)
+        if self.speed.amp is not None and device_type == "cpu":
+            raise ValueError(f"amp={amp!r} is for CUDA inputs (mixed precision is off on CPU, where autocast is slower "
+                             "than float32); leave amp=None with device_type='cpu'.")
         self._check_params()
+        prior = getattr(self.algorithm, "prior", None)
+        if prior is not None:
+            apply_speed_options(prior, self.speed)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -97,20 +128,28 @@ class PurifierPyTorch(PreprocessorPyTorch):
     def set_params(self, **kwargs) -> None:
         super().set_params(**kwargs)
         if "seed" in kwargs:
-            self._generators.clear()
+            self.reset_generator()
 
     # ---------------------------------------------------------------------------------------------------------------
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The wrapper's random generator on ``device`` (``None`` when no seed was given: torch's global RNG)."""
+    def generator(self, device: torch.device, rows: int | None = None) -> RowGenerators | torch.Generator | None:
+        """The noise source of the next call (of ``rows`` rows) on ``device``; ``None`` without a seed (torch's global
+        RNG). With a seed: per-row streams seeded by ``(seed, call number, row)`` (the call counter advances) when the
+        algorithm draws through :mod:`purifiers.noise` (``row_generators = True``: ADP, ScoreOpt, COUP, DiffPure);
+        for any other algorithm (``algorithm(x, generator=torch.Generator)``) the wrapper's one seeded stream."""
         if self.seed is None:
             return None
         device = torch.device(device)
+        if getattr(self.algorithm, "row_generators", False) and rows is not None:
+            seeds = row_seeds(int(self.seed), self._calls, int(rows))
+            self._calls += 1
+            return RowGenerators(seeds, device)
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(int(self.seed))
         return self._generators[device]
 
     def reset_generator(self) -> None:
-        """Restart the seeded noise stream, so the next call draws the same noise as the first one did."""
+        """Restart the seeded noise, so the next call draws the same noise as the first one did."""
+        self._calls = 0
         self._generators.clear()
 
     @property
@@ -121,13 +160,25 @@ class PurifierPyTorch(PreprocessorPyTorch):
         config = getattr(getattr(prior, "net", None), "config", None)
         return config.get("in_channels") if isinstance(config, dict) else None
 
+    @property
+    def input_multiple(self) -> int:
+        """Image height and width must be multiples of this (the built-in U-Net halves them at each of its levels)."""
+        prior = getattr(self.algorithm, "prior", None)
+        mults = getattr(getattr(prior, "net", None), "config", {}).get("channel_mults")
+        return 2 ** (len(mults) - 1) if mults else 1
+
     def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
         """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""
         return {"bpda": lambda x, gen: straight_through(x, self._purify_no_grad(x, gen))}
 
-    def _purify_no_grad(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _purify_no_grad(self, x: Tensor, generator) -> Tensor:
         with torch.no_grad():
-            return self.algorithm(x, generator=generator)
+            return self._run_algorithm(x, generator)
+
+    def _run_algorithm(self, x: Tensor, generator) -> Tensor:
+        """The algorithm on validated input: its unchecked path where it has one."""
+        run = getattr(self.algorithm, "purify_unchecked", None)
+        return run(x, generator) if run is not None else self.algorithm(x, generator=generator)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _to_nchw(self, x: Tensor) -> Tensor:
@@ -139,17 +190,27 @@ class PurifierPyTorch(PreprocessorPyTorch):
     def purify(self, x: Tensor, with_gradient: bool) -> Tensor:
         """Purify an NCHW tensor in [0, 1]: in the gradient mode when ``with_gradient``, else in batches without graph.
 
-        This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT.
+        This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT. The one place the
+        input is validated (the algorithms' inner loops do not check again); any floating dtype is accepted, computed
+        in the prior network's dtype and returned in the input's.
         """
+        if not isinstance(x, Tensor):
+            raise ValueError(f"purifier input must be a torch.Tensor, got {type(x).__name__}.")
         check_images(x, name="purifier input", channels=self.input_channels, value_range=self.input_range)
+        if x.shape[2] % self.input_multiple or x.shape[3] % self.input_multiple:
+            raise ValueError(f"purifier input has height x width {x.shape[2]} x {x.shape[3]}; the prior's network "
+                             f"needs multiples of {self.input_multiple} (shape {tuple(x.shape)}).")
         self.algorithm.to(x.device)
-        gen = self.generator(x.device)
+        self.speed.check_device(x.device)
+        x_net = as_network_dtype(x, getattr(self.algorithm, "prior", self.algorithm))
+        gen = self.generator(x.device, x.shape[0])
         if with_gradient:
-            return self._gradient_estimators()[self.gradient](x, gen)
+            return self._gradient_estimators()[self.gradient](x_net, gen).to(x.dtype)
         chunks = range(0, x.shape[0], self.batch_size)
-        out = [self._purify_no_grad(x[i:i + self.batch_size], gen)
+        out = [self._purify_no_grad(x_net[i:i + self.batch_size],
+                                    gen[i:i + self.batch_size] if isinstance(gen, RowGenerators) else gen)
                for i in tqdm(chunks, desc=type(self).__name__, disable=not self.verbose or len(chunks) < 2)]
-        return torch.cat(out).clamp(*self.clip_values)
+        return torch.cat(out).clamp(*self.clip_values).to(x.dtype)
 
     def forward(self, x: Tensor, y=None):
         """ART's entry point: purify ``x`` (as laid out by ``channels_first``), returning ``(x_purified, y)``.
@@ -173,8 +234,11 @@ class PurifierPyTorch(PreprocessorPyTorch):
         return self._from_nchw(self.purify(self._to_nchw(x), torch.is_grad_enabled()))
 
     def __call__(self, x: np.ndarray, y=None):
-        check_images(x if self.channels_first else np.moveaxis(x, -1, 1), name="purifier input",
-                     channels=self.input_channels, value_range=self.input_range)
+        """ART's numpy entry: ``forward`` (which validates the input once) on ``x`` put on this wrapper's device."""
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"purifier input must be a numpy array, got {type(x).__name__}.")
+        if not np.issubdtype(x.dtype, np.floating):
+            check_images(x, name="purifier input")  # raises the dtype error before torch converts the array
         return super().__call__(x, y)
 
 
@@ -237,10 +301,15 @@ class PurifiedClassifier(nn.Module):
                 "classifier": self.classifier_evaluations / n}
 
     def forward(self, x: Tensor) -> Tensor:
+        """Scores of the purified ``x`` (NCHW, [0, 1], any floating dtype; validated once, by the purifier)."""
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            raise ValueError("PurifiedClassifier input must be a 4-D torch.Tensor image batch (N, C, H, W), got "
+                             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}.")
         with_gradient = torch.is_grad_enabled() and x.requires_grad
         n = x.shape[0]
         x_runs = x.repeat(self.runs, 1, 1, 1) if self.runs > 1 else x
-        logits = self.classifier(self.purifier.purify(x_runs, with_gradient))
+        purified = self.purifier.purify(x_runs, with_gradient)
+        logits = self.classifier(as_network_dtype(purified, self.classifier))
         self.classifier_evaluations += logits.shape[0]
         self.images_seen += n
         logits = logits.reshape(self.runs, n, -1)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from purifiers.conventions import DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, to_01, to_pm1
-from purifiers.validation import check_images
+from purifiers.speed import run_denoise
+from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
 
@@ -57,13 +58,29 @@ class Prior(nn.Module):
 
         :param x: (N, C, H, W) float tensor; noisy, so values may leave [0, 1].
         :param sigma: a positive float, or a tensor of shape (N,) (one level per image).
+
+        Any floating dtype is accepted: the network runs in its own dtype and the result comes back in ``x``'s.
         """
         check_images(x, name="prior input", value_range=None)
         sigma = self._sigma_batch(sigma, x)
-        if x.abs().max() > 2.0 + 10.0 * float(sigma.max()):
-            raise ValueError(f"prior input has values up to {float(x.abs().max()):g}, far outside [0, 1] for noise level "
+        x_max = float(x.detach().abs().max())
+        if x_max > 2.0 + 10.0 * float(sigma.max()):
+            raise ValueError(f"prior input has values up to {x_max:g}, far outside [0, 1] for noise level "
                              f"{float(sigma.max()):g}: this looks like 0-255 images; divide by 255.")
-        out = self._denoise(x, sigma)
+        return self.denoise_unchecked(as_network_dtype(x, self), sigma).to(x.dtype)
+
+    def denoise_unchecked(self, x: Tensor, sigma) -> Tensor:
+        """:meth:`denoise` without the input checks, for the purifiers' inner loops: their public entries validate the
+        input once, and every check here would cost a device synchronisation per network call. ``sigma`` is a float
+        or an (N,) tensor, trusted to be positive and finite. Without autograd the network runs under
+        ``torch.inference_mode`` (same values, less bookkeeping); the speed options of :mod:`purifiers.speed` apply."""
+        sigma = self._sigma_batch(sigma, x, check=False)
+        if torch.is_grad_enabled():
+            out = run_denoise(self, x, sigma)
+        else:
+            with torch.inference_mode():
+                out = run_denoise(self, x, sigma)
+            out = out.clone()  # an ordinary tensor again, which autograd may save later
         self.nfe.forward += x.shape[0]
         if out.requires_grad:
             out.register_hook(self._count_backward)
@@ -95,14 +112,14 @@ class Prior(nn.Module):
         self.nfe.backward += grad.shape[0]
 
     @staticmethod
-    def _sigma_batch(sigma, x: Tensor) -> Tensor:
+    def _sigma_batch(sigma, x: Tensor, check: bool = True) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         sigma = sigma.reshape(-1)
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]} images.")
-        if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
+        if check and not (torch.isfinite(sigma).all() and (sigma > 0).all()):
             raise ValueError("sigma must be positive and finite.")
         return sigma
 
@@ -322,17 +339,20 @@ def _is_builtin_prior(path: str) -> bool:
 
 def _load_builtin_prior(path: str) -> EDMDenoiser:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from purifiers.unet import SmallUNet
 
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors' header errors do not name the file
+        raise ValueError(f"cannot read the prior file {path}: it is truncated or not a valid safetensors file "
+                         f"({type(err).__name__}: {err}).") from err
     if metadata.get("format") != BUILTIN_FORMAT:
         raise ValueError(f"{path} is a safetensors file without the {BUILTIN_FORMAT!r} metadata of a built-in prior; "
                          "wrap your own network with load_prior(module, kind=...) instead.")
     net = SmallUNet(**json.loads(metadata["config"]))
-    net.load_state_dict(load_file(path))
+    net.load_state_dict(load_state_dict_safely(path))
     prior = EDMDenoiser(net, sigma_data=float(metadata["sigma_data"])).eval()
     prior.provenance = {"format": BUILTIN_FORMAT, "file": os.path.basename(path)}
     return prior
@@ -344,7 +364,11 @@ def load_state_dict_safely(path: str):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' header and size errors do not name the file
+            raise ValueError(f"cannot read the weights file {path}: it is truncated or not a valid safetensors file "
+                             f"({type(err).__name__}: {err}).") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

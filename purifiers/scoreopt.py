@@ -24,7 +24,7 @@ learning rate, the noise range and the loss scale of Table 10 mean here what the
 through :mod:`purifiers.conventions` (pixel sigma = sigma / 2, images mapped back to [0, 1]). Losses are the squared
 L2 norms of the paper (summed per image, then over the batch, so each image's update ignores the others).
 
-Paper versus the reference code (``../shared/reference/anchors.md`` §2), each choice a named option:
+Paper versus the authors' reference code, each choice a named option:
 
 * optimiser: Adam in all of the paper's experiments (App. C.5) and in the code: ``optimizer="adam"`` (default),
   written as explicit tensor maths (torch.optim.Adam's update with its default betas and eps) so the ``exact``
@@ -57,9 +57,11 @@ from functools import partial
 import torch
 from torch import nn
 
+from purifiers import noise as noise_lib
+from purifiers.checkpointing import checkpointed
 from purifiers.conventions import pm1_sigma_to_pixel, to_01, to_pm1
 from purifiers.priors import Prior
-from purifiers.validation import check_images
+from purifiers.validation import as_network_dtype, check_images
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -87,44 +89,14 @@ def _squared_norm(v: Tensor) -> Tensor:
     return v.pow(2).flatten(1).sum(1)
 
 
-class _RecomputedInBackward(torch.autograd.Function):
-    """Activation checkpointing of one piece of the unrolled loop, ``run(differentiable, *tensors) -> tensors``.
-
-    The forward runs the piece without a graph (``differentiable=False``: a step's own gradient is still taken) and
-    keeps only its input tensors; the backward re-runs it with ``differentiable=True`` (the step's gradient taken with
-    ``create_graph=True``) and backpropagates through that graph, so only one step's graph is alive at a time. The
-    result is the gradient with respect to the piece's tensor inputs (the purifier's input flows through them), not
-    the prior's parameters. (torch.utils.checkpoint does the same, but its first call imports torch._dynamo, which
-    costs seconds per process.)
-    """
-
-    @staticmethod
-    def forward(ctx, run, *inputs):
-        ctx.run = run
-        ctx.save_for_backward(*inputs)
-        return tuple(out.detach() for out in run(False, *inputs))
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        needs = ctx.needs_input_grad[1:]
-        inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-        with torch.enable_grad():
-            outputs = ctx.run(True, *inputs)
-        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad and grad is not None]
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        grads = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [grad for _, grad in pairs],
-                                         allow_unused=True) if pairs and wanted else [None] * len(wanted))
-        return (None, *(next(grads) if need else None for need in needs))
-
-
 class ScoreOpt(nn.Module):
     """ScoreOpt-O (Algorithm 1) and ScoreOpt-N (Algorithm 2) as a pure-torch module: ``forward(x, generator)``.
 
     ``forward`` is differentiable in ``x`` when autograd is on and ``x`` requires a gradient: every optimiser step is
     then taken with ``create_graph=True`` (second-order terms of the loss, Adam's moments and normalisation included),
-    each step under activation checkpointing so memory grows with the number of steps only by a few images per step
-    (the step's inputs and noise). Otherwise each step's gradient is taken and detached, with no graph kept across
-    steps.
+    each step under activation checkpointing (:mod:`purifiers.checkpointing`) so memory grows with the number of
+    steps only by a few images per step (the step's inputs and noise). Otherwise each step's gradient is taken and
+    detached, with no graph kept across steps.
 
     :param prior: a :class:`purifiers.Prior` (denoiser on [0, 1] images, pixel sigma).
     :param variant: ``"O"`` (Algorithm 1) or ``"N"`` (Algorithm 2).
@@ -142,6 +114,9 @@ class ScoreOpt(nn.Module):
     :param checkpoint_steps: checkpoint each step when differentiating through the loop (recomputes each step's
         forward and gradient in the backward pass, costing prior evaluations, to keep memory bounded).
     """
+
+    #: draws its noise through :mod:`purifiers.noise`, so the ART wrapper may hand it per-image streams
+    row_generators = True
 
     def __init__(self, prior: Prior, variant: str = "O", loss: str = "diff", steps: int | None = None,
                  inner_steps: int | None = None, lr: float | None = None,
@@ -207,7 +182,7 @@ class ScoreOpt(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     def denoise_pm1(self, z: Tensor, sigma: Tensor) -> Tensor:
         """``D_theta(z; sigma)`` in the paper's coordinates: ``z`` on [-1, 1], ``sigma`` (N,) EDM sigma on [-1, 1]."""
-        return to_pm1(self.prior.denoise(to_01(z), pm1_sigma_to_pixel(sigma)))
+        return to_pm1(self.prior.denoise_unchecked(to_01(z), pm1_sigma_to_pixel(sigma)))
 
     def loss_terms(self, x: Tensor, x_a: Tensor, sigma: Tensor, eps1: Tensor, eps2: Tensor | None = None) -> dict:
         """The per-image terms of eqs. (6)-(8) at ``x`` (ScoreOpt-O's view), all on [-1, 1]: ``"diff"``,
@@ -222,14 +197,24 @@ class ScoreOpt(nn.Module):
     def one_shot_surrogate(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The authors' PGD+EOT surrogate ``D(x + sigma_0 eps; sigma_0)`` on [0, 1] images (one ``randn`` draw of
         ``x``'s shape; sigma_0 = :attr:`surrogate_sigma`). Not clipped, so no gradient is cut at saturated pixels."""
+        check_images(x, name="ScoreOpt input")
+        return self._one_shot_surrogate(as_network_dtype(x, self.prior), generator).to(x.dtype)
+
+    def _one_shot_surrogate(self, x: Tensor, generator=None) -> Tensor:
         sigma = pm1_sigma_to_pixel(self.surrogate_sigma)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.prior.denoise(x + sigma * eps, sigma)
+        eps = noise_lib.randn(x.shape, generator, device=x.device, dtype=x.dtype)
+        return self.prior.denoise_unchecked(x + sigma * eps, sigma)
 
     # ---------------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Purify a batch of [0, 1] NCHW images; every random draw uses ``generator``."""
+        """Purify a batch of [0, 1] NCHW images; every random draw uses ``generator``. Any floating dtype is accepted:
+        the purification runs in the prior network's dtype and the result comes back in the input's."""
         check_images(x, name="ScoreOpt input")
+        return self.purify_unchecked(as_network_dtype(x, self.prior), generator).to(x.dtype)
+
+    def purify_unchecked(self, x: Tensor, generator=None) -> Tensor:
+        """:meth:`forward` without the input checks or the dtype cast, for callers that validated ``x`` already (the
+        ART wrapper). ``generator``: a ``torch.Generator``, :class:`purifiers.noise.RowGenerators` or ``None``."""
         differentiable = torch.is_grad_enabled() and x.requires_grad
         x_a = to_pm1(x)
         outer = x_a
@@ -239,13 +224,13 @@ class ScoreOpt(nn.Module):
         first_moment, second_moment = torch.zeros_like(x_a), torch.zeros_like(x_a)
         for _ in range(self.steps):
             sigma = self._draw_sigma(x_a, generator)
-            eps1 = torch.randn(x_a.shape, generator=generator, device=x_a.device, dtype=x_a.dtype)
+            eps1 = noise_lib.randn(x_a.shape, generator, device=x_a.device, dtype=x_a.dtype)
             if self.variant == "N":  # Algorithm 2: a new variable x_t = x_i + sigma eps1, and a new optimiser for it
                 z, t = outer + _per_image(sigma) * eps1, 0
                 first_moment, second_moment = torch.zeros_like(x_a), torch.zeros_like(x_a)
             for _ in range(self.inner_steps):
                 t += 1
-                eps2 = (torch.randn(x_a.shape, generator=generator, device=x_a.device, dtype=x_a.dtype)
+                eps2 = (noise_lib.randn(x_a.shape, generator, device=x_a.device, dtype=x_a.dtype)
                         if self.loss == "sr" else None)
                 z, first_moment, second_moment = self._run(
                     partial(self._step, t), differentiable, z, first_moment, second_moment, outer, x_a, sigma,
@@ -257,7 +242,7 @@ class ScoreOpt(nn.Module):
     def _run(self, piece, differentiable: bool, *inputs):
         """Run one piece of the loop, checkpointed when differentiating through the loop (``checkpoint_steps``)."""
         if differentiable and self.checkpoint_steps:
-            return _RecomputedInBackward.apply(piece, *inputs)
+            return checkpointed(piece, *inputs)
         return piece(differentiable, *inputs)
 
     def _one_shot(self, differentiable: bool, z: Tensor, sigma: Tensor) -> tuple[Tensor]:
@@ -266,7 +251,7 @@ class ScoreOpt(nn.Module):
 
     def _draw_sigma(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
         low, high = self.noise_range
-        u = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=like.dtype)
+        u = noise_lib.rand((like.shape[0],), generator, device=like.device, dtype=like.dtype)
         return low + (high - low) * u
 
     def _step(self, t: int, differentiable: bool, z: Tensor, first_moment: Tensor, second_moment: Tensor,

@@ -34,7 +34,7 @@ class ScoreOptPyTorch(PurifierPyTorch):
     | Please keep in mind the limitations of defences. While adversarial purification can be effective against
       attacks that ignore it, it can be evaded by adaptive attacks; see https://arxiv.org/abs/1802.00420 and
       https://arxiv.org/abs/1902.06705. The paper's robustness numbers use the ``bpda`` and ``surrogate`` gradients;
-      its PGD+EOT numbers fell to about 59% under a stronger evaluation (``../shared/reference/anchors.md`` §2).
+      its PGD+EOT numbers fell to about 59% under a stronger evaluation.
 
     Gradient modes (``gradient=``), used by ``PyTorchClassifier.loss_gradient`` and the attacks built on it:
 
@@ -71,7 +71,8 @@ class ScoreOptPyTorch(PurifierPyTorch):
     :param channels_first: ``True`` for NCHW input, ``False`` for NHWC.
     :param batch_size: images purified at once in ``predict``.
     :param verbose: progress bar over batches.
-    :param seed: seed of the purifier's own generator (``None``: torch's global one).
+    :param seed: seed of the purifier's own per-image noise streams (``None``: torch's global generator).
+    :param device_type, channels_last, compile, amp, batch_invariant: see :class:`purifiers.PurifierPyTorch`.
     """
 
     ALGORITHM_PARAMS = ("variant", "loss", "steps", "inner_steps", "lr", "noise_range", "mse_lambda", "sr_lambda",
@@ -97,14 +98,16 @@ class ScoreOptPyTorch(PurifierPyTorch):
                  optimizer: str = "adam", n_target: str = "reparametrised", checkpoint_steps: bool = True,
                  gradient: str = "bpda", eot_samples: int = 1, clip_values: tuple[float, float] = (0.0, 1.0),
                  channels_first: bool = True, batch_size: int = 128, verbose: bool = False, seed: int | None = None,
-                 device_type: str = "gpu"):
+                 device_type: str | None = None, channels_last: bool = False, compile: bool | dict = False,
+                 amp: str | None = None, batch_invariant: bool = False):
         prior = prior if isinstance(prior, Prior) else load_prior(prior)
         algorithm = ScoreOpt(prior, variant=variant, loss=loss, steps=steps, inner_steps=inner_steps, lr=lr,
                              noise_range=noise_range, mse_lambda=mse_lambda, sr_lambda=sr_lambda, optimizer=optimizer,
                              n_target=n_target, checkpoint_steps=checkpoint_steps)
         super().__init__(algorithm, gradient=gradient, eot_samples=eot_samples, clip_values=clip_values,
                          channels_first=channels_first, batch_size=batch_size, verbose=verbose, seed=seed,
-                         device_type=device_type)
+                         device_type=device_type, channels_last=channels_last, compile=compile, amp=amp,
+                         batch_invariant=batch_invariant)
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -112,6 +115,6 @@ class ScoreOptPyTorch(PurifierPyTorch):
 
     def _gradient_estimators(self):
         estimators = super()._gradient_estimators()
-        estimators["surrogate"] = lambda x, gen: self.algorithm.one_shot_surrogate(x, gen)
-        estimators["exact"] = lambda x, gen: self.algorithm(x, generator=gen)
+        estimators["surrogate"] = lambda x, gen: self.algorithm._one_shot_surrogate(x, gen)
+        estimators["exact"] = lambda x, gen: self.algorithm.purify_unchecked(x, gen)
         return estimators

@@ -43,3 +43,19 @@ def check_images(x, *, name: str = "x", channels: int | None = None, value_range
                              "divide by 255.")
         if x_min < low - 1e-4 or x_max > high + 1e-4:
             raise ValueError(f"{name} has values in [{x_min:g}, {x_max:g}], outside the expected range [{low}, {high}].")
+
+
+def network_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (the network a purifier runs), or ``None`` when it
+    has none (e.g. the closed-form Gaussian prior, which computes in the input's dtype)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def as_network_dtype(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``x`` cast (differentiably) to :func:`network_dtype` of ``module``: every purifier accepts any floating input
+    dtype (float64 from numpy, float16, ...), computes in its network's dtype and returns the input's dtype."""
+    dtype = network_dtype(module)
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)

@@ -30,8 +30,8 @@ the current iterate mapped to the classifier's [0, 1] input as the reference cod
 rescaled by ``sqrt(a)`` nor clipped) and differentiated with respect to the solver's [-1, 1] state. The classifier
 is the ordinary (not noise-aware) one, as in the paper.
 
-Paper versus reference code (``../shared/reference/anchors.md`` sections 3 and 4)
-------------------------------------------------------------------------------
+Paper versus reference code
+---------------------------
 * COUP starts the reverse SDE at the input itself (paper section 4.2, the reference's ``--mode sde``);
   ``forward_diffusion=True`` first diffuses it to ``t*`` (the reference's ``--mode diffPure``).
 * The reference computes the guidance on ``x.detach()``, so gradients taken through its solver (its stochastic
@@ -48,16 +48,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 import torchsde
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from purifiers import noise as noise_lib
+from purifiers.checkpointing import checkpointed
 from purifiers.conventions import DDPMSchedule, VPSchedule, to_01, to_pm1
 from purifiers.priors import Prior
-from purifiers.validation import check_images
+from purifiers.speed import in_blocks
+from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
 # The reference code integrates down to t = 1e-5, not 0: the score diverges as t -> 0.
@@ -79,7 +82,7 @@ def brownian_increments(shape, grid: Tensor, generator: torch.Generator | None =
                         dtype=torch.float32) -> Tensor:
     """Brownian increments ``dW_k ~ N(0, (t_k - t_{k+1}) I)`` for every step of ``grid``: shape ``(N, *shape)``."""
     steps = (grid[:-1] - grid[1:]).to(device=device, dtype=dtype)
-    z = torch.randn((len(steps), *shape), generator=generator, device=device, dtype=dtype)
+    z = noise_lib.randn((len(steps), *shape), generator, device=device, dtype=dtype, batch_dim=1)
     return z * steps.sqrt().reshape(-1, *([1] * len(shape)))
 
 
@@ -124,19 +127,29 @@ def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSc
 
     :param x: the state at ``grid[0]`` (any shape; batch first).
     :param increments: ``(len(grid) - 1, *x.shape)``, ``dW_k ~ N(0, grid[k] - grid[k+1])``.
-    :param checkpoint_steps: recompute each step in the backward pass (``torch.utils.checkpoint``) instead of storing
-        its graph, so memory holds one state per step rather than every network activation of every step.
+    :param checkpoint_steps: recompute each step in the backward pass (:func:`purifiers.checkpointing.checkpointed`)
+        instead of storing its graph, so memory holds one state per step rather than every network activation of
+        every step. The forward pass runs each step once without a graph (the guidance's own gradient taken without
+        ``create_graph``); the backward pass runs it once more with the guidance differentiable, so the classifier's
+        Hessian term is kept and each step costs two network forwards in all.
     """
     if increments.shape != (len(grid) - 1, *x.shape):
         raise ValueError(f"increments have shape {tuple(increments.shape)}; expected {(len(grid) - 1, *x.shape)}.")
     times = grid.tolist()
     for k in range(len(times) - 1):
-        args = (x, times[k], times[k] - times[k + 1], increments[k], schedule, score_fn, guidance_fn, guidance_scale)
-        if checkpoint_steps:
-            x = checkpoint(reverse_vp_step, *args, use_reentrant=False)
+        step = partial(_reverse_vp_piece, times[k], times[k] - times[k + 1], schedule, score_fn, guidance_fn,
+                       guidance_scale)
+        if checkpoint_steps and torch.is_grad_enabled() and x.requires_grad:
+            x = checkpointed(step, x, increments[k])[0]
         else:
-            x = reverse_vp_step(*args)
+            x = reverse_vp_step(x, times[k], times[k] - times[k + 1], increments[k], schedule, score_fn, guidance_fn,
+                                guidance_scale)
     return x
+
+
+def _reverse_vp_piece(t, delta, schedule, score_fn, guidance_fn, guidance_scale, differentiable, x, dw):
+    with torch.set_grad_enabled(differentiable):
+        return (reverse_vp_step(x, t, delta, dw, schedule, score_fn, guidance_fn, guidance_scale),)
 
 
 @dataclass
@@ -184,6 +197,9 @@ class ReverseVPSDE(nn.Module):
         input's size, DiffPure's ImageNet convention (224 -> 256 for guided-diffusion's 256x256 model); ``None``: no
         resizing.
     """
+
+    #: draws its noise through :mod:`purifiers.noise`, so the ART wrapper may hand it per-image streams
+    row_generators = True
 
     def __init__(self, prior: Prior, classifier: nn.Module | None = None, *, t_star: float = 0.1,
                  guidance_scale: float = 0.0, dt: float = 1e-3, t_end: float = DEFAULT_T_END,
@@ -240,7 +256,7 @@ class ReverseVPSDE(nn.Module):
         log_a = self.schedule.log_alpha_bar(t)
         sqrt_a, one_minus_a = math.exp(0.5 * log_a), -math.expm1(log_a)
         sigma = self.schedule.sigma(t)  # pixel sigma of the variance-exploding form x_t / sqrt(a)
-        denoised = self.prior.denoise(to_01(x / sqrt_a), sigma)
+        denoised = self.prior.denoise_unchecked(to_01(x / sqrt_a), sigma)
         return -(x - sqrt_a * to_pm1(denoised)) / one_minus_a
 
     def guidance(self, x: Tensor) -> Tensor:
@@ -250,7 +266,12 @@ class ReverseVPSDE(nn.Module):
         differentiable = torch.is_grad_enabled() and x.requires_grad and self.guidance_gradient == "full"
         with torch.enable_grad():
             x_in = x if differentiable else x.detach().requires_grad_(True)
-            log_confidence = torch.log_softmax(self.classifier(to_01(x_in)), dim=-1).max(dim=-1).values
+            options = getattr(self.prior, "speed_options", None)
+            if options is not None and options.batch_invariant:  # the classifier in fixed-size blocks too
+                logits = in_blocks(self.classifier, to_01(x_in))
+            else:
+                logits = self.classifier(to_01(x_in))
+            log_confidence = torch.log_softmax(logits, dim=-1).max(dim=-1).values
             # Rows are independent (classifier in eval mode), so the gradient of the sum is each row's gradient.
             (grad,) = torch.autograd.grad(log_confidence.sum(), x_in, create_graph=differentiable)
         return grad
@@ -265,7 +286,7 @@ class ReverseVPSDE(nn.Module):
         shape = x.shape if self.resize_to is None else (*x.shape[:2], self.resize_to, self.resize_to)
         start = None
         if self.forward_diffusion:
-            start = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+            start = noise_lib.randn(shape, generator, device=x.device, dtype=x.dtype)
         grid = self.grid()
         return SDENoise(start, brownian_increments(shape, grid, generator, x.device, x.dtype), grid)
 
@@ -301,9 +322,12 @@ class ReverseVPSDE(nn.Module):
         return self._resized(to_01(out), x.shape[-2:]).clamp(0.0, 1.0)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Purify a batch of [0, 1] NCHW images; every random draw comes from ``generator``."""
+        """Purify a batch of [0, 1] NCHW images; every random draw comes from ``generator``. Any floating dtype is
+        accepted: the purification runs in the prior network's dtype and the result comes back in the input's.
+        (:meth:`purify` is the unchecked path, for callers that validated ``x`` already.)"""
         check_images(x, name="purifier input")
-        return self.purify(x, self.draw_noise(x, generator))
+        x_net = as_network_dtype(x, self.prior)
+        return self.purify(x_net, self.draw_noise(x_net, generator)).to(x.dtype)
 
     # ------------------------------------------------------------------------------------------------------------------
     def purify_adjoint(self, x: Tensor, noise: SDENoise, adjoint_method: str | None = None) -> Tensor:

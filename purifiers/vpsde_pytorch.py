@@ -117,7 +117,7 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
     :param surrogate_steps: steps of the coarse solver of ``gradient="surrogate"``.
     :param gradient: ``"bpda"``, ``"exact"``, ``"adjoint"`` or ``"surrogate"`` (module docstring).
     Further keyword arguments (``eot_samples``, ``clip_values``, ``channels_first``, ``batch_size``, ``verbose``,
-    ``seed``, ``device_type``): see :class:`purifiers.PurifierPyTorch`.
+    ``seed``, ``device_type``, ``channels_last``, ``compile``, ``amp``): see :class:`purifiers.PurifierPyTorch`.
     """
 
     params = _ReverseVPSDEPyTorch.params + ["guidance_scale", "guidance_gradient"]

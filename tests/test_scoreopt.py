@@ -7,6 +7,7 @@ import torch
 
 from purifiers import GaussianPrior, PurifiedClassifier, ScoreOpt, ScoreOptPyTorch
 from purifiers.conventions import pm1_sigma_to_pixel, to_pm1
+from purifiers.noise import randn
 from tiny import SIZE, art_classifier, check_art_attacks_run, check_bpda_gradient, gen, images, linear_classifier
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,7 +134,8 @@ def test_surrogate_gradient_is_autograd_through_the_one_shot_denoiser(prior64):
     grad, = torch.autograd.grad((weights * out).sum(), x)
 
     sigma = pm1_sigma_to_pixel(0.4)
-    eps = torch.randn(x.shape, generator=gen(9), dtype=x.dtype)
+    purifier.reset_generator()  # the same per-image noise streams as the call above
+    eps = randn(x.shape, purifier.generator(x.device, x.shape[0]), dtype=x.dtype)
     reference = prior64.denoise(x + sigma * eps, sigma)
     expected, = torch.autograd.grad((weights * reference).sum(), x)
     torch.testing.assert_close(out, reference)

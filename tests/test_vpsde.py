@@ -204,7 +204,7 @@ def test_surrogate_value_is_the_defense_and_gradient_the_coarse_solver(prior64):
     out = purifier.forward(x_var)[0]
     grad, = torch.autograd.grad(out.sum(), x_var)
     purifier.reset_generator()
-    noise = purifier.algorithm.draw_noise(x, purifier.generator(x.device))
+    noise = purifier.algorithm.draw_noise(x, purifier.generator(x.device, x.shape[0]))
     with torch.no_grad():
         torch.testing.assert_close(out, purifier.algorithm.purify(x, noise))
     x_var = x.clone().requires_grad_(True)
@@ -371,3 +371,17 @@ def test_mnist_factories_use_the_validation_settings(prior32):
     assert coup.guidance_scale == record("coup").settings["mnist"]["guidance_scale"]
     diffpure = defense("diffpure", "mnist", prior=prior32, t_star=0.05)
     assert isinstance(diffpure, DiffPurePyTorch) and diffpure.t_star == 0.05
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0])
+def test_exact_gradient_costs_two_network_forwards_per_step(prior64, guidance_scale):
+    # One forward in the forward pass, one recomputation in the backward pass (purifiers.checkpointing); the
+    # guidance's create_graph must not make the checkpoint recompute the step during the forward pass.
+    coup = COUP(prior64, _tiny_classifier(), t_star=0.02, dt=4e-3, guidance_scale=guidance_scale)
+    x = images(n=3).requires_grad_(True)
+    prior64.nfe.reset()
+    out = coup(x, generator=gen(1))
+    assert prior64.nfe.forward == 3 * coup.num_steps
+    torch.autograd.grad(out.sum(), x)
+    assert prior64.nfe.forward == 2 * 3 * coup.num_steps
+    assert prior64.nfe.backward == 3 * coup.num_steps
