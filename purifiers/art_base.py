@@ -152,19 +152,21 @@ class PurifierPyTorch(PreprocessorPyTorch):
         self._calls = 0
         self._generators.clear()
 
+    def _builtin_unet_config(self) -> dict:
+        """The built-in U-Net's config dict, where the prior has one ({} otherwise: the authors' networks keep their
+        config as a dataclass, and check their input themselves)."""
+        config = getattr(getattr(getattr(self.algorithm, "prior", None), "net", None), "config", None)
+        return config if isinstance(config, dict) else {}
+
     @property
     def input_channels(self) -> int | None:
-        """The channel count the prior expects, where it records one (the built-in U-Net's config dict), else ``None``
-        (the authors' networks keep their config as a dataclass)."""
-        prior = getattr(self.algorithm, "prior", None)
-        config = getattr(getattr(prior, "net", None), "config", None)
-        return config.get("in_channels") if isinstance(config, dict) else None
+        """The channel count the prior expects, where it records one, else ``None``."""
+        return self._builtin_unet_config().get("in_channels")
 
     @property
     def input_multiple(self) -> int:
         """Image height and width must be multiples of this (the built-in U-Net halves them at each of its levels)."""
-        prior = getattr(self.algorithm, "prior", None)
-        mults = getattr(getattr(prior, "net", None), "config", {}).get("channel_mults")
+        mults = self._builtin_unet_config().get("channel_mults")
         return 2 ** (len(mults) - 1) if mults else 1
 
     def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
