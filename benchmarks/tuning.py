@@ -116,3 +116,41 @@ def blind_row(defense: str, scores: dict, *, split: str, seed: int, n: int, runs
                     eps=BLIND_PGD["eps"], norm=BLIND_PGD["norm"], n=n, seed=seed, iterations=BLIND_PGD["steps"],
                     step=BLIND_PGD["step"], random_start=BLIND_PGD["random_start"], eot=1, split=split, runs=runs,
                     ensemble="mean softmax" if runs > 1 else None, settings=settings or {}, **scores, **extra)
+
+
+def _registry_purifier(name: str, settings: dict, images: np.ndarray, prior_path: str | None):
+    """A picklable factory for :func:`purifiers.profiling.exact_gradient_peak_memory`: the registry's MNIST purifier
+    ``name`` with ``settings`` and the exact gradient, and the images (passed in: parsing the dataset in the child
+    would set a higher peak than the gradient)."""
+    from benchmarks.defenses import defense
+
+    purifier = defense(name, "mnist", prior=prior_path, gradient="exact", seed=0, device_type="cpu", **settings)
+    return purifier, torch.from_numpy(images)
+
+
+def exact_gradient_memory(name: str, settings: list[dict], batch: int = 8, prior_path: str | None = None,
+                          verbose: bool = True) -> list[dict]:
+    """Peak memory of one exact gradient of the registry's purifier ``name`` under each of ``settings`` (e.g. the
+    step counts T and 4T, with and without ``checkpoint_steps``), each in a fresh process
+    (:func:`purifiers.profiling.exact_gradient_peak_memory`); one row per setting."""
+    from benchmarks.data import load_mnist
+    from purifiers.profiling import exact_gradient_peak_memory
+
+    images, rows = load_mnist("val", n=batch)[0], []
+    for setting in settings:
+        measured = exact_gradient_peak_memory(_registry_purifier, name, setting, images, prior_path)
+        if not measured["raised_peak"]:
+            raise RuntimeError(f"{name} {setting}: the gradient did not raise the process's peak memory (the warm-up "
+                               "had a higher one); use a larger batch.")
+        rows.append(make_row(defense=name, attack=None, gradient="exact", n=batch, seed=0,
+                             seconds=measured["seconds"], settings=setting,
+                             peak_memory_bytes=measured["peak_above_before"],
+                             nfe_per_image={"prior_forward": measured["prior_forward"] / batch,
+                                            "prior_backward": measured["prior_backward"] / batch},
+                             note="peak RSS of a fresh process during one forward+backward of the exact gradient, "
+                                  "minus its RSS just before (after a no-gradient warm-up); CPU, float32, 1 thread, "
+                                  "MALLOC_MMAP_THRESHOLD_=65536"))
+        if verbose:
+            print(f"{name} {setting}: +{measured['peak_above_before'] / 2**20:.1f} MiB, {measured['seconds']:.1f} s",
+                  flush=True)
+    return rows

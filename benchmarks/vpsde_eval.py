@@ -29,22 +29,9 @@ from tqdm import tqdm
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
-from benchmarks.results import (
-    collect_meta,
-    format_table,
-    portable_path,
-    read_results,
-    write_results,
-)
-from benchmarks.tuning import (
-    CLEAN_TOLERANCE,
-    SELECTION_RULE,
-    blind_pgd,
-    blind_row,
-    defended_accuracy,
-    select,
-    undefended_accuracy,
-)
+from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
+from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy, select,
+                               undefended_accuracy)
 from purifiers.priors import load_prior
 
 METHODS = ("coup", "coup-noguide", "diffpure")

@@ -29,19 +29,15 @@ chooses it per sample and per step:
   of eq. (14) predicts after the step (``s = -(x - mu) / c`` and ``x_{t+1} - mu = (1 - alpha / c) (x_t - mu)``), i.e.
   the level an unconditional network would read off the partly cleaned image.
 
-Levels are kept inside ``sigma_range``. The default, ``"injected"``, was measured best on the MNIST validation
-split with the shipped prior (``benchmarks/adp_eval.py``, ``results/adp/adp_val_sweep.json``; blind PGD, eps 0.3,
-one purification per image, 200 images): at every ``lam`` it had the highest robust accuracy and clean accuracy
-within a point of the best (lam 0.2: 99.0 / 87.0% clean / robust, against 97.0 / 86.0 for "running" and 100 / 59.0
-for "tracked"). Why: eq. (17) measures the curvature of the *conditioned* score, ``sigma_t = c / (1 - r)`` with
-``r = <s, J_D s> / |s|^2 >= 0``, so it returns at least the level it was given and "running" feeds on itself up to
-``sigma_range[1]`` (over-smoothing clean digits), while "tracked" lowers the level so fast that the adversarial
-perturbation is kept as detail (and with lam 0.4 the updates diverge). The sweep's larger lesson is about ``lam``,
-not the conditioning: with a calibrated score each step shrinks the distance to the local mode by ``lam`` (eq. 15),
-so the paper's 0.05 over T = 10 steps removes only 40% of the injected noise and perturbation (30-35% robust accuracy
-under every conditioning), and lam 0.4 leaves 0.6%. (How the paper's unconditional NCSNv2 moves further with 0.05 is
-not verifiable here without its weights; its near scale-free output would make ``1 - z`` small and push ``alpha`` to
-the reference code's upper clamp 0.1.)
+Levels are kept inside ``sigma_range``. The default is ``"injected"``, chosen on the MNIST validation split
+(``python -m benchmarks.adp_eval sweep``; the numbers are in the README). Why the others fall behind: eq. (17)
+measures the curvature of the *conditioned* score, ``sigma_t = c / (1 - r)`` with ``r = <s, J_D s> / |s|^2 >= 0``, so
+it returns at least the level it was given and ``"running"`` feeds on itself up to ``sigma_range[1]`` (over-smoothing
+clean images), while ``"tracked"`` lowers the level so fast that an adversarial perturbation is kept as detail.
+With a calibrated score each step shrinks the distance to the local mode by ``lam`` (eq. 15), so the paper's 0.05
+over T = 10 steps removes only 40% of the injected noise and perturbation, and 0.4 leaves 0.6%. (How the paper's
+unconditional NCSNv2 moves further with 0.05 is not verifiable without its weights; its near scale-free output would
+make ``1 - z`` small and push ``alpha`` to the reference code's upper clamp 0.1.)
 
 Step rules (``step_rule``):
 

@@ -2,7 +2,9 @@
 
 :func:`exact_gradient_peak_memory` spawns a child process that builds a purifier and a batch with a user's factory,
 runs one no-gradient warm-up purification, then one forward and backward pass through the purifier's gradient mode,
-and reports the peak resident set size reached minus the resident size just before that pass. In the child, glibc
+and reports the peak resident set size reached minus the resident size just before that pass. The peak is the
+kernel's high-water mark ``VmHWM``, reset to the current size before the pass (``/proc/self/clear_refs``), so the
+warm-up's or the imports' peak does not mask the pass's. In the child, glibc
 serves allocations of 64 KiB and more by ``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``), so freed tensors leave the
 resident size at once and the peak follows the peak of live tensors rather than the allocator's free lists.
 """
@@ -22,7 +24,24 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> bool:
+    """Reset the high-water mark to the current resident size (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -35,6 +54,7 @@ def _measure(factory: Callable, args: tuple, threads: int) -> dict:
         purifier.purify(x, with_gradient=False)
     prior = purifier.algorithm.prior
     prior.nfe.reset()
+    _reset_peak()
     before, peak_before = _current_rss(), _peak_rss()
     start = time.perf_counter()
     x = x.clone().requires_grad_(True)

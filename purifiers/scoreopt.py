@@ -37,7 +37,7 @@ Paper versus the authors' reference code, each choice a named option:
   Algorithm 2's pseudo-code instead writes the target as the fixed outer iterate ``x_i`` (``n_target="outer"``).
   Taken literally, that inner loop fits ``D(x_t)`` to ``x_i``, so the one-shot output reproduces its input,
   adversarial perturbation included (on MNIST it left blind-PGD accuracy near the undefended classifier's:
-  ``results/scoreopt/test_N.json``); it is kept as an option for fidelity to the pseudo-code only;
+  ``benchmarks/measured/scoreopt/test_N.json``); it is kept as an option for fidelity to the pseudo-code only;
 * SR weight: the paper's SR loss has none; the code keeps a commented-out ``--loss_lambda`` (default 1):
   ``sr_lambda`` (default 1, the paper's loss);
 * Table 10's "Step" for ScoreOpt-N is the code's ``purify_iter`` Adam steps on a single ``x_t``: M = 1 outer step,
