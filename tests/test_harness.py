@@ -18,7 +18,7 @@ from torch import nn
 
 from benchmarks import autoattack_eval as aa
 from benchmarks.data import load_mnist
-from benchmarks.defenses import REGISTRY, DefenseRecord, Paper, build_purifier, deployed_model
+from benchmarks.defenses import REGISTRY, build_purifier, deployed_model
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from purifiers import GaussianPrior
 from tiny import make_toy
@@ -37,18 +37,6 @@ def classifier():
 def data():
     x, y = load_mnist("val", n=8)
     return torch.from_numpy(x), torch.from_numpy(y)
-
-
-@pytest.fixture
-def toy_defense(monkeypatch):
-    """Register the toy under the name 'toy', as the purifier developers' factories are registered."""
-    module = types.ModuleType("_harness_toy_defenses")
-    module.make_toy = make_toy
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(REGISTRY, "toy", DefenseRecord(
-        name="toy", wrapper=f"{module.__name__}:make_toy", needs_classifier=True,
-        paper=Paper("toy purifier", "", "", ""), paper_settings={}))
-    return "toy"
 
 
 def toy_model(classifier, runs=1, sigma=0.2):
@@ -418,7 +406,7 @@ def test_quickstart_table_has_every_defense_and_attack(toy_defense, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # The real purifiers, through their developers' MNIST factories, with the shipped prior and classifier
 
-CHEAP = {"adp": ["steps=2"], "scoreopt": ["inner_steps=1"], "coup": ["t_star=0.01"], "diffpure": ["t_star=0.01"]}
+FEWER_STEPS = {"adp": ["steps=2"], "scoreopt": ["inner_steps=1"], "coup": ["t_star=0.01"], "diffpure": ["t_star=0.01"]}
 
 
 def test_quickstart_rows_do_not_depend_on_the_number_of_worker_processes(tmp_path):
@@ -434,7 +422,7 @@ def test_quickstart_rows_do_not_depend_on_the_number_of_worker_processes(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defense", sorted(CHEAP))
+@pytest.mark.parametrize("defense", sorted(FEWER_STEPS))
 def test_autoattack_then_robustbench_on_each_purifier(defense, tmp_path):
     """Both commands end to end on bundled MNIST (cheap settings of each purifier: fewer steps); the robustbench
     command resumes the AutoAttack step from the autoattack command's checkpoints (same run, same fingerprint)."""
@@ -442,7 +430,7 @@ def test_autoattack_then_robustbench_on_each_purifier(defense, tmp_path):
 
     common = ["--defense", defense, "--n", "2", "--batch-size", "2", "--versions", "rand", "--n-iter", "1",
               "--eot-iter", "1", "--rescore", "1", "--runs", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--quiet"]
-    for item in CHEAP[defense]:
+    for item in FEWER_STEPS[defense]:
         common += ["--set", item]
     aa.main(["autoattack", *common, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / f"autoattack_{defense}.json").read_text())["rows"]
