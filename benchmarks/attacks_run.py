@@ -35,7 +35,7 @@ import torch
 from attacks_adaptive.scoring import N_EVALUATION
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
-from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_results,
+from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_json, write_results,
                                 write_worst_case)
 from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
 
@@ -171,9 +171,7 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
                 continue
         state_dir = os.path.join(out_dir, "attacks_state", slug(defense))
         os.makedirs(state_dir, exist_ok=True)
-        with open(os.path.join(state_dir, f"harness.{os.getpid()}.tmp"), "w") as f:
-            json.dump(harness, f, indent=2)
-        os.replace(f.name, os.path.join(state_dir, "harness.json"))
+        write_json(os.path.join(state_dir, "harness.json"), harness)
         report = run_worst_case(suite, x, y, state_dir=state_dir, defense=defense, scorings=scorings, model=deployed,
                                 draws=preset["draws"], batch_size=preset["batch_size"], seed=seed, verbose=verbose,
                                 on_attack_done=lambda r, h=harness: _write_defense(out_dir, r, h),

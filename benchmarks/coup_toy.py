@@ -15,7 +15,6 @@ interval. Writes ``DIR/coup_toy.json`` and ``DIR/coup_toy.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -23,6 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from benchmarks.results import write_json
 from purifiers.conventions import VPSchedule
 from purifiers.vpsde import brownian_increments, solve_reverse_vp, time_grid
 
@@ -103,8 +103,7 @@ def run_toy(out_dir: str, runs: int = 100_000, noise_levels=DEFAULT_NOISE_LEVELS
             "results": results, "seconds": time.time() - start}
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "coup_toy.json")
-    with open(json_path, "w") as f:
-        json.dump(data, f, indent=2)
+    write_json(json_path, data)
     png_path = os.path.join(out_dir, "coup_toy.png")
     plot_toy(data, png_path)
     if verbose:

@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 
+from benchmarks.results import write_json
 from purifiers.priors import load_prior, load_state_dict_safely
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
@@ -33,8 +34,7 @@ def save_classifier(model: nn.Module, path: str, card: dict) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(card, f, indent=2)
+    write_json(os.path.splitext(path)[0] + ".json", card)
 
 
 def load_classifier(path: str) -> MnistCNN:

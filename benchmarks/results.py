@@ -19,7 +19,7 @@ import numpy as np
 
 from attacks_adaptive.rows import ROW_FIELDS, make_row
 
-__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "write_results",
+__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "write_json", "write_results",
            "write_worst_case", "read_results", "format_table"]
 
 def collect_meta(dataset: str, split: str, **extra) -> dict:
@@ -66,17 +66,23 @@ def portable_path(path: str | None) -> str | None:
     return os.path.relpath(absolute, root) if absolute.startswith(root + os.sep) else path
 
 
+def write_json(path: str, data) -> str:
+    """Write JSON atomically: to a temporary file, then renamed, so a killed write never leaves a half file that a
+    resumed run would trust."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
 def write_results(path: str, rows: list[dict], meta: dict) -> str:
     """Write ``{"rows": rows, "meta": meta}`` atomically (a crash never leaves a half-written file)."""
     missing = [key for row in rows for key in ROW_FIELDS if key not in row]
     if missing:
         raise ValueError(f"results rows lack fields {sorted(set(missing))}; build rows with make_row().")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"rows": rows, "meta": meta}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_json(path, {"rows": rows, "meta": meta})
 
 
 def write_worst_case(report: dict, out: str, meta: dict) -> str:

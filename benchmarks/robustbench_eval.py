@@ -37,7 +37,7 @@ from benchmarks.autoattack_eval import (add_autoattack_arguments, add_defense_ar
 from benchmarks.defenses import NO_DEFENSE, _import, paper_of
 from attacks_adaptive.rows import threat_model_name
 from benchmarks.rb_compat import import_robustbench
-from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.results import write_json, collect_meta, format_table, make_row, read_results, write_results
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 LEADERBOARD_FIELDS = ("external", "unreliable")  # in the leaderboard's files, not in ModelInfo
@@ -196,13 +196,7 @@ def model_info(result, *, name: str, dataset: str, info: dict, gradient: str | N
 
 def write_model_info(entry: dict, out: str, threat_model: str, name: str) -> str:
     """``<out>/model_info/<dataset>/<threat_model>/<name>.json`` (the layout ``update_json`` uses)."""
-    folder = os.path.join(out, "model_info", entry["dataset"], threat_model)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(entry, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_json(os.path.join(out, "model_info", entry["dataset"], threat_model, f"{name}.json"), entry)
 
 
 def evaluate(args) -> dict:

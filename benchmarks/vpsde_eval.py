@@ -17,7 +17,6 @@ The settings chosen here live in the registry (``benchmarks.defenses.defense("co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
-from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
+from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy, select,
                                undefended_accuracy)
 from purifiers.priors import load_prior
@@ -242,8 +241,7 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
     data = {"rows": rows, "adjoint_versus_dt": gaps, "meta": meta}
     path = os.path.join(out_dir, "vpsde_gradients.json")
     os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    write_json(path, data)
     if verbose:
         for r in rows:
             print(f"{r['mode']:>9}: {r['seconds_per_image']:.1f} s/img, cos to exact "
