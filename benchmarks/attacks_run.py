@@ -19,7 +19,7 @@ Presets: ``paper`` (the papers' settings: 40 x 15 BPDA+EOT, 1,280 SPSA queries, 
 and ``cpu`` (the default: fewer iterations, EOT samples, queries and images, so the whole table runs on a shared 2-core
 CPU; every row states its settings and the meta says ``scaled_down``), ``cpu-small`` (smaller still, for the
 100-step SDE purifiers); ``smoke`` only checks that everything runs.
-Each defense's work is saved per (attack, batch) under ``DIR/attacks_<defense>_state/`` and resumes; defenses run in
+Each defense's work is saved per (attack, batch) under ``DIR/attacks_state/<defense>/`` and resumes; defenses run in
 separate invocations into the same ``DIR`` (e.g. with different ``--n``) end up in one ``attacks.json``.
 """
 
