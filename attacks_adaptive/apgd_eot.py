@@ -76,10 +76,7 @@ class APGDEOT(Attack):
         self._check_positive_int("eot", self.eot)
         if not 0 < self.rho < 1 or not 0 < self.momentum <= 1:
             raise ValueError(f"rho must be in (0, 1) and momentum in (0, 1], got {self.rho!r}, {self.momentum!r}.")
-        purifier = self.model.purifier
-        if self.gradient is not None and purifier is not None and self.gradient not in purifier.gradient_modes:
-            raise ValueError(f"{type(purifier).__name__} has no gradient mode {self.gradient!r}; "
-                             f"it has {purifier.gradient_modes}.")
+        self.model.check_gradient_mode(self.gradient)
 
     def gradient_description(self) -> str:
         if not self.model.stochastic:

@@ -131,15 +131,19 @@ class DefendedModel:
         """The gradient mode the purifier is set to (``"none"`` for an undefended model)."""
         return "none" if self.purifier is None else self.purifier.gradient
 
+    def check_gradient_mode(self, mode: str | None) -> None:
+        """``mode`` must be one of the purifier's gradient modes (``None``, or no purifier: nothing to check)."""
+        if mode is not None and self.purifier is not None and mode not in self.purifier.gradient_modes:
+            raise ValueError(f"{type(self.purifier).__name__} has no gradient mode {mode!r}; "
+                             f"it has {self.purifier.gradient_modes}.")
+
     @contextlib.contextmanager
     def gradient_mode(self, mode: str | None):
         """Temporarily set the purifier's gradient mode (``None`` keeps it)."""
         if mode is None or self.purifier is None:
             yield
             return
-        if mode not in self.purifier.gradient_modes:
-            raise ValueError(f"{type(self.purifier).__name__} has no gradient mode {mode!r}; "
-                             f"it has {self.purifier.gradient_modes}.")
+        self.check_gradient_mode(mode)
         previous = self.purifier.gradient
         self.purifier.gradient = mode
         try:

@@ -133,10 +133,7 @@ class DiffHammer(Attack):
         for name in ("grafting", "keep_best", "random_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool.")
-        purifier = self.model.purifier
-        if self.gradient is not None and purifier is not None and self.gradient not in purifier.gradient_modes:
-            raise ValueError(f"{type(purifier).__name__} has no gradient mode {self.gradient!r}; "
-                             f"it has {purifier.gradient_modes}.")
+        self.model.check_gradient_mode(self.gradient)
 
     def describe(self) -> dict:
         return {**super().describe(), "step": self._step()}

@@ -51,10 +51,7 @@ class PGDEOT(Attack):
             raise ValueError(f"step must be positive (or None for Lee & Kim's 0.007 at 8/255, scaled), got "
                              f"{self.step!r}.")
         self._check_loss(self.loss)
-        purifier = self.model.purifier
-        if self.gradient is not None and purifier is not None and self.gradient not in purifier.gradient_modes:
-            raise ValueError(f"{type(purifier).__name__} has no gradient mode {self.gradient!r}; "
-                             f"it has {purifier.gradient_modes}.")
+        self.model.check_gradient_mode(self.gradient)
 
     def describe(self) -> dict:
         return {**super().describe(), "step": self._step()}

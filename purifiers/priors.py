@@ -254,11 +254,8 @@ def _from_range(x: Tensor, data_range: str) -> Tensor:
     return x if data_range == "01" else to_01(x)
 
 
-class VEScorePrior(Prior):
-    """A variance-exploding score network ``net(x, sigma)`` returning ``grad log p_sigma(x)`` itself (its output already
-    divided by sigma), such as score_sde's continuous VE NCSN++ (Song et al. 2021, ``scale_by_sigma``). Tweedie:
-    ``D = x + sigma^2 net(x, sigma)``, on the network's ``data_range`` ("01": [0, 1] with pixel sigma, as score_sde's
-    VE CIFAR-10 configs with ``data.centered = False``; "pm1": [-1, 1])."""
+class _NetworkOnRange(Prior):
+    """A network that sees the data on one of two ranges, "01" ([0, 1], pixel sigma) or "pm1" ([-1, 1])."""
 
     def __init__(self, net: nn.Module, data_range: str = "01"):
         super().__init__()
@@ -266,6 +263,13 @@ class VEScorePrior(Prior):
             raise ValueError(f"data_range must be '01' or 'pm1', got {data_range!r}.")
         self.net = net
         self.data_range = data_range
+
+
+class VEScorePrior(_NetworkOnRange):
+    """A variance-exploding score network ``net(x, sigma)`` returning ``grad log p_sigma(x)`` itself (its output already
+    divided by sigma), such as score_sde's continuous VE NCSN++ (Song et al. 2021, ``scale_by_sigma``). Tweedie:
+    ``D = x + sigma^2 net(x, sigma)``, on the network's ``data_range`` ("01": [0, 1] with pixel sigma, as score_sde's
+    VE CIFAR-10 configs with ``data.centered = False``; "pm1": [-1, 1])."""
 
     def conventions(self) -> dict:
         return {"data_range": _RANGE_NAMES[self.data_range],
@@ -277,7 +281,7 @@ class VEScorePrior(Prior):
         return _from_range(x_in + _per_image(s) ** 2 * self.net(x_in, s), self.data_range)
 
 
-class NCSNv2Prior(Prior):
+class NCSNv2Prior(_NetworkOnRange):
     """NCSNv2 (Song & Ermon 2020): ``net(x, i) = f(x) / sigmas[i]`` with a noise-unconditional body ``f`` (the paper's
     Technique 3), so ``f(x) ~ -eps`` serves every noise level: ``D = x + sigma f(x)``. ``f`` is read as
     ``net(x, i) sigmas[i]`` at the level ``i`` nearest to sigma (at a training level this is exactly the reference's
@@ -286,13 +290,6 @@ class NCSNv2Prior(Prior):
     :param net: an :class:`purifiers.nets.ncsnv2.NCSNv2` (anything with ``sigmas`` and ``net(x, labels)``).
     :param data_range: "01" when the config has ``rescaled: false`` (sigma in pixel units), "pm1" when ``true``.
     """
-
-    def __init__(self, net: nn.Module, data_range: str = "01"):
-        super().__init__()
-        if data_range not in _RANGE_NAMES:
-            raise ValueError(f"data_range must be '01' or 'pm1', got {data_range!r}.")
-        self.net = net
-        self.data_range = data_range
 
     def conventions(self) -> dict:
         sigmas = self.net.sigmas
