@@ -88,6 +88,19 @@ class Attack:
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
+    #: What ``step=None`` means, for attacks with a ``step`` parameter (a fraction of eps: ADP's protocol's eps/4).
+    default_step_per_eps: float = 0.25
+    default_step_text: str = "eps/4"
+
+    @property
+    def step_size(self) -> float:
+        """The step of the ascent: ``step``, or :attr:`default_step_per_eps` times eps."""
+        return self.step or self.default_step_per_eps * self.eps
+
+    def _check_step(self) -> None:
+        if self.step is not None and not (isinstance(self.step, (int, float)) and self.step > 0):
+            raise ValueError(f"step must be positive (or None for {self.default_step_text}), got {self.step!r}.")
+
     @staticmethod
     def _check_loss(loss) -> None:
         if loss not in LOSSES:
@@ -103,6 +116,8 @@ class Attack:
     def describe(self) -> dict:
         """The settings a results row states (attack, gradient mode, EOT, iterations, ...)."""
         settings = {k: getattr(self, k) for k in self.attack_params if k not in ("verbose", "track_iterates", "max_rows")}
+        if "step" in self.attack_params:
+            settings["step"] = self.step_size
         return {**settings, "attack": self.name, "gradient": self.gradient_description(),
                 "eot": getattr(self, "eot", 1), "iterations": self.steps}
 

@@ -36,12 +36,8 @@ class BlindPGD(Attack):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
+        self._check_step()
         self._check_loss(self.loss)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "step": self.step or self.eps / 4}
 
     def gradient_description(self) -> str:
         return "none (classifier only)"
@@ -54,4 +50,4 @@ class BlindPGD(Attack):
                                                   through_purifier=False)
             return ascent_direction(grad, self.norm)
 
-        return self._ascend(x, start, self.step or self.eps / 4, direction)
+        return self._ascend(x, start, self.step_size, direction)

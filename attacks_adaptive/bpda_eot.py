@@ -46,14 +46,10 @@ class BPDAEOT(Attack):
     def _check_params(self) -> None:
         super()._check_params()
         self._check_positive_int("eot", self.eot)
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
+        self._check_step()
         if self.eot_reduce not in EOT_REDUCTIONS:
             raise ValueError(f"eot_reduce must be one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}.")
         self._check_loss(self.loss)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "step": self.step or self.eps / 4}
 
     def gradient_description(self) -> str:
         return "bpda" if self.model.stochastic else "none"
@@ -65,4 +61,4 @@ class BPDAEOT(Attack):
             return ascent_direction(grad, self.norm)
 
         with self.model.gradient_mode("bpda"):
-            return self._ascend(x, x, self.step or self.eps / 4, direction)
+            return self._ascend(x, x, self.step_size, direction)

@@ -96,6 +96,8 @@ class DiffHammer(Attack):
     """
 
     name = "DiffHammer"
+    default_step_per_eps = LEE_KIM_STEP_PER_EPS
+    default_step_text = "0.007 at 8/255, scaled"
     attack_params = Attack.attack_params + ["gradient", "eot", "step", "loss", "grafting", "variant", "em_steps",
                                             "em_lam", "em_alpha", "keep_best", "random_start"]
 
@@ -121,8 +123,7 @@ class DiffHammer(Attack):
         super()._check_params()
         self._check_positive_int("eot", self.eot)
         self._check_positive_int("em_steps", self.em_steps)
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be positive (or None for 0.007 at 8/255, scaled), got {self.step!r}.")
+        self._check_step()
         self._check_loss(self.loss)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}.")
@@ -135,17 +136,12 @@ class DiffHammer(Attack):
                 raise ValueError(f"{name} must be a bool.")
         self.model.check_gradient_mode(self.gradient)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "step": self._step()}
-
     def gradient_description(self) -> str:
         if not self.model.stochastic:
             return "none"
         mode = self.gradient or self.model.gradient
         return f"{mode}, grafted" if self.grafting and mode != "bpda" else mode
 
-    def _step(self) -> float:
-        return self.step or LEE_KIM_STEP_PER_EPS * self.eps
 
     # ---------------------------------------------------------------------------------------------------------------
     def _unit(self, g: torch.Tensor) -> torch.Tensor:
@@ -215,7 +211,7 @@ class DiffHammer(Attack):
                 keep(x_adv, losses, wrong)
                 v = (t + 1) ** -float(self.em_alpha)
                 accumulated = v * grad + (1 - v) * accumulated
-                x_adv = project(x_adv + self._step() * ascent_direction(accumulated, self.norm), x0, self.eps,
+                x_adv = project(x_adv + self.step_size * ascent_direction(accumulated, self.norm), x0, self.eps,
                                 self.norm)
                 self._note_iterate(x_adv)
             if not self.keep_best:

@@ -71,8 +71,7 @@ class JointAttack(Attack):
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {self.weight!r}.")
         self._check_positive_int("eot", self.eot)
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
+        self._check_step()
         if self.classifier_gradient not in CLASSIFIER_GRADIENTS:
             raise ValueError(f"classifier_gradient must be one of {CLASSIFIER_GRADIENTS}, got "
                              f"{self.classifier_gradient!r}.")
@@ -84,7 +83,7 @@ class JointAttack(Attack):
 
     def describe(self) -> dict:
         stochastic = self.mode == "full" or self.classifier_gradient == "bpda"
-        return {**super().describe(), "step": self.step or self.eps / 4, "eot": self.eot if stochastic else 1}
+        return {**super().describe(), "eot": self.eot if stochastic else 1}
 
     def gradient_description(self) -> str:
         return "bpda" if self.classifier_gradient == "bpda" else "none (classifier only)"
@@ -112,4 +111,4 @@ class JointAttack(Attack):
                     + (1 - self.weight) * ascent_direction(grad, self.norm))
 
         with self.model.gradient_mode("bpda" if through else None):
-            return self._ascend(x, x, self.step or self.eps / 4, direction)
+            return self._ascend(x, x, self.step_size, direction)

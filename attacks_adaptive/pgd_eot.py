@@ -33,6 +33,8 @@ class PGDEOT(Attack):
     """
 
     name = "PGD+EOT"
+    default_step_per_eps = LEE_KIM_STEP_PER_EPS
+    default_step_text = "Lee & Kim's 0.007 at 8/255, scaled"
     attack_params = Attack.attack_params + ["gradient", "eot", "step", "loss"]
 
     def __init__(self, target, *, eps: float, norm: str = "linf", steps: int = 200, eot: int = 20,
@@ -47,22 +49,15 @@ class PGDEOT(Attack):
     def _check_params(self) -> None:
         super()._check_params()
         self._check_positive_int("eot", self.eot)
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be positive (or None for Lee & Kim's 0.007 at 8/255, scaled), got "
-                             f"{self.step!r}.")
+        self._check_step()
         self._check_loss(self.loss)
         self.model.check_gradient_mode(self.gradient)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "step": self._step()}
 
     def gradient_description(self) -> str:
         if not self.model.stochastic:
             return "none"
         return self.gradient or self.model.gradient
 
-    def _step(self) -> float:
-        return self.step or LEE_KIM_STEP_PER_EPS * self.eps
 
     def _attack(self, x, y):
         def direction(x_i):
@@ -70,4 +65,4 @@ class PGDEOT(Attack):
             return ascent_direction(grad, self.norm)
 
         with self.model.gradient_mode(self.gradient):
-            return self._ascend(x, x, self._step(), direction)
+            return self._ascend(x, x, self.step_size, direction)

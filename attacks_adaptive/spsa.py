@@ -63,16 +63,12 @@ class SPSA(Attack):
             raise ValueError(f"delta must be positive, got {self.delta!r}.")
         if self.update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}.")
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be positive (or None for eps/4), got {self.step!r}.")
+        self._check_step()
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
         self._check_loss(self.loss)
         if self.query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}.")
-
-    def describe(self) -> dict:
-        return {**super().describe(), "step": self.step or self.eps / 4}
 
     def gradient_description(self) -> str:
         return "none (black-box)"
@@ -109,7 +105,7 @@ class SPSA(Attack):
     def _attack(self, x, y):
         generator = self._generator(x.device)
         if self.update == "sign":
-            return self._ascend(x, x, self.step or self.eps / 4,
+            return self._ascend(x, x, self.step_size,
                                 lambda x_i: ascent_direction(self.estimate_gradient(x_i, y, generator), self.norm))
         return self._adam(x, y, generator)
 

@@ -13,26 +13,13 @@ import logging
 
 
 from purifiers.adp import ADP, DEFAULT_CONDITIONING, NOISY_INPUT_RANGE, PAPER_LAMBDA, PAPER_STEPS, PAPER_TAU
-from purifiers.art_base import PurifierPyTorch
+from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
 from purifiers.priors import Prior
 
 logger = logging.getLogger(__name__)
 
 ALGORITHM_PARAMS = ("sigma", "steps", "lam", "delta", "tau", "step_rule", "conditioning", "sigma_range",
                     "step_size_gradient", "checkpoint_steps", "detection_threshold", "beta", "detection_sigma")
-
-
-class _AlgorithmParam:
-    """A wrapper attribute that lives on the pure-torch algorithm, so ``set_params`` changes the module in place."""
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, wrapper, owner=None):
-        return self if wrapper is None else getattr(wrapper.algorithm, self.name)
-
-    def __set__(self, wrapper, value):
-        setattr(wrapper.algorithm, self.name, value)
 
 
 class ADPPyTorch(PurifierPyTorch):
@@ -65,19 +52,19 @@ class ADPPyTorch(PurifierPyTorch):
     params = PurifierPyTorch.params + list(ALGORITHM_PARAMS) + ["noisy_inputs"]
     gradient_modes = ("bpda", "exact")
 
-    sigma = _AlgorithmParam()
-    steps = _AlgorithmParam()
-    lam = _AlgorithmParam()
-    delta = _AlgorithmParam()
-    tau = _AlgorithmParam()
-    step_rule = _AlgorithmParam()
-    conditioning = _AlgorithmParam()
-    sigma_range = _AlgorithmParam()
-    step_size_gradient = _AlgorithmParam()
-    checkpoint_steps = _AlgorithmParam()
-    detection_threshold = _AlgorithmParam()
-    beta = _AlgorithmParam()
-    detection_sigma = _AlgorithmParam()
+    sigma = AlgorithmSetting()
+    steps = AlgorithmSetting()
+    lam = AlgorithmSetting()
+    delta = AlgorithmSetting()
+    tau = AlgorithmSetting()
+    step_rule = AlgorithmSetting()
+    conditioning = AlgorithmSetting()
+    sigma_range = AlgorithmSetting()
+    step_size_gradient = AlgorithmSetting()
+    checkpoint_steps = AlgorithmSetting()
+    detection_threshold = AlgorithmSetting()
+    beta = AlgorithmSetting()
+    detection_sigma = AlgorithmSetting()
 
     def __init__(self, prior: Prior, sigma: float = 0.25, steps: int = PAPER_STEPS, lam: float = PAPER_LAMBDA,
                  delta: float | None = None, tau: float = PAPER_TAU, step_rule: str = "paper",
@@ -107,10 +94,6 @@ class ADPPyTorch(PurifierPyTorch):
         if not isinstance(value, bool):
             raise ValueError(f"noisy_inputs must be a bool, got {value!r}.")
         self.input_range = NOISY_INPUT_RANGE if value else PurifierPyTorch.input_range
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        self.algorithm.check_params()
 
     def _gradient_estimators(self):
         estimators = super()._gradient_estimators()

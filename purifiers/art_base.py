@@ -35,6 +35,23 @@ def straight_through(x: Tensor, purified: Tensor) -> Tensor:
     return x + (purified - x).detach()
 
 
+class AlgorithmSetting:
+    """A wrapper attribute that lives on the pure-torch algorithm (``wrapper.algorithm``), so ART's ``set_params``
+    changes the algorithm in place and ``_check_params`` validates it there."""
+
+    def __init__(self, doc: str = ""):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, wrapper, owner=None):
+        return self if wrapper is None else getattr(wrapper.algorithm, self.name)
+
+    def __set__(self, wrapper, value):
+        setattr(wrapper.algorithm, self.name, value)
+
+
 class PurifierPyTorch(PreprocessorPyTorch):
     """Base ART wrapper around a pure-torch purification algorithm ``algorithm(x, generator=...) -> x_purified``.
 
@@ -124,6 +141,9 @@ class PurifierPyTorch(PreprocessorPyTorch):
             raise ValueError("The argument `verbose` has to be of type bool.")
         if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+        check_algorithm = getattr(self.algorithm, "check_params", None)
+        if check_algorithm is not None:
+            check_algorithm()
 
     def set_params(self, **kwargs) -> None:
         super().set_params(**kwargs)

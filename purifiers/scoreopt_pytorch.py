@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import logging
 
-from purifiers.art_base import PurifierPyTorch
+from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
 from purifiers.priors import Prior, load_prior
 from purifiers.scoreopt import ScoreOpt
 
 logger = logging.getLogger(__name__)
-
-
-def _algorithm_setting(name: str) -> property:
-    """A wrapper attribute that reads and writes the hyper-parameter ``name`` of ``self.algorithm`` (so ART's
-    ``set_params`` reaches the algorithm, and ``_check_params`` validates it)."""
-    return property(lambda self: getattr(self.algorithm, name), lambda self, value: setattr(self.algorithm, name, value),
-                    doc=f"``ScoreOpt.{name}`` of the wrapped algorithm.")
 
 
 class ScoreOptPyTorch(PurifierPyTorch):
@@ -80,17 +73,17 @@ class ScoreOptPyTorch(PurifierPyTorch):
     params = PurifierPyTorch.params + list(ALGORITHM_PARAMS)
     gradient_modes = ("bpda", "surrogate", "exact")
 
-    variant = _algorithm_setting("variant")
-    loss = _algorithm_setting("loss")
-    steps = _algorithm_setting("steps")
-    inner_steps = _algorithm_setting("inner_steps")
-    lr = _algorithm_setting("lr")
-    noise_range = _algorithm_setting("noise_range")
-    mse_lambda = _algorithm_setting("mse_lambda")
-    sr_lambda = _algorithm_setting("sr_lambda")
-    optimizer = _algorithm_setting("optimizer")
-    n_target = _algorithm_setting("n_target")
-    checkpoint_steps = _algorithm_setting("checkpoint_steps")
+    variant = AlgorithmSetting("``ScoreOpt.variant`` of the wrapped algorithm.")
+    loss = AlgorithmSetting("``ScoreOpt.loss`` of the wrapped algorithm.")
+    steps = AlgorithmSetting("``ScoreOpt.steps`` of the wrapped algorithm.")
+    inner_steps = AlgorithmSetting("``ScoreOpt.inner_steps`` of the wrapped algorithm.")
+    lr = AlgorithmSetting("``ScoreOpt.lr`` of the wrapped algorithm.")
+    noise_range = AlgorithmSetting("``ScoreOpt.noise_range`` of the wrapped algorithm.")
+    mse_lambda = AlgorithmSetting("``ScoreOpt.mse_lambda`` of the wrapped algorithm.")
+    sr_lambda = AlgorithmSetting("``ScoreOpt.sr_lambda`` of the wrapped algorithm.")
+    optimizer = AlgorithmSetting("``ScoreOpt.optimizer`` of the wrapped algorithm.")
+    n_target = AlgorithmSetting("``ScoreOpt.n_target`` of the wrapped algorithm.")
+    checkpoint_steps = AlgorithmSetting("``ScoreOpt.checkpoint_steps`` of the wrapped algorithm.")
 
     def __init__(self, prior, *, variant: str = "O", loss: str = "diff", steps: int | None = None,
                  inner_steps: int | None = None, lr: float | None = None,
@@ -108,10 +101,6 @@ class ScoreOptPyTorch(PurifierPyTorch):
                          channels_first=channels_first, batch_size=batch_size, verbose=verbose, seed=seed,
                          device_type=device_type, channels_last=channels_last, compile=compile, amp=amp,
                          batch_invariant=batch_invariant)
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        self.algorithm.check_params()
 
     def _gradient_estimators(self):
         estimators = super()._gradient_estimators()

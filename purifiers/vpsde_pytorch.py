@@ -32,18 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from purifiers.art_base import PurifierPyTorch
+from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
 from purifiers.priors import Prior
 from purifiers.vpsde import COUP, DEFAULT_T_END, DiffPure, ReverseVPSDE
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
-
-
-def _algorithm_setting(name: str, doc: str) -> property:
-    """A wrapper attribute that reads and writes the algorithm's, so ART's ``set_params`` reaches the solver."""
-    return property(lambda self: getattr(self.algorithm, name),
-                    lambda self, value: setattr(self.algorithm, name, value), doc=doc)
 
 
 class _ReverseVPSDEPyTorch(PurifierPyTorch):
@@ -52,9 +46,9 @@ class _ReverseVPSDEPyTorch(PurifierPyTorch):
     gradient_modes = ("bpda", "exact", "adjoint", "surrogate")
     params = PurifierPyTorch.params + ["t_star", "dt", "resize_to", "surrogate_steps"]
 
-    t_star = _algorithm_setting("t_star", "diffusion time the reverse SDE starts at")
-    dt = _algorithm_setting("dt", "Euler-Maruyama step")
-    resize_to = _algorithm_setting("resize_to", "square side the purification runs at (None: the input's)")
+    t_star = AlgorithmSetting("diffusion time the reverse SDE starts at")
+    dt = AlgorithmSetting("Euler-Maruyama step")
+    resize_to = AlgorithmSetting("square side the purification runs at (None: the input's)")
 
     def __init__(self, algorithm: ReverseVPSDE, *, surrogate_steps: int = 20, **kwargs):
         self.surrogate_steps = surrogate_steps
@@ -62,7 +56,6 @@ class _ReverseVPSDEPyTorch(PurifierPyTorch):
 
     def _check_params(self) -> None:
         super()._check_params()
-        self.algorithm.check_params()
         if not isinstance(self.surrogate_steps, (int, np.integer)) or not 1 <= self.surrogate_steps:
             raise ValueError(f"surrogate_steps must be a positive integer, got {self.surrogate_steps!r}.")
         if self.gradient == "surrogate" and self.surrogate_steps > self.algorithm.num_steps:
@@ -122,8 +115,8 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
 
     params = _ReverseVPSDEPyTorch.params + ["guidance_scale", "guidance_gradient"]
 
-    guidance_scale = _algorithm_setting("guidance_scale", "lambda, the weight of the classifier guidance")
-    guidance_gradient = _algorithm_setting("guidance_gradient", "'full' or 'detached' guidance gradient")
+    guidance_scale = AlgorithmSetting("lambda, the weight of the classifier guidance")
+    guidance_gradient = AlgorithmSetting("'full' or 'detached' guidance gradient")
 
     def __init__(self, prior: Prior, classifier: nn.Module, t_star: float = 0.1, guidance_scale: float = 1.0,
                  dt: float = 1e-3, t_end: float = DEFAULT_T_END, forward_diffusion: bool = False,
@@ -156,7 +149,7 @@ class DiffPurePyTorch(_ReverseVPSDEPyTorch):
 
     params = _ReverseVPSDEPyTorch.params + ["forward_alpha"]
 
-    forward_alpha = _algorithm_setting("forward_alpha", "'continuous' or 'ddpm' alpha_bar of the forward diffusion")
+    forward_alpha = AlgorithmSetting("'continuous' or 'ddpm' alpha_bar of the forward diffusion")
 
     def __init__(self, prior: Prior, t_star: float = 0.1, dt: float = 1e-3, t_end: float = DEFAULT_T_END,
                  forward_alpha: str = "continuous", resize_to: int | None = None, surrogate_steps: int = 20, **kwargs):
