@@ -35,7 +35,7 @@ from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blin
                                exact_gradient_memory, select, undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
-from purifiers.priors import load_prior
+from purifiers.loading import load_prior
 
 SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
 

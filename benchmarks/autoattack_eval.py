@@ -513,7 +513,7 @@ def load_defense(args, classifier: nn.Module, dataset: str = "mnist"):
     if args.defense == NO_DEFENSE:
         return deployed_model(None, classifier), None, {"name": NO_DEFENSE}
     from benchmarks.models import load_reference_models
-    from purifiers.priors import load_prior
+    from purifiers.loading import load_prior
 
     prior = load_prior(args.prior, device="cpu") if args.prior else load_reference_models(dataset)[1]
     overrides = parse_overrides(args.set)

@@ -56,7 +56,8 @@ def check_prior(source, *, format: str | None = None, config=None, ema: bool = T
         sigma.
     """
     from purifiers.checkpoints import find_card
-    from purifiers.priors import Prior, load_prior
+    from purifiers.priors import Prior
+    from purifiers.loading import load_prior
 
     say = print if verbose else (lambda *a, **k: None)
     if isinstance(source, Prior):

@@ -160,7 +160,7 @@ def defense(name: str, dataset: str = "mnist", *, prior=None, classifier: nn.Mod
         prior = shipped_prior if prior is None else prior
         classifier = shipped_classifier if classifier is None else classifier
     if not hasattr(prior, "denoise"):
-        from purifiers.priors import load_prior
+        from purifiers.loading import load_prior
 
         prior = load_prior(prior)
     settings = {**entry.wrapper_defaults, **entry.settings_for(dataset), **overrides}

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from benchmarks.results import write_json
-from purifiers.priors import load_prior, load_state_dict_safely
+from purifiers.priors import load_state_dict_safely
+from purifiers.loading import load_prior
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 REFERENCE_FILES = {"mnist": ("mnist_classifier.safetensors", "mnist_prior.safetensors")}

@@ -185,7 +185,7 @@ def main(argv: list[str]) -> None:
     from benchmarks.data import load_mnist
     from benchmarks.defenses import build_purifier
     from benchmarks.models import load_reference_models
-    from purifiers.priors import load_prior
+    from purifiers.loading import load_prior
 
     classifier, shipped_prior = load_reference_models("mnist")
     classifier.requires_grad_(False)

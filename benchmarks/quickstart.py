@@ -80,7 +80,7 @@ def _peak_rss() -> int:
 
 def _load_models(prior: str | None):
     from benchmarks.models import load_reference_models
-    from purifiers.priors import load_prior
+    from purifiers.loading import load_prior
 
     classifier, shipped_prior = load_reference_models("mnist")
     return classifier.requires_grad_(False), shipped_prior if prior is None else load_prior(prior)

@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_setting(args):
     """``(classifier, prior, x, y, purifier factory)`` for the dataset of ``args``."""
-    from purifiers.priors import load_prior
+    from purifiers.loading import load_prior
 
     if args.dataset == "mnist":
         from benchmarks.data import load_mnist

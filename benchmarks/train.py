@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from benchmarks.data import load_mnist
 from benchmarks.models import MnistCNN, save_classifier
-from purifiers.priors import EDMDenoiser, save_builtin_prior
+from purifiers.priors import EDMDenoiser
+from purifiers.loading import save_builtin_prior
 from purifiers.unet import SmallUNet
 
 # EDM (Karras et al. 2022) training noise distribution on the [-1, 1] scale: ln(sigma) ~ N(P_mean, P_std^2).

@@ -31,7 +31,7 @@ from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy, select,
                                undefended_accuracy)
-from purifiers.priors import load_prior
+from purifiers.loading import load_prior
 
 METHODS = ("coup", "coup-noguide", "diffpure")
 DEFAULT_T_STARS = (0.05, 0.1, 0.2, 0.3)

@@ -9,8 +9,9 @@ import importlib
 
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch, straight_through
 from purifiers.conventions import DDPMSchedule, VPSchedule
+from purifiers.loading import load_prior
 from purifiers.priors import (DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, NCSNv2Prior, NFECounter, Prior,
-                              VEScorePrior, load_prior)
+                              VEScorePrior)
 
 _LAZY = {"ADP": "purifiers.adp", "ADPPyTorch": "purifiers.adp_pytorch",
          "ScoreOpt": "purifiers.scoreopt", "ScoreOptPyTorch": "purifiers.scoreopt_pytorch",

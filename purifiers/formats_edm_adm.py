@@ -11,7 +11,7 @@ and openai/guided-diffusion (ADM state_dicts such as ``256x256_diffusion_uncond.
   arguments (``config``: a dict, a JSON file or a name of :data:`purifiers.nets.adm.PRESETS`; by default the preset
   whose shapes match).
 * :func:`looks_like`: which of the state_dict formats a set of parameter names is; the formats are registered in
-  :mod:`purifiers.checkpoints`, which :func:`purifiers.priors.load_prior` reads through.
+  :mod:`purifiers.checkpoints`, which :func:`purifiers.loading.load_prior` reads through.
 
 EDM networks become a :class:`PreconditionedPrior` (EDM's sigma is on the [-1, 1] scale: twice our pixel sigma); ADM
 networks an :class:`ADMPrior`, the epsilon-prediction prior on the 1000-step linear DDPM schedule, from the first

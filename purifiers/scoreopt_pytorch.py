@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
-from purifiers.priors import Prior, load_prior
+from purifiers.priors import Prior
+from purifiers.loading import load_prior
 from purifiers.scoreopt import ScoreOpt
 
 logger = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ def test_check_prior_flags_a_good_prior_used_with_a_wrong_data_range(capsys, mon
     for sigma in SIGMAS:
         assert abs(result["psnr"][sigma]["identity"] + 20 * np.log10(sigma)) < 0.5
     # The command exits with status 1 on the same prior.
-    import purifiers.priors
+    import purifiers.loading
 
-    monkeypatch.setattr(purifiers.priors, "load_prior", lambda *a, **k: wrong)
+    monkeypatch.setattr(purifiers.loading, "load_prior", lambda *a, **k: wrong)
     with pytest.raises(SystemExit) as exit_info:
         main(["check-prior", "wrong-convention", "--n", "4", "--device", "cpu"])
     assert exit_info.value.code == 1
@@ -104,10 +104,10 @@ def test_reproduce_cifar10_paper_defenses_run_with_each_checkpoint_format(name, 
 
     path, config = checkpoints[name]
     if config is not None:  # the tiny network is not a named config: a checkpoint of a named one needs no config
-        import purifiers.priors
+        import purifiers.loading
 
-        real_load_prior = purifiers.priors.load_prior
-        monkeypatch.setattr(purifiers.priors, "load_prior",
+        real_load_prior = purifiers.loading.load_prior
+        monkeypatch.setattr(purifiers.loading, "load_prior",
                             lambda source, **kw: real_load_prior(source, config=config, **kw))
     module = types.ModuleType("_authors_cifar_fakes")
     module.tiny_cifar_classifier = tiny_cifar_classifier

@@ -25,7 +25,7 @@ from purifiers import conventions
 from purifiers.edm_pickle import ALLOWED_GLOBALS, RestrictedUnpickler, read_edm_pickle
 from purifiers.formats_edm_adm import EDM_PRESETS, PreconditionedPrior
 from purifiers.nets import adm, edm
-from purifiers.priors import load_prior
+from purifiers.loading import load_prior
 
 FIXTURES = Path(__file__).parent / "reference_fixtures"
 GEN = torch.Generator().manual_seed(0)

@@ -13,7 +13,8 @@ from torch import nn
 import purifiers.validation
 from purifiers import (ADP, COUP, ADPPyTorch, COUPPyTorch, DiffPure, DiffPurePyTorch, PurifiedClassifier, ScoreOpt,
                        ScoreOptPyTorch, load_prior)
-from purifiers.priors import Prior, save_builtin_prior
+from purifiers.priors import Prior
+from purifiers.loading import save_builtin_prior
 from purifiers.speed import SpeedOptions, apply_speed_options
 from tiny import SIZE, images, tiny_prior
 

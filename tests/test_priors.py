@@ -10,7 +10,8 @@ from torch import nn
 
 from purifiers import DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, load_prior
 from purifiers.conventions import (DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, pm1_sigma_to_pixel, to_01, to_pm1)
-from purifiers.priors import load_state_dict_safely, save_builtin_prior
+from purifiers.priors import load_state_dict_safely
+from purifiers.loading import save_builtin_prior
 from purifiers.unet import SmallUNet
 
 MU, STD = 0.3, 0.15
