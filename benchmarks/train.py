@@ -175,7 +175,7 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
     ema = EDMDenoiser(SmallUNet(**net.config))
     ema.load_state_dict(prior.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    step, elapsed, load_sum, load_n, segments = 0, 0.0, 0.0, 0, 1
+    step, elapsed, load_sum, load_n, segments, commands = 0, 0.0, 0.0, 0, 1, []
     if os.path.exists(ckpt_path):
         ckpt = _read_checkpoint(ckpt_path)
         old = ckpt.get("meta", {})
@@ -191,6 +191,8 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         load_sum, load_n = float(ckpt.get("load_sum", 0.0)), int(ckpt.get("load_n", 0))
         segments = int(ckpt.get("segments", 1)) + 1
+        commands = list(ckpt.get("commands", []))
+    commands.append(command or _command(None))
     sd = prior.sigma_data
     start = time.time() - elapsed
     segment_start, segment_first_step = time.time(), step
@@ -198,7 +200,7 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
     def save():
         state = {"net": net.state_dict(), "ema": ema.net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                  "step": torch.tensor(step), "elapsed": torch.tensor(time.time() - start),
-                 "load_sum": load_sum, "load_n": load_n, "segments": segments,
+                 "load_sum": load_sum, "load_n": load_n, "segments": segments, "commands": commands,
                  "meta": {**meta, "config": net.config, "machine": _machine(),
                           "last_segment_steps_per_s": (step - segment_first_step) / max(time.time() - segment_start, 1e-9)}}
         tmp = ckpt_path + ".tmp"
@@ -280,6 +282,7 @@ def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n:
             "ema_warmup": meta["ema_warmup"],
             "psnr_images": {"val": len(x_val), "test": len(x_te)},
             "training_segments": int(ckpt.get("segments", 1)),
+            "training_commands": list(ckpt.get("commands", [])),
             "machine": {**meta["machine"],
                         "loadavg_1min_mean_over_checkpoints": (round(float(ckpt["load_sum"]) / load_n, 2)
                                                                if load_n else None),

@@ -1,6 +1,7 @@
 """Fashion-MNIST from idx files written here (CI has no Debian package): splits, formats, and errors on bad folders."""
 
 import gzip
+import json
 import os
 
 import numpy as np
@@ -106,3 +107,54 @@ def test_not_gzip_and_mismatched_counts_are_named(tmp_path):
     os.replace(other / "t10k-labels-idx1-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz holds 6 images but .*t10k-labels.* holds 5"):
         load_fashion_mnist("test", data_dir=str(tmp_path))
+
+
+# --- the shipped Fashion-MNIST reference models --------------------------------------------------------------------
+
+def _have_fashion_data():
+    try:
+        load_fashion_mnist("val", n=1)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_data = pytest.mark.skipif(not _have_fashion_data(),
+                                reason="Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)")
+
+
+def test_shipped_files_are_small_safetensors_with_honest_cards():
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, model_card
+
+    for name in REFERENCE_FILES["fashion_mnist"]:
+        path = os.path.join(MODELS_DIR, name)
+        assert path.endswith(".safetensors") and os.path.getsize(path) < 10 * 2**20
+        card = model_card(path)
+        assert {"seed", "metrics", "command", "train_split", "dataset", "wall_minutes", "machine"} <= set(card)
+        assert "55000" in card["train_split"] and "../" not in json.dumps(card)
+    prior_card = model_card(os.path.join(MODELS_DIR, REFERENCE_FILES["fashion_mnist"][1]))
+    assert prior_card["steps"] > 0 and set(prior_card["metrics"]) == {"psnr_val", "psnr_test"}
+
+
+@needs_data
+def test_shipped_classifier_accuracy_matches_its_card():
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models, model_card
+    from benchmarks.train import accuracy
+
+    classifier, _ = load_reference_models("fashion_mnist")
+    x, y = load_fashion_mnist("test")
+    acc = accuracy(classifier, x, y)
+    assert acc >= 0.92
+    card = model_card(os.path.join(MODELS_DIR, REFERENCE_FILES["fashion_mnist"][0]))
+    assert abs(card["metrics"]["test_accuracy"] - acc) < 1e-9
+
+
+@needs_data
+def test_shipped_prior_denoises_better_than_the_noisy_input():
+    from benchmarks.models import load_reference_models
+    from benchmarks.train import denoising_psnr
+
+    _, prior = load_reference_models("fashion_mnist")
+    psnr = denoising_psnr(prior, load_fashion_mnist("test", n=100)[0])
+    for sigma, value in psnr.items():
+        assert value > -10 * np.log10(float(sigma) ** 2) + 3.0, (sigma, value)  # the noisy input's own PSNR + 3 dB

@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory):
 def test_prior_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     whole = str(tmp_path / "whole.safetensors")
     card = train_prior(whole, max_steps=4, data_dir=data_dir, **TINY)
-    assert card["steps"] == 4 and card["training_segments"] == 1
+    assert card["steps"] == 4 and card["training_segments"] == 1 and card["training_commands"] == ["test"]
 
     parts = str(tmp_path / "parts.safetensors")
     ckpt = str(tmp_path / "elsewhere" / "parts.ckpt.pt")
