@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network config: a known name (e.g. vp/cifar10_ddpmpp_deep_continuous) or a JSON/YAML file")
     p.add_argument("--raw-weights", action="store_true", help="load a checkpoint's raw weights instead of its EMA")
     p.add_argument("--data", default=None,
-                   help="'mnist' (bundled), a CIFAR-10 folder (holding cifar-10-batches-py/) or a folder of images; "
-                        "default: mnist for one-channel priors")
+                   help="'mnist' (bundled), 'fashion_mnist' (the Debian package's files), a CIFAR-10 folder (holding "
+                        "cifar-10-batches-py/) or a folder of images; default: mnist for one-channel priors")
     p.add_argument("--n", type=int, default=16, help="images in the self-test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -125,7 +125,7 @@ def _input_channels(prior: nn.Module) -> int | None:
 
 
 def _images(data: str | None, channels: int | None, n: int) -> tuple[np.ndarray, str]:
-    from benchmarks.data import load_cifar10, load_mnist
+    from benchmarks.data import load_cifar10, load_fashion_mnist, load_mnist
 
     if data is None:
         if channels not in (None, 1):
@@ -134,12 +134,15 @@ def _images(data: str | None, channels: int | None, n: int) -> tuple[np.ndarray,
         data = "mnist"
     if data == "mnist":
         x, name = load_mnist("test", n=n)[0], "bundled MNIST (test split)"
+    elif data == "fashion_mnist":
+        x, name = load_fashion_mnist("test", n=n)[0], "Fashion-MNIST (test split)"
     elif os.path.isdir(os.path.join(data, "cifar-10-batches-py")):
         x, name = load_cifar10(data, "test", n=n)[0], f"CIFAR-10 ({data}, test split)"
     elif os.path.isdir(data):
         x, name = _image_folder(data, channels or 3, n), f"images in {data}"
     else:
-        raise FileNotFoundError(f"--data {data!r}: not 'mnist', a CIFAR-10 folder or a folder of images.")
+        raise FileNotFoundError(f"--data {data!r}: not 'mnist', 'fashion_mnist', a CIFAR-10 folder or a folder of "
+                                "images.")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"the prior takes {channels}-channel images but {name} has {x.shape[1]}; "
                          "give matching --data.")
