@@ -134,7 +134,8 @@ def record(name: str) -> DefenseRecord:
     return REGISTRY[name]
 
 
-def _import(spec: str):
+def import_spec(spec: str):
+    """The object a ``"module:name"`` string names (a user's factory, a registry wrapper)."""
     module_name, _, attribute = spec.partition(":")
     if not attribute:
         raise ValueError(f"expected 'module:function', got {spec!r}.")
@@ -166,7 +167,7 @@ def defense(name: str, dataset: str = "mnist", *, prior=None, classifier: nn.Mod
     settings = {**entry.wrapper_defaults, **entry.settings_for(dataset), **overrides}
     if gradient is not None:
         settings["gradient"] = gradient
-    wrapper = _import(entry.wrapper)
+    wrapper = import_spec(entry.wrapper)
     return wrapper(prior, classifier, **settings) if entry.needs_classifier else wrapper(prior, **settings)
 
 
@@ -176,7 +177,7 @@ def build_purifier(spec: str, prior, classifier: nn.Module | None, dataset: str 
     ``function(prior, classifier, **overrides)``, which must return a :class:`purifiers.PurifierPyTorch`."""
     if spec in REGISTRY or ":" not in spec:
         return defense(spec, dataset, prior=prior, classifier=classifier, **overrides)
-    purifier = _import(spec)(prior, classifier, **overrides)
+    purifier = import_spec(spec)(prior, classifier, **overrides)
     if not isinstance(purifier, PurifierPyTorch):
         raise ValueError(f"the factory {spec!r} returned a {type(purifier).__name__}, not a PurifierPyTorch.")
     return purifier

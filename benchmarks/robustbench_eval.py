@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.autoattack_eval import (add_autoattack_arguments, add_defense_arguments, config_from_args, load_defense,
                                         result_rows, run_autoattack)
-from benchmarks.defenses import NO_DEFENSE, _import, paper_of
+from benchmarks.defenses import NO_DEFENSE, import_spec, paper_of
 from attacks_adaptive.rows import threat_model_name
 from benchmarks.rb_compat import import_robustbench
 from benchmarks.results import write_json, collect_meta, format_table, make_row, read_results, write_results
@@ -117,7 +117,7 @@ def load_classifier(spec: str | None, dataset: str, threat_model: str = "Linf",
         from robustbench.utils import load_model
 
         return load_model(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model).eval()
-    model = _import(spec)()
+    model = import_spec(spec)()
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"the classifier factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module.")
     return model.eval()
