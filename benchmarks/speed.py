@@ -9,7 +9,7 @@
 * with ``--memory``: the peak memory of each exact gradient at T and 4T steps (a fresh process per point).
 
 Writes ``DIR/speed.json`` (rows of the package's results shape, the device and load in the meta) and prints a table.
-Times are the best of ``--repeats`` runs after a warm-up; a shared machine makes them noisy, so the meta records the
+Times are the best of ``--repeats`` runs after three warm-up runs; a shared machine makes them noisy, so the meta records the
 load average before and after.
 """
 
@@ -31,8 +31,9 @@ MEMORY_STEPS = {"adp": ("steps", 5), "scoreopt": ("steps", 5), "scoreopt-n": ("i
                 "coup": ("t_star", 0.05), "diffpure": ("t_star", 0.05)}
 
 
-def _best_time(run, repeats: int) -> float:
-    run()  # warm-up: first calls allocate and pick kernels
+def _best_time(run, repeats: int, warm_up: int = 3) -> float:
+    for _ in range(warm_up):  # the first calls of a shape allocate and build their kernels (~1.5x slower, measured)
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
