@@ -167,17 +167,26 @@ def _is_score_sde(obj) -> bool:
             and isinstance(obj["ema"], dict) and "shadow_params" in obj["ema"])
 
 
+def _given_config(config, config_class, named_config, what: str):
+    """``(config object, its name)`` for a config given as an object, a known name or a mapping; ``None`` when none
+    was given (the caller infers it from the weights)."""
+    if isinstance(config, config_class):
+        return config, "given"
+    if isinstance(config, str):
+        return named_config(config), config
+    if isinstance(config, dict):
+        return config_class.from_mapping(config), "given"
+    if config is not None:
+        raise ValueError(f"{what} config must be a name, a mapping or a file, got {type(config).__name__}.")
+    return None
+
+
 def _score_sde_config(config, state: dict):
     from purifiers.nets import score_sde
 
-    if isinstance(config, score_sde.ScoreSDEConfig):
-        return config, "given"
-    if isinstance(config, str):
-        return score_sde.named_config(config), config
-    if isinstance(config, dict):
-        return score_sde.ScoreSDEConfig.from_mapping(config), "given"
-    if config is not None:
-        raise ValueError(f"score_sde config must be a name, a mapping or a file, got {type(config).__name__}.")
+    given = _given_config(config, score_sde.ScoreSDEConfig, score_sde.named_config, "score_sde")
+    if given is not None:
+        return given
     # Infer: the known config whose names and shapes all match (VP and VE NCSN++ differ by the Fourier embedding).
     reports = {}
     for name, candidate in score_sde.CONFIGS.items():
@@ -238,14 +247,9 @@ def _is_ncsnv2(obj) -> bool:
 def _ncsnv2_config(config, state: dict):
     from purifiers.nets import ncsnv2
 
-    if isinstance(config, ncsnv2.NCSNv2Config):
-        return config, "given"
-    if isinstance(config, str):
-        return ncsnv2.named_config(config), config
-    if isinstance(config, dict):
-        return ncsnv2.NCSNv2Config.from_mapping(config), "given"
-    if config is not None:
-        raise ValueError(f"NCSNv2 config must be a name, a mapping or a file, got {type(config).__name__}.")
+    given = _given_config(config, ncsnv2.NCSNv2Config, ncsnv2.named_config, "NCSNv2")
+    if given is not None:
+        return given
     # Infer the sizes from the weights; the data flags (logit_transform, rescaled) keep the reference configs' default
     # (data on [0, 1]), as every released NCSNv2 config has them.
     conv, sigmas = state["begin_conv.weight"], state["sigmas"]

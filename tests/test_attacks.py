@@ -279,13 +279,18 @@ def test_robustness_does_not_rise_with_eps():
     assert accuracies[0] > 0.5 and accuracies[-1] < accuracies[0]
 
 
-def test_gradient_attacks_are_at_least_as_strong_as_spsa_on_a_tiny_prior():
+def tiny_prior_defended():
+    """A random tiny U-Net prior's one-shot denoiser (noise 0.1) in front of a tiny classifier."""
     torch.manual_seed(0)
     net = SmallUNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1)
     for p in net.parameters():
         nn.init.normal_(p, std=0.05)
     purifier = ToyPurifier(NoisyDenoise(EDMDenoiser(net), 0.1), gradient="exact", seed=0, device_type="cpu")
-    defended = PurifiedClassifier(purifier, tiny_classifier(seed=2))
+    return PurifiedClassifier(purifier, tiny_classifier(seed=2))
+
+
+def test_gradient_attacks_are_at_least_as_strong_as_spsa_on_a_tiny_prior():
+    defended = tiny_prior_defended()
     x = toy_images(8, low=0.2, high=0.8, seed=4)
     y = clean_labels(defended.classifier, x)
     eps = 0.1

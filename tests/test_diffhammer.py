@@ -17,10 +17,9 @@ from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.losses import ce_loss
 from attacks_adaptive.scoring import (correct_draws, multi_draw_from_draws, n_evaluation_from_draws,
                                       single_shot_from_draws)
-from purifiers import DiffPurePyTorch, EDMDenoiser, GaussianPrior, PurifiedClassifier
-from purifiers.unet import SmallUNet
+from purifiers import DiffPurePyTorch, GaussianPrior, PurifiedClassifier
 from test_attacks import (BlankWithProbability, Brightness, Identity, NoisyDenoise, ToyPurifier, clean_labels,
-                          tiny_classifier, toy_defended, toy_images)
+                          tiny_classifier, tiny_prior_defended, toy_defended, toy_images)
 
 torch.set_num_threads(1)
 
@@ -48,15 +47,6 @@ class MidGray(nn.Module):
     def forward(self, x):
         m = x.mean(dim=(1, 2, 3))
         return torch.stack([torch.zeros_like(m), 50 * torch.minimum(m - 0.3, 0.7 - m)], 1)
-
-
-def tiny_prior_defended():
-    torch.manual_seed(0)
-    net = SmallUNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1)
-    for p in net.parameters():
-        nn.init.normal_(p, std=0.05)
-    purifier = ToyPurifier(NoisyDenoise(EDMDenoiser(net), 0.1), gradient="exact", seed=0, device_type="cpu")
-    return PurifiedClassifier(purifier, tiny_classifier(seed=2))
 
 
 def _iterates(attack, x, y):
