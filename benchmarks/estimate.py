@@ -20,16 +20,12 @@ from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.scoring import multi_draw, n_evaluation, single_shot
 
 
-def _measured(model: DefendedModel, run) -> tuple[dict, float]:
+def measured(model: DefendedModel, run) -> tuple[dict, float]:
     with model.count() as meter:
         start = time.perf_counter()
         run()
         seconds = time.perf_counter() - start
     return asdict(meter), seconds
-
-
-def _line(fixed: dict, per_iteration: dict, iterations: int) -> dict:
-    return {k: max(0.0, fixed[k] + iterations * per_iteration[k]) for k in fixed}
 
 
 def estimate_worst_case(attacks: dict, model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
@@ -47,38 +43,61 @@ def estimate_worst_case(attacks: dict, model, x: torch.Tensor, y: torch.Tensor, 
         if "n_evaluation" in scorings:
             n_evaluation(model, xb, yb, n_eval)
 
-    score_nfe, score_seconds = _measured(model, scoring_passes)
-    rows = [_row(defense, "scoring (clean and each attack)", score_nfe, score_seconds, rows_in_batch,
-                 batches * (1 + len(attacks)), x.shape[0])]
+    score_nfe, score_seconds = measured(model, scoring_passes)
+    rows = [estimate_row(defense, "scoring (clean and each attack)", score_nfe, score_seconds, rows_in_batch,
+                         batches * (1 + len(attacks)), x.shape[0])]
     for name, attack in attacks.items():
         steps, tracking = attack.steps, attack.track_iterates
         attack.track_iterates = "any_iteration" in scorings
+
+        def cost(iterations):
+            attack.set_params(steps=iterations)
+            return measured(model, lambda: attack.perturb(xb, yb))
+
         try:
-            calibration = []
-            for s in (1, 2):
-                attack.set_params(steps=s)
-                calibration.append(_measured(model, lambda: attack.perturb(xb, yb)))
+            nfe, seconds = linear_projection(cost, {"iterations": steps})
         finally:
             attack.set_params(steps=steps)
             attack.track_iterates = tracking
-        (nfe1, sec1), (nfe2, sec2) = calibration
-        per_iteration = {k: nfe2[k] - nfe1[k] for k in nfe1}
-        fixed = {k: nfe1[k] - per_iteration[k] for k in nfe1}
-        nfe = _line(fixed, per_iteration, steps)
-        seconds = max(0.0, (sec1 - (sec2 - sec1)) + steps * (sec2 - sec1))
-        rows.append(_row(defense, name, nfe, seconds, rows_in_batch, batches, x.shape[0], iterations=steps))
-    total_seconds = sum(r["projected_seconds"] for r in rows)
-    rows.append({"defense": defense, "attack": "total", "projected_seconds": total_seconds,
-                 "network_evaluations": sum(r["network_evaluations"] for r in rows)})
-    return rows
+        rows.append(estimate_row(defense, name, nfe, seconds, rows_in_batch, batches, x.shape[0], iterations=steps))
+    return rows + [total_row(rows, defense)]
 
 
-def _row(defense, attack, nfe_batch: dict, seconds_batch: float, rows_in_batch: int, batches: int, n: int,
+def total_row(rows: list[dict], defense: str) -> dict:
+    return {"defense": defense, "attack": "total", "projected_seconds": sum(r["projected_seconds"] for r in rows),
+            "network_evaluations": sum(r["network_evaluations"] for r in rows)}
+
+
+def linear_projection(cost, counts: dict[str, int]) -> tuple[dict, float]:
+    """``(network evaluations, seconds)`` of a run with ``counts`` (e.g. ``{"n_iter": 100, "n_queries": 5000}``),
+    projected from ``cost(**counts_at_1)`` and one more call per count raised to 2: the run is taken as
+    ``fixed + sum_k counts[k] x per_unit[k]``. ``cost(**counts)`` returns :func:`measured`'s pair."""
+    ones = dict.fromkeys(counts, 1)
+    base_nfe, base_seconds = cost(**ones)
+    nfe, seconds = dict(base_nfe), base_seconds
+    for key, count in counts.items():
+        more_nfe, more_seconds = cost(**dict(ones, **{key: 2}))
+        for k in nfe:
+            nfe[k] += (count - 1) * (more_nfe[k] - base_nfe[k])
+        seconds += (count - 1) * (more_seconds - base_seconds)
+    return {k: max(0.0, v) for k, v in nfe.items()}, max(0.0, seconds)
+
+
+def estimate_row(defense, attack, nfe_batch: dict, seconds_batch: float, rows_in_batch: int, batches: int, n: int,
          iterations: int | None = None) -> dict:
     per_image = {k: v / rows_in_batch for k, v in nfe_batch.items()}
     return {"defense": defense, "attack": attack, "iterations": iterations, "per_image": per_image,
             "network_evaluations": sum(nfe_batch.values()) * batches, "projected_seconds": seconds_batch * batches,
             "images": n}
+
+
+def report_estimate(path: str, rows: list[dict], dataset: str, split: str, **meta) -> None:
+    """Print the estimate's table (with the device it was calibrated on) and write it to ``path`` (JSON)."""
+    from benchmarks.results import collect_meta, write_results
+
+    info = collect_meta(dataset, split, estimate=rows, **meta)
+    print(format_estimate(rows, info["device"]), flush=True)
+    write_results(path, [], info)
 
 
 def format_estimate(rows: list[dict], device: str) -> str:
