@@ -18,6 +18,8 @@ COMMANDS = {
     "robustbench": ("benchmarks.robustbench_eval", "RobustBench-style evaluation writing model_info JSON"),
     "leaderboard": ("benchmarks.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
     "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),
+    "estimate": ("benchmarks.estimate", "the cost of the papers' full protocols on their networks (CIFAR-10), no "
+                 "checkpoint needed"),
     "speed": ("benchmarks.speed", "network and purification time per image, overhead ratios, speed switches, memory"),
     "plots": ("benchmarks.plots", "robustness curves, image grids, score-norm histograms"),
     "coup-toy": ("benchmarks.coup_toy", "COUP's 1-D toy experiment (Fig. 3b)"),

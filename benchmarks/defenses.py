@@ -58,6 +58,8 @@ class DefenseRecord:
     published: tuple = ()              # PublishedNumber, ...
     quickstart_seconds: float = 1.0    # relative cost in the quickstart (one CPU thread), for scheduling only
     wrapper_defaults: dict = field(default_factory=dict)  # seed, batch size of the registry's purifiers
+    # The network of the paper's CIFAR-10 prior: (checkpoint format, config) of purifiers.checkpoints.untrained_prior.
+    paper_network: tuple[str, str] | None = None
 
     def settings_for(self, dataset: str) -> dict:
         """Our validation-chosen settings for ``dataset``, else the paper's."""
@@ -79,7 +81,8 @@ REGISTRY: dict[str, DefenseRecord] = {
                                    "ADP supplement Table 9 (FashionMNIST, eps 8/255, Clf pgd)"),
                    PublishedNumber("cifar10", "BlindPGD", 86.14, 80.24, "ADP Table 2 (WRN-28-10)"),
                    PublishedNumber("cifar10", "BPDA+EOT", 86.14, 70.01, "ADP Table 3 (BPDA 40+EOT)")),
-        quickstart_seconds=42, wrapper_defaults=dict(seed=0, batch_size=250)),
+        quickstart_seconds=42, wrapper_defaults=dict(seed=0, batch_size=250),
+        paper_network=("ncsnv2", "cifar10")),  # ADP released none; Croce et al. evaluate it on NCSNv2's
     "scoreopt": DefenseRecord(
         name="scoreopt", wrapper="purifiers.scoreopt_pytorch:ScoreOptPyTorch", needs_classifier=False,
         paper=Paper("Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt)",
@@ -89,14 +92,16 @@ REGISTRY: dict[str, DefenseRecord] = {
         # `python -m benchmarks.scoreopt_eval tune` on MNIST val[:200] (benchmarks/measured/scoreopt/).
         settings={"mnist": dict(variant="O", loss="diff", steps=20, lr=0.1, noise_range=(0.6, 0.8))},
         published=(PublishedNumber("cifar10", "BPDA+EOT", 90.78, 82.85, "ScoreOpt Table 1 (ScoreOpt-O)"),),
-        quickstart_seconds=53, wrapper_defaults=dict(seed=0)),
+        quickstart_seconds=53, wrapper_defaults=dict(seed=0),
+        paper_network=("edm-state-dict", "edm-cifar10-32x32-uncond-vp")),
     "scoreopt-n": DefenseRecord(
         name="scoreopt-n", wrapper="purifiers.scoreopt_pytorch:ScoreOptPyTorch", needs_classifier=False,
         paper=Paper("Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt-N)",
                     "Boya Zhang, Weijian Luo, Zhihua Zhang", "NeurIPS 2023", "https://arxiv.org/abs/2307.04333"),
         paper_settings=dict(variant="N", loss="diff", steps=1, inner_steps=5, lr=0.1, noise_range=(0.5, 0.5)),
         settings={"mnist": dict(variant="N", loss="sr", steps=1, inner_steps=10, lr=0.1, noise_range=(0.75, 0.75))},
-        quickstart_seconds=53, wrapper_defaults=dict(seed=0)),
+        quickstart_seconds=53, wrapper_defaults=dict(seed=0),
+        paper_network=("edm-state-dict", "edm-cifar10-32x32-uncond-vp")),
     "coup": DefenseRecord(
         name="coup", wrapper="purifiers.vpsde_pytorch:COUPPyTorch", needs_classifier=True,
         paper=Paper("Classifier Guidance Enhances Diffusion-Based Adversarial Purification by Preserving Predictive "
@@ -108,7 +113,8 @@ REGISTRY: dict[str, DefenseRecord] = {
         settings={"mnist": dict(t_star=0.2, guidance_scale=1.0, dt=1e-3)},
         published=(PublishedNumber("cifar10", "AutoAttack", 90.04, 73.05, "COUP Table 1"),
                    PublishedNumber("cifar10", "BPDA+EOT", 90.04, 83.20, "COUP Table 3")),
-        quickstart_seconds=384, wrapper_defaults=dict(seed=0, batch_size=100)),
+        quickstart_seconds=384, wrapper_defaults=dict(seed=0, batch_size=100),
+        paper_network=("score_sde", "vp/cifar10_ddpmpp_deep_continuous")),
     "diffpure": DefenseRecord(
         name="diffpure", wrapper="purifiers.vpsde_pytorch:DiffPurePyTorch", needs_classifier=False,
         paper=Paper("Diffusion Models for Adversarial Purification (DiffPure)",
@@ -120,7 +126,8 @@ REGISTRY: dict[str, DefenseRecord] = {
         settings={"mnist": dict(t_star=0.2, dt=1e-3), "imagenet": dict(t_star=0.15, dt=1e-3, resize_to=256)},
         published=(PublishedNumber("cifar10", "AutoAttack", 89.02, 70.64, "COUP Table 1 (DiffPure)"),
                    PublishedNumber("cifar10", "BPDA+EOT", 89.02, 81.40, "COUP Table 3 (DiffPure)")),
-        quickstart_seconds=259, wrapper_defaults=dict(seed=0, batch_size=100)),
+        quickstart_seconds=259, wrapper_defaults=dict(seed=0, batch_size=100),
+        paper_network=("score_sde", "vp/cifar10_ddpmpp_deep_continuous")),
 }
 #: The four methods of the project, in the order tables list them.
 METHODS = ("adp", "scoreopt", "coup", "diffpure")

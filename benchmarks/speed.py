@@ -34,7 +34,7 @@ MEMORY_STEPS = {"adp": ("steps", 5), "scoreopt": ("steps", 5), "scoreopt-n": ("i
                 "coup": ("t_star", 0.05), "diffpure": ("t_star", 0.05)}
 
 
-def _best_time(run, repeats: int, warm_up: int = 3) -> float:
+def best_time(run, repeats: int, warm_up: int = 3) -> float:
     for _ in range(warm_up):  # the first calls of a shape allocate and build their kernels (~1.5x slower, measured)
         run()
     times = []
@@ -45,21 +45,22 @@ def _best_time(run, repeats: int, warm_up: int = 3) -> float:
     return min(times)
 
 
-def network_times(prior, image_shape, row_batches=ROW_BATCHES, repeats: int = 3, sigma: float = 0.25) -> dict:
+def network_times(prior, image_shape, row_batches=ROW_BATCHES, repeats: int = 3, sigma: float = 0.25,
+                  device="cpu", warm_up: int = 3) -> dict:
     """``{rows: (forward s/image, forward+backward s/image)}`` of the prior's network at pixel ``sigma``."""
     times = {}
     for rows in row_batches:
-        x = torch.rand(rows, *image_shape)
+        x, sigmas = torch.rand(rows, *image_shape, device=device), torch.full((rows,), sigma, device=device)
 
         def forward():
             with torch.no_grad():
-                prior.denoise_unchecked(x, torch.full((rows,), sigma))
+                prior.denoise_unchecked(x, sigmas)
 
         def forward_backward():
             x_var = x.clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(prior.denoise_unchecked(x_var, torch.full((rows,), sigma)).sum(), x_var)
+            torch.autograd.grad(prior.denoise_unchecked(x_var, sigmas).sum(), x_var)
 
-        times[rows] = (_best_time(forward, repeats) / rows, _best_time(forward_backward, repeats) / rows)
+        times[rows] = (best_time(forward, repeats, warm_up) / rows, best_time(forward_backward, repeats, warm_up) / rows)
     return times
 
 
@@ -114,7 +115,7 @@ def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: 
             x = images[:rows]
             run = _purifier_run(purifier, x, with_gradient=False)
             nfe = _nfe_per_image(purifier, run, rows)
-            seconds = _best_time(run, repeats) / rows
+            seconds = best_time(run, repeats) / rows
             purifier.reset_generator()
             outputs[switch] = purifier.purify(x, with_gradient=False)
             default_seconds = default_seconds or seconds
@@ -131,7 +132,7 @@ def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: 
                                **overrides)
             run = _purifier_run(purifier, images[:gradient_rows], with_gradient=True)
             nfe = _nfe_per_image(purifier, run, gradient_rows)
-            seconds = _best_time(run, repeats) / gradient_rows
+            seconds = best_time(run, repeats) / gradient_rows
             out_rows.append(make_row(defense=name, attack=None, gradient=mode, n=gradient_rows, seconds=seconds,
                                      nfe_per_image=nfe, settings=overrides,
                                      overhead_ratio=seconds / _network_seconds(nfe, per_image_at_gradient)))

@@ -222,12 +222,15 @@ def _load_score_sde(obj: dict, config, ema: bool) -> Prior:
             for (_, p), s in zip(trainable, shadow):
                 p.copy_(s)
         weights = "ema"
-    if cfg.sde == "vpsde":
-        prior = EpsilonPrior.vp(net, VPSchedule(cfg.beta_min, cfg.beta_max), time_scale=999.0)
-    else:
-        prior = VEScorePrior(net, data_range="pm1" if cfg.centered else "01")
+    prior = _score_sde_prior(net, cfg)
     prior.provenance = {"config": config_name, "weights": weights, "step": int(obj["step"])}
     return prior
+
+
+def _score_sde_prior(net: nn.Module, cfg) -> Prior:
+    if cfg.sde == "vpsde":
+        return EpsilonPrior.vp(net, VPSchedule(cfg.beta_min, cfg.beta_max), time_scale=999.0)
+    return VEScorePrior(net, data_range="pm1" if cfg.centered else "01")
 
 
 register_format("score_sde", "yang-song/score_sde_pytorch checkpoint_*.pth: {model, ema, optimizer, step}",
@@ -276,9 +279,13 @@ def _load_ncsnv2(obj, config, ema: bool) -> Prior:
         weights = "ema"
     elif ema:
         weights = "model (the checkpoint holds no EMA)"
-    prior = NCSNv2Prior(net, data_range="pm1" if cfg.rescaled else "01")
+    prior = _ncsnv2_prior(net, cfg)
     prior.provenance = {"config": config_name, "weights": weights, "step": int(obj[3])}
     return prior
+
+
+def _ncsnv2_prior(net: nn.Module, cfg) -> Prior:
+    return NCSNv2Prior(net, data_range="pm1" if cfg.rescaled else "01")
 
 
 register_format("ncsnv2", "ermongroup/ncsnv2 checkpoint*.pth: [state_dict, optimizer, epoch, step, ema]",
@@ -313,6 +320,28 @@ register_format("edm-state-dict", "an NVlabs/edm network's state_dict (.pt / .sa
                 "preset's shapes", _state_dict_format("edm-state-dict"), _load_edm_state_dict)
 register_format("guided-diffusion", "openai/guided-diffusion UNetModel state_dict, e.g. 256x256_diffusion_uncond.pt",
                 _state_dict_format("guided-diffusion"), _load_adm_state_dict)
+
+
+def untrained_prior(format: str, config: str) -> Prior:
+    """The network of an authors' checkpoint (``format`` and the name of one of its configs, e.g. ``("score_sde",
+    "vp/cifar10_ddpmpp_deep_continuous")``) in its prior wrapper, with random weights: what one evaluation of that
+    network costs on a device can be measured without the file (``python -m benchmarks estimate``). It does not
+    denoise."""
+    if format == "score_sde":
+        from purifiers.nets.score_sde import NCSNpp, named_config
+
+        cfg = named_config(config)
+        return _score_sde_prior(NCSNpp(cfg), cfg)
+    if format == "ncsnv2":
+        from purifiers.nets.ncsnv2 import NCSNv2, named_config
+
+        cfg = named_config(config)
+        return _ncsnv2_prior(NCSNv2(cfg), cfg)
+    if format == "edm-state-dict":
+        from purifiers.formats_edm_adm import untrained_edm
+
+        return untrained_edm(config)
+    raise ValueError(f"no untrained network for format {format!r}; known: score_sde, ncsnv2, edm-state-dict.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -158,6 +158,13 @@ def _build_edm(config: dict) -> edm._Precond:
         raise ValueError(f"EDM config: {err}") from err
 
 
+def untrained_edm(preset: str) -> PreconditionedPrior:
+    """The network of a :data:`EDM_PRESETS` entry with random weights (for cost measurements only)."""
+    if preset not in EDM_PRESETS:
+        raise ValueError(f"unknown EDM preset {preset!r}; known: {sorted(EDM_PRESETS)}.")
+    return PreconditionedPrior(_build_edm(EDM_PRESETS[preset]).eval(), EDM_STATE_DICT).eval()
+
+
 def load_edm_state_dict(path: str, config=None, state: dict | None = None) -> PreconditionedPrior:
     """A prior from an EDM network's state_dict file (``.pt``/``.safetensors``) and its constructor arguments."""
     state = _read_state_dict(path, state)

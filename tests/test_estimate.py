@@ -54,3 +54,56 @@ def test_the_autoattack_estimate_projects_the_evaluations_the_run_counts(defense
         counted = sum(row["nfe_per_image"].values()) * 4
         projected = estimate[f"AutoAttack-{version}"]["network_evaluations"]
         assert projected == counted if defense == "none" else projected >= counted, version
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_fixtures")
+
+
+@pytest.mark.parametrize("defense", ["adp", "scoreopt", "diffpure"])
+def test_the_papers_networks_are_built_with_the_reference_parameter_shapes(defense):
+    """What `estimate` times is the paper's network: its parameters equal, name for name and shape for shape, those
+    recorded from the reference code (tests/reference_fixtures)."""
+    from benchmarks.defenses import record
+    from purifiers.checkpoints import untrained_prior
+
+    fmt, config = record(defense).paper_network
+    fixture = {"ncsnv2": "ncsnv2_cifar10.json", "edm-state-dict": "edm_cifar10_32x32_uncond_vp.json",
+               "score_sde": "score_sde_vp_cifar10_ddpmpp_deep_continuous.json"}[fmt]
+    with open(os.path.join(FIXTURES, fixture)) as f:
+        recorded = {k: list(v) for k, v in json.load(f)["state_dict"].items()}
+    prior = untrained_prior(fmt, config)  # its state_dict holds the network under one attribute of the wrapper
+    assert {k.split(".", 1)[1]: list(v.shape) for k, v in prior.state_dict().items()} == recorded
+
+
+def test_pricing_multiplies_the_counts_by_the_time_of_one_evaluation():
+    from benchmarks.estimate import priced
+
+    rows = [{"defense": "d", "attack": "a", "per_image": {"prior_forward": 10.0, "prior_backward": 4.0,
+                                                          "classifier": 2.0}, "iterations": 3}]
+    [row, total] = priced(rows, {"prior_forward": 0.5, "prior_backward": 1.0, "classifier": 0.25}, n=100)
+    assert row["network_evaluations"] == 1600 and row["projected_seconds"] == 100 * (5.0 + 4.0 + 0.5)
+    assert total["projected_seconds"] == row["projected_seconds"] and total["attack"] == "total"
+
+
+def test_protocol_counts_of_diffpure_follow_its_100_steps(monkeypatch):
+    """DiffPure's paper settings (t* = 0.1, dt = 1e-3) are 100 reverse-SDE steps; its exact gradient is one backward
+    per step. On a protocol shrunk to 3 iterations x 2 EOT, PGD+EOT must count 3 x 2 x 100 prior backward passes per
+    image and BPDA+EOT none; AutoAttack-rand's projection at least its APGD iterations x EOT x 100 x 2 attacks."""
+    import dataclasses
+
+    from benchmarks import reproduce
+    from benchmarks.estimate import protocol_counts
+
+    full_protocol = reproduce.full_protocol
+
+    def tiny(eps, seed=0):
+        full = full_protocol(eps, seed)
+        return dataclasses.replace(full, blind_pgd_steps=2, bpda_steps=2, bpda_eot=1, pgd_eot_steps=3, pgd_eot_eot=2,
+                                   autoattack=dataclasses.replace(full.autoattack, versions=("rand",), n_iter=3,
+                                                                  eot_iter=2, rescore_draws=1), draws=2)
+
+    monkeypatch.setattr(reproduce, "full_protocol", tiny)
+    rows = {r["attack"]: r["per_image"] for r in protocol_counts("diffpure")}
+    assert rows["PGD+EOT"]["prior_backward"] == 3 * 2 * 100
+    assert rows["BPDA+EOT"]["prior_backward"] == 0 and rows["BlindPGD"]["prior_forward"] == 0
+    assert rows["AutoAttack-rand"]["prior_backward"] >= 2 * 3 * 2 * 100
