@@ -14,7 +14,7 @@ COMMANDS = {
     "train-prior": ("benchmarks.train", "train, resume or export a built-in score prior (--dataset mnist | fashion_mnist)"),
     "attacks": ("benchmarks.attacks_run", "adaptive attacks and the worst-case table (attacks.json)"),
     "autoattack": ("benchmarks.autoattack_eval", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
-    "merge": ("benchmarks.merge", "join the shards of a split `attacks` / `autoattack` run (--shard i/N)"),
+    "merge": ("benchmarks.merge", "join the shards (--shard i/N) of attacks, autoattack, robustbench, reproduce"),
     "robustbench": ("benchmarks.robustbench_eval", "RobustBench-style evaluation writing model_info JSON"),
     "leaderboard": ("benchmarks.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
     "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),

@@ -37,7 +37,7 @@ from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
 from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_json, write_results,
                                 write_worst_case)
-from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
+from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all, writes_results
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA
 # 1,280 queries; ADP states no SPSA iteration count, 40 as for BPDA), Lee & Kim 2023 (200 x 20), AutoAttack 'rand'
@@ -184,9 +184,7 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
         per_defense[defense] = {**read_results(out)["meta"], "wall_seconds": time.time() - began}
     if estimate == "only":
         return {"rows": [], "meta": None}
-    if shard is not None and not shard.gathers:
-        print(f"shard {shard.index}/{shard.count} done; when every shard is, join them: python -m benchmarks merge "
-              f"{out_dir}")
+    if not writes_results(shard, out_dir):
         return {"rows": [], "meta": None}
     return _write_table(out_dir, defenses, rows, per_defense, table, verbose)
 

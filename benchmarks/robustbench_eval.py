@@ -2,9 +2,10 @@
 
 robustbench 1.1.1's ``benchmark()`` cannot run here: it calls the GitHub AutoAttack API (pyautoattack's differs) and
 hard-codes ``version='standard'``. This command performs its steps itself: load the first ``n`` test images (CIFAR-10/100 through robustbench's own loaders from a local ``--data-dir``;
-MNIST from the bundled data), ``robustbench.utils.clean_accuracy``, then the AutoAttack step of
-:mod:`benchmarks.autoattack_eval` ('rand' + 'standard' with fixed noise, the minimum reported, multi-draw re-score),
-and writes ``<out>/model_info/<dataset>/<threat_model>/<name>.json`` in RobustBench's schema (the fields of
+MNIST from the bundled data), the clean accuracy as ``robustbench.utils.clean_accuracy`` computes it (one pass of the
+deployed defense per image; here the AutoAttack step's clean part, with purification noise seeded per batch), then
+the AutoAttack step of :mod:`benchmarks.autoattack_eval` ('rand' + 'standard' with fixed noise, the minimum reported,
+multi-draw re-score), and writes ``<out>/model_info/<dataset>/<threat_model>/<name>.json`` in RobustBench's schema (the fields of
 ``robustbench.utils.ModelInfo`` plus the leaderboard's ``external`` and ``unreliable``):
 
 * ``eps`` as RobustBench writes it ("8/255", "0.5", "0.3"), accuracies as percentage strings ("91.23");
@@ -20,6 +21,9 @@ and writes ``<out>/model_info/<dataset>/<threat_model>/<name>.json`` in RobustBe
 RobustBench's leaderboard accepts no randomized or test-time-optimisation defense: this is a
 RobustBench-*style* entry for a local leaderboard (``python -m benchmarks leaderboard``) or a "New Model(s)" issue that
 states how it was evaluated.
+
+``--shard i/N`` or torchrun splits the images as ``autoattack`` does (:mod:`benchmarks.sharding`); ``python -m
+benchmarks merge OUT`` then writes the entry one process would have.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.autoattack_eval import (add_autoattack_arguments, add_defense_arguments, config_from_args, load_defense,
-                                        result_rows, run_autoattack)
+from benchmarks.autoattack_eval import (add_autoattack_arguments, add_defense_arguments, checkpointed_defense,
+                                        collect_autoattack, config_from_args, estimate_first, load_defense, result_rows,
+                                        run_autoattack)
 from benchmarks.defenses import NO_DEFENSE, import_spec, paper_of
 from attacks_adaptive.rows import threat_model_name
 from benchmarks.rb_compat import import_robustbench
 from benchmarks.results import write_json, collect_meta, format_table, make_row, read_results, write_results
+from benchmarks.sharding import add_shard_argument, current_shard, save_harness, saved_harnesses, writes_results
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 LEADERBOARD_FIELDS = ("external", "unreliable")  # in the leaderboard's files, not in ModelInfo
@@ -200,54 +206,65 @@ def write_model_info(entry: dict, out: str, threat_model: str, name: str) -> str
 
 
 def evaluate(args) -> dict:
-    """The ``robustbench`` command: returns ``{"model_info": entry, "path": ..., "rows": ..., "result": ...}``."""
-    import_robustbench()
-    from robustbench.utils import clean_accuracy
-
+    """The ``robustbench`` command: returns ``{"model_info": entry, "path": ..., "rows": ..., "result": ...}``, or
+    ``{}`` for a shard that does not write the results."""
+    shard = current_shard(args.shard)
     x, y = load_data(args.dataset, args.n, args.data_dir)
     classifier = load_classifier(args.classifier, args.dataset, args.norm, args.model_dir)
     if args.defense != NO_DEFENSE and args.prior is None and args.dataset != "mnist":
         raise ValueError(f"{args.dataset} needs --prior (a diffusers folder or a built-in prior file).")
     model, purifier, info = load_defense(args, classifier, dataset=args.dataset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device)
     name = args.name or f"{info['name'].rsplit(':', 1)[-1]}_{type(classifier).__name__}"
-
-    # RobustBench step: clean accuracy, one forward pass per image, with seeded purification noise.
-    torch.manual_seed(args.seed)
-    if purifier is not None:
-        original_seed = purifier.seed
-        purifier.set_params(seed=args.seed)
-    clean = clean_accuracy(model, x, y, batch_size=args.batch_size, device=device)
-    if purifier is not None:
-        purifier.set_params(seed=original_seed)
-
-    config = config_from_args(args)
-    checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"robustbench_{name}")
-    result = run_autoattack(model, x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info, device=device,
-                            verbose=not args.quiet)
-    gradient = purifier.gradient if purifier is not None else None
     architecture = type(classifier).__name__ if purifier is None else \
         f"{type(classifier).__name__} + {type(purifier.algorithm.prior).__name__} prior"
     known = paper_of(info["name"])
     paper = dataclasses.asdict(known) if known else dict(name=name, authors="", venue="", link=None)
     if args.link:
         paper["link"] = args.link
-    entry = model_info(result, dataset=args.dataset, info=info, gradient=gradient, clean_acc=clean,
-                       architecture=architecture, attacks_json=args.attacks_json, **paper)
-    path = write_model_info(entry, args.out, args.norm, name)
-    rows = [make_row(defense=info["name"], attack="none", gradient=None,
-                     scoring="single_shot", note="robustbench.utils.clean_accuracy (one pass)", eps=None, norm=None, n=len(y), seed=args.seed,
-                     clean_acc=clean, robust_acc=None, nfe_per_image=result.number_forward_passes, seconds=None)]
-    rows += result_rows(result, info["name"], gradient, runs=info.get("runs"), ensemble=info.get("ensemble"))
-    meta = collect_meta(args.dataset, f"test[:{len(y)}]", defense=info, model_info=path,
+    checkpoint_dir = args.checkpoint_dir or os.path.join(args.out, "checkpoints", f"robustbench_{name}")
+    config = config_from_args(args)
+    if estimate_first(args, shard, model.to(device), x, y, config, name, args.dataset, f"test[:{len(y)}]"):
+        return {}
+    harness = save_harness(args.out, checkpoint_dir, "robustbench", {
+        "name": name, "dataset": args.dataset, "threat_model": args.norm, "architecture": architecture, "paper": paper,
+        "gradient": purifier.gradient if purifier is not None else None, "attacks_json": args.attacks_json}, shard)
+    run_autoattack(model.to(device), x, y, config, checkpoint_dir=checkpoint_dir, defense_info=info,
+                   device=device, verbose=not args.quiet, shard=shard)
+    if not writes_results(shard, args.out):
+        return {}
+    return write_robustbench(args.out, checkpoint_dir, harness, verbose=not args.quiet)
+
+
+def write_robustbench(out_dir: str, checkpoint_dir: str, harness: dict, verbose: bool = True) -> dict:
+    """The model_info entry and ``robustbench_<name>.json`` (the rows) of a finished run, from its checkpoint folder
+    and harness alone, so one process, torchrun's rank 0 and ``merge`` write the same files."""
+    result = collect_autoattack(checkpoint_dir)
+    info = checkpointed_defense(checkpoint_dir)
+    config, clean = result.config, result.clean_accuracy()
+    entry = model_info(result, dataset=harness["dataset"], info=info, gradient=harness["gradient"], clean_acc=clean,
+                       architecture=harness["architecture"], attacks_json=harness["attacks_json"], **harness["paper"])
+    path = write_model_info(entry, out_dir, harness["threat_model"], harness["name"])
+    rows = [make_row(defense=info["name"], attack="none", gradient=None, scoring="single_shot",
+                     note="one pass of the deployed defense per image (as robustbench.utils.clean_accuracy)",
+                     eps=None, norm=None, n=result.n, seed=config.seed, clean_acc=clean, robust_acc=None,
+                     nfe_per_image=result.number_forward_passes, seconds=None)]
+    rows += result_rows(result, info["name"], harness["gradient"], runs=info.get("runs"), ensemble=info.get("ensemble"))
+    meta = collect_meta(harness["dataset"], f"test[:{result.n}]", defense=info, model_info=path,
                         autoattack=asdict(config) | {"versions": list(config.versions)}, scaled_down=config.scaled_down)
-    rows_path = write_results(os.path.join(args.out, f"robustbench_{name}.json"), rows, meta)
-    if not args.quiet:
+    rows_path = write_results(os.path.join(out_dir, f"robustbench_{harness['name']}.json"), rows, meta)
+    if verbose:
         print(format_table(rows))
         print(json.dumps(entry, indent=2))
         print(f"wrote {path} and {rows_path}")
     return {"model_info": entry, "path": path, "rows": rows, "result": result}
+
+
+def merge(out_dir: str, verbose: bool = True) -> list[dict]:
+    """Join the finished shards of every ``python -m benchmarks robustbench --shard i/N --out out_dir`` run found in
+    ``out_dir/checkpoints/`` into the files one process writes."""
+    return [write_robustbench(out_dir, folder, harness, verbose)
+            for folder, harness in saved_harnesses(out_dir, "robustbench")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=".",
                         help="model_info/ goes under this folder (RobustBench writes ./model_info)")
     parser.add_argument("--quiet", action="store_true")
+    add_shard_argument(parser)
     return parser
 
 

@@ -1,5 +1,6 @@
 """One evaluation split over processes, GPUs and machines: every command that attacks images (``attacks``,
-``autoattack``, ``robustbench``) runs the batches of one shard and writes their per-batch state beside the others'.
+``autoattack``, ``robustbench``, ``reproduce``) runs the batches of one shard and writes their per-batch state beside
+the others'.
 
 * ``torchrun --nproc-per-node K -m benchmarks <command> ...``: rank ``r`` of ``K`` runs the batches ``b`` with
   ``b % K == r`` (process group NCCL on GPUs, gloo on CPU; each rank on its own GPU), then rank 0 gathers every batch
@@ -9,14 +10,21 @@
 
 A batch's random draws come from the seed and the batch's place in the data, never from the rank or the number of
 shards, so the rows do not depend on how the work was split. The output folder must be shared by all shards.
+
+Beside its per-batch state, a run of ``autoattack``, ``robustbench`` or ``reproduce`` keeps a harness,
+``<out>/checkpoints/<run>/harness_<command>.json``: whatever else its results files need (names, paper, protocol), so
+that ``merge`` writes them from the folder alone, exactly as the single process does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 import torch
+
+from benchmarks.results import write_json
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,55 @@ def wait_for_all(shard: Shard | None) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def writes_results(shard: Shard | None, out_dir: str) -> bool:
+    """Whether this process writes the results once its batches are done (a single process, or torchrun's rank 0
+    after every rank finished); any other shard says how to join the shards instead."""
+    wait_for_all(shard)
+    if shard is None or shard.gathers:
+        return True
+    print(f"shard {shard.index}/{shard.count} done; when every shard is, join them: python -m benchmarks merge "
+          f"{out_dir}")
+    return False
+
+
+def harness_path(folder: str, command: str) -> str:
+    return os.path.join(folder, f"harness_{command}.json")
+
+
+def save_harness(out_dir: str, folder: str, command: str, harness: dict, shard: Shard | None) -> dict:
+    """Write ``harness`` into ``folder`` (a run's folder under ``out_dir/checkpoints/``) and return it as it reads back
+    (what the results are written from, whoever writes them). A shard refuses a folder whose harness another shard
+    wrote with other settings: joined, they would be neither run. A single process replaces it (a rerun may relabel
+    finished batches, e.g. another paper link)."""
+    if shard is not None and not shard.distributed and \
+            os.path.dirname(os.path.abspath(folder)) != os.path.abspath(os.path.join(out_dir, "checkpoints")):
+        raise ValueError(f"with --shard the run's state must lie in {os.path.join(out_dir, 'checkpoints')}, where "
+                         f"`merge {out_dir}` looks for it, not in {folder}: leave --checkpoint-dir out.")
+    harness = json.loads(json.dumps(harness))
+    path = harness_path(folder, command)
+    if shard is not None and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != harness:
+            changed = sorted(k for k in saved.keys() | harness.keys() if saved.get(k) != harness.get(k))
+            raise ValueError(f"{folder} holds shards of a `{command}` run with other settings (differs in {changed}); "
+                             "run every shard with the same settings, or use another --out folder.")
+    write_json(path, harness)
+    return harness
+
+
+def saved_harnesses(out_dir: str, command: str) -> list[tuple[str, dict]]:
+    """``(folder, harness)`` of every ``command`` run under ``out_dir/checkpoints/`` (what ``merge`` joins)."""
+    root = os.path.join(out_dir, "checkpoints")
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = harness_path(os.path.join(root, name), command)
+        if os.path.exists(path):
+            with open(path) as f:
+                found.append((os.path.join(root, name), json.load(f)))
+    return found
 
 
 def add_shard_argument(parser) -> None:
