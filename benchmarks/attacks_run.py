@@ -38,6 +38,7 @@ from benchmarks.defenses import NO_DEFENSE
 from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_json, write_results,
                                 write_worst_case)
 from benchmarks.sharding import Shard, add_shard_argument, current_shard, wait_for_all, writes_results
+from benchmarks.switches import add_speed_arguments, speed_settings
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA
 # 1,280 queries; ADP states no SPSA iteration count, 40 as for BPDA), Lee & Kim 2023 (200 x 20), AutoAttack 'rand'
@@ -103,13 +104,13 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
     return suite
 
 
-def build_model(defense: str, prior, classifier, seed: int):
-    """The deployed model of ``defense`` (``"none"``: the bare classifier)."""
+def build_model(defense: str, prior, classifier, seed: int, speed: dict | None = None):
+    """The deployed model of ``defense`` (``"none"``: the bare classifier); ``speed``: the purifier's speed switches."""
     from benchmarks.defenses import build_purifier, deployed_model, deployed_runs
 
     if defense == NO_DEFENSE:
         return classifier
-    purifier = build_purifier(defense, prior, classifier)
+    purifier = build_purifier(defense, prior, classifier, **(speed or {}))
     purifier.set_params(seed=seed, verbose=False)
     return deployed_model(purifier, classifier, runs=deployed_runs(defense))
 
@@ -117,13 +118,14 @@ def build_model(defense: str, prior, classifier, seed: int):
 def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "cpu", n: int | None = None,
                 split: str = "test", eps: float = 0.3, norm: str = "linf", seed: int = 0, prior_path: str | None = None,
                 attacks: list[str] | None = None, verbose: bool = True, shard: Shard | None = None,
-                estimate: str | None = None) -> dict:
+                estimate: str | None = None, speed: dict | None = None) -> dict:
     """Run the table and write ``out_dir/attacks.json``; returns ``{"rows", "meta"}``. ``attacks``: only the suite's
     attacks of these names (e.g. ``["BlindPGD", "PGD+EOT[surrogate]"]``), to spend a budget on more images.
     ``shard``: run one shard of the batches (:mod:`benchmarks.sharding`); the table is written by torchrun's rank 0, or
     by ``python -m benchmarks merge out_dir`` once every shard has finished. ``estimate``: ``"first"`` prints the
     projected cost of each defense (:mod:`benchmarks.estimate`) before running it, ``"only"`` prints it and runs
-    nothing; each is written to ``out_dir/estimate_<defense>.json``."""
+    nothing; each is written to ``out_dir/estimate_<defense>.json``. ``speed``: the purifiers' speed switches
+    (:mod:`benchmarks.switches`)."""
     from attacks_adaptive.runner import collect_worst_case, run_worst_case, slug
     from attacks_adaptive.scoring import SCORINGS
     from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
@@ -143,7 +145,7 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
              "skipped": skipped}
     for defense in defenses:
         try:
-            deployed = build_model(defense, prior, classifier, seed)
+            deployed = build_model(defense, prior, classifier, seed, speed)
         except (ImportError, AttributeError) as err:  # a purifier developer's factory has not landed yet
             skipped[defense] = f"{type(err).__name__}: {err}"
             print(f"skipping {defense}: {skipped[defense]}")
@@ -295,9 +297,11 @@ def main(argv: list[str]) -> None:
                         help="print the projected cost (network evaluations, wall time on this device, calibrated on "
                              "the first batch) of each defense's attacks and exit; without it the estimate is printed "
                              "before the run unless --quiet")
+    add_speed_arguments(parser)
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
                 seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet,
-                shard=current_shard(args.shard), estimate="only" if args.estimate else None if args.quiet else "first")
+                shard=current_shard(args.shard), estimate="only" if args.estimate else None if args.quiet else "first",
+                speed=speed_settings(args))

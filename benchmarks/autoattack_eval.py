@@ -53,6 +53,7 @@ from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_m
 from benchmarks.results import collect_meta, format_table, make_row, write_results
 from benchmarks.sharding import (Shard, add_shard_argument, current_shard, save_harness, saved_harnesses,
                                 writes_results)
+from benchmarks.switches import add_speed_arguments, speed_settings
 from purifiers.art_base import PurifiedClassifier
 from purifiers.validation import check_images
 
@@ -522,6 +523,7 @@ def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", default="softmax", choices=PurifiedClassifier.ENSEMBLES)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defense parameter (repeatable)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_speed_arguments(parser)
 
 
 def add_autoattack_arguments(parser: argparse.ArgumentParser, eps_default: float = 0.3) -> None:
@@ -567,7 +569,7 @@ def load_defense(args, classifier: nn.Module, dataset: str = "mnist"):
     from purifiers.loading import load_prior
 
     prior = load_prior(args.prior, device="cpu") if args.prior else load_reference_models(dataset)[1]
-    overrides = parse_overrides(args.set)
+    overrides = {**speed_settings(args), **parse_overrides(args.set)}
     if args.gradient is not None:
         overrides["gradient"] = args.gradient
     purifier = build_purifier(args.defense, prior, classifier, dataset=dataset, **overrides)

@@ -216,21 +216,27 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default=None, help="where to time the networks (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="results", help="output folder (estimate_<dataset>.json)")
+    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape, classifier = IMAGE_SHAPE[args.dataset], paper_classifier(args.dataset)
-    rows, units_by_network = [], {}
-    for name in args.defenses:
-        network = record(name).paper_network
-        if network is None:
-            raise ValueError(f"the registry names no paper network for {name!r}.")
-        if network not in units_by_network:
-            units_by_network[network] = unit_seconds(untrained_prior(*network), classifier, shape, args.rows,
-                                                     device=device)
-        rows += [dict(r, network="/".join(network), unit_seconds=units_by_network[network])
-                 for r in priced(protocol_counts(name, args.dataset), units_by_network[network], args.n)]
+    networks = {name: record(name).paper_network for name in args.defenses}
+    missing = [name for name, network in networks.items() if network is None]
+    if missing:
+        raise ValueError(f"the registry names no paper network for {missing}.")
+    units = {}
+    for network in dict.fromkeys(networks.values()):  # timed first, together, while nothing else runs
+        if not args.quiet:
+            print(f"timing {'/'.join(network)} and {PAPER_CLASSIFIER[args.dataset]} on {device} ...", flush=True)
+        units[network] = unit_seconds(untrained_prior(*network), classifier, shape, args.rows, device=device)
+    rows = []
+    for name, network in networks.items():
+        if not args.quiet:
+            print(f"counting the evaluations of {name} under the full protocol ...", flush=True)
+        rows += [dict(r, network="/".join(network), unit_seconds=units[network])
+                 for r in priced(protocol_counts(name, args.dataset), units[network], args.n)]
     report_estimate(os.path.join(args.out, f"estimate_{args.dataset}.json"), rows, args.dataset, f"any {args.n} images",
                     classifier=PAPER_CLASSIFIER[args.dataset], timing_rows=args.rows,
                     note="evaluations per image counted on a stand-in that is never broken (an upper bound); "
@@ -242,4 +248,6 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 4 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"

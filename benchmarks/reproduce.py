@@ -42,6 +42,7 @@ from benchmarks.autoattack_eval import AutoAttackConfig, collect_autoattack, res
 from benchmarks.defenses import METHODS, build_purifier, deployed_model, deployed_runs, published
 from benchmarks.results import collect_meta, write_results, write_worst_case
 from benchmarks.sharding import Shard, add_shard_argument, current_shard, save_harness, saved_harnesses, writes_results
+from benchmarks.switches import add_speed_arguments, speed_settings
 
 ATTACKS = ("BlindPGD", "BPDA+EOT", "PGD+EOT", "AutoAttack")  # the attack classes' names
 
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="results/reproduce")
     parser.add_argument("--quiet", action="store_true")
     add_shard_argument(parser)
+    add_speed_arguments(parser)
     return parser
 
 
@@ -351,7 +353,7 @@ def load_setting(args):
         classifier, shipped_prior = load_reference_models("mnist")
         prior = load_prior(args.prior) if args.prior else shipped_prior
         x, y = load_mnist("test", n=args.n)
-        return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier)
+        return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier, **speed_settings(args))
     from benchmarks.data import load_cifar10
     from benchmarks.robustbench_eval import load_classifier
 
@@ -361,7 +363,8 @@ def load_setting(args):
     classifier = load_classifier(args.classifier, "cifar10", "Linf" if args.norm == "linf" else "L2", args.model_dir)
     prior = load_prior(args.prior)
     x, y = load_cifar10(args.data_dir, "test", n=args.n)
-    return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier, dataset="cifar10")
+    return classifier, prior, x, y, lambda name: build_purifier(name, prior, classifier, dataset="cifar10",
+                                                                **speed_settings(args))
 
 
 def reproduce(args) -> dict:
