@@ -3,8 +3,9 @@
 * the prior network alone: forward and forward+backward time per image at row batches 1 / 8 / 32 / 128 / 512;
 * each purifier's purification (no gradient) at ``--rows`` rows: time and network evaluations per image, and the
   **overhead ratio**: the purification's time over the time its network evaluations take alone at the same row batch
-  (1.0: the purifier adds nothing around its network); once with the default path and once per speed switch
-  (``channels_last``; ``compile`` with ``--compile``), side by side with the largest output difference;
+  (1.0: the purifier adds nothing around its network); on the eager path (``no_grad``, NCHW: the baseline), the
+  default (``inference_mode``) and each speed switch (``channels_last``; ``compile`` and both with ``--compile``),
+  with the speed-up over the eager path and the largest output difference to it;
 * each purifier's gradient modes (``--gradients``) at ``--gradient-rows`` rows: time and evaluations per image;
 * with ``--memory``: the peak memory of each exact gradient at T and 4T steps (a fresh process per point);
 * with ``--processes K``: each purification's throughput with the ``--threads`` cores used as one process or as K
@@ -26,9 +27,12 @@ import torch
 
 from benchmarks.defenses import METHODS, defense, import_spec, record
 from benchmarks.results import collect_meta, make_row, write_results
+from purifiers.speed import SpeedOptions, apply_speed_options
 
 ROW_BATCHES = (1, 8, 32, 128, 512)
-SWITCHES = {"default": {}, "channels_last": {"channels_last": True}}
+# Purification under each switch; "eager" is the path before the speed options (no_grad, NCHW), the baseline of the
+# speed-ups; "default" adds inference_mode (on unless switched off).
+SWITCHES = {"eager": {"inference_mode": False}, "default": {}, "channels_last": {"channels_last": True}}
 # The step parameter of each purifier and its value T for the memory points (T and 4T).
 MEMORY_STEPS = {"adp": ("steps", 5), "scoreopt": ("steps", 5), "scoreopt-n": ("inner_steps", 5),
                 "coup": ("t_star", 0.05), "diffpure": ("t_star", 0.05)}
@@ -104,27 +108,31 @@ def run_speed(out_dir: str, defenses=METHODS, *, row_batches=ROW_BATCHES, rows: 
     per_image_at = network.get(rows) or network_times(prior, images.shape[1:], (rows,), repeats)[rows]
     per_image_at_gradient = network.get(gradient_rows) or network_times(prior, images.shape[1:], (gradient_rows,),
                                                                         repeats)[gradient_rows]
-    switches = dict(SWITCHES, **({"compile": {"compile": True}} if compile else {}))
+    switches = dict(SWITCHES, **({"compile": {"compile": True},
+                                  "channels_last+compile": {"channels_last": True, "compile": True}} if compile else {}))
     for name in defenses:
         overrides = dict((settings or {}).get(name, {}))
-        outputs, default_seconds = {}, None
+        outputs, eager_seconds = {}, None
         for switch, options in switches.items():
             _, fresh_prior = load_reference_models("mnist")  # switches are set on the prior: a fresh one each
+            wrapper_options = {k: v for k, v in options.items() if k != "inference_mode"}
             purifier = defense(name, "mnist", prior=fresh_prior, classifier=classifier, device_type="cpu",
-                               **overrides, **options)
+                               **overrides, **wrapper_options)
+            if not options.get("inference_mode", True):  # not a wrapper setting: the baseline is set on the prior
+                apply_speed_options(fresh_prior, SpeedOptions(inference_mode=False))
             x = images[:rows]
             run = _purifier_run(purifier, x, with_gradient=False)
             nfe = _nfe_per_image(purifier, run, rows)
             seconds = best_time(run, repeats) / rows
             purifier.reset_generator()
             outputs[switch] = purifier.purify(x, with_gradient=False)
-            default_seconds = default_seconds or seconds
+            eager_seconds = eager_seconds or seconds
             out_rows.append(make_row(
                 defense=name, attack=None, gradient="none (purification)", n=rows, seconds=seconds,
                 nfe_per_image=nfe, switch=switch, settings=overrides,
                 overhead_ratio=seconds / _network_seconds(nfe, per_image_at),
-                speedup_over_default=default_seconds / seconds,
-                max_abs_difference_to_default=float((outputs[switch] - outputs["default"]).abs().max())))
+                speedup_over_eager=eager_seconds / seconds,
+                max_abs_difference_to_eager=float((outputs[switch] - outputs["eager"]).abs().max())))
         for mode in gradients:
             if mode not in import_spec(record(name).wrapper).gradient_modes:
                 continue
@@ -237,8 +245,8 @@ def format_speed(rows: list[dict]) -> str:
             continue
         nfe = r.get("nfe_per_image") or {}
         nfe_text = f"{nfe.get('prior_forward', 0):.0f} / {nfe.get('prior_backward', 0):.0f}" if nfe else "-"
-        ratio, speedup, diff = (r.get(k) for k in ("overhead_ratio", "speedup_over_default",
-                                                   "max_abs_difference_to_default"))
+        ratio, speedup, diff = (r.get(k) for k in ("overhead_ratio", "speedup_over_eager",
+                                                   "max_abs_difference_to_eager"))
         lines.append(f"| {r['defense']} | {r['gradient'] or '-'} | {r.get('switch', '-')} | {r['n']} | "
                      f"{1000 * r['seconds']:.2f} | {nfe_text} | {'-' if ratio is None else f'{ratio:.2f}'} | "
                      f"{'-' if speedup is None else f'{speedup:.2f}x'} | {'-' if diff is None else f'{diff:.1e}'} |")

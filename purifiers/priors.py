@@ -74,7 +74,8 @@ class Prior(nn.Module):
         or an (N,) tensor, trusted to be positive and finite. Without autograd the network runs under
         ``torch.inference_mode`` (same values, less bookkeeping); the speed options of :mod:`purifiers.speed` apply."""
         sigma = self._sigma_batch(sigma, x, check=False)
-        if torch.is_grad_enabled():
+        options = getattr(self, "speed_options", None)
+        if torch.is_grad_enabled() or (options is not None and not options.inference_mode):
             out = run_denoise(self, x, sigma)
         else:
             with torch.inference_mode():

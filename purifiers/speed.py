@@ -1,8 +1,10 @@
 """Options of a prior's network: ``channels_last`` memory format, ``torch.compile``, CUDA mixed precision, and
 batch-invariant blocks (bit-identical rows whatever the batch size).
 
-Always on, because it is exact: without autograd the network runs under ``torch.inference_mode``
-(:meth:`purifiers.priors.Prior.denoise_unchecked`), the no-gradient paths of every purifier.
+On by default, because it is exact: without autograd the network runs under ``torch.inference_mode``
+(:meth:`purifiers.priors.Prior.denoise_unchecked`), the no-gradient paths of every purifier. ``inference_mode=False``
+runs them under plain ``no_grad`` instead, the eager path before this option, which ``python -m benchmarks speed``
+times as its baseline.
 
 Opt-in (the wrappers' ``channels_last=``, ``compile=``, ``amp=``, ``batch_invariant=``; all off by default):
 
@@ -46,20 +48,23 @@ class SpeedOptions:
     compile: bool | dict = False
     amp: str | None = None
     batch_invariant: bool = False
+    inference_mode: bool = True
 
     def __post_init__(self):
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last must be a bool, got {self.channels_last!r}.")
         if not isinstance(self.compile, (bool, dict)):
             raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {self.compile!r}.")
-        if not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"batch_invariant must be a bool, got {self.batch_invariant!r}.")
+        for name in ("batch_invariant", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {self.amp!r}.")
 
     @property
     def is_default(self) -> bool:
-        return not self.channels_last and self.compile is False and self.amp is None and not self.batch_invariant
+        return (not self.channels_last and self.compile is False and self.amp is None and not self.batch_invariant
+                and self.inference_mode)
 
     def check_device(self, device: torch.device) -> None:
         """Refuse mixed precision on a non-CUDA input (see the module docstring)."""

@@ -85,14 +85,12 @@ def test_pricing_multiplies_the_counts_by_the_time_of_one_evaluation():
     assert total["projected_seconds"] == row["projected_seconds"] and total["attack"] == "total"
 
 
-def test_protocol_counts_of_diffpure_follow_its_100_steps(monkeypatch):
-    """DiffPure's paper settings (t* = 0.1, dt = 1e-3) are 100 reverse-SDE steps; its exact gradient is one backward
-    per step. On a protocol shrunk to 3 iterations x 2 EOT, PGD+EOT must count 3 x 2 x 100 prior backward passes per
-    image and BPDA+EOT none; AutoAttack-rand's projection at least its APGD iterations x EOT x 100 x 2 attacks."""
+@pytest.fixture
+def tiny_protocol(monkeypatch):
+    """The full protocol shrunk to 2-3 iterations x 1-2 EOT samples, AutoAttack 'rand' only."""
     import dataclasses
 
     from benchmarks import reproduce
-    from benchmarks.estimate import protocol_counts
 
     full_protocol = reproduce.full_protocol
 
@@ -103,7 +101,34 @@ def test_protocol_counts_of_diffpure_follow_its_100_steps(monkeypatch):
                                                                   eot_iter=2, rescore_draws=1), draws=2)
 
     monkeypatch.setattr(reproduce, "full_protocol", tiny)
+
+
+def test_protocol_counts_of_diffpure_follow_its_100_steps(tiny_protocol):
+    """DiffPure's paper settings (t* = 0.1, dt = 1e-3) are 100 reverse-SDE steps; its exact gradient is one backward
+    per step. On the shrunk protocol (3 iterations x 2 EOT), PGD+EOT must count 3 x 2 x 100 prior backward passes per
+    image and BPDA+EOT none; AutoAttack-rand's projection at least its APGD iterations x EOT x 100 x 2 attacks."""
+    from benchmarks.estimate import protocol_counts
+
     rows = {r["attack"]: r["per_image"] for r in protocol_counts("diffpure")}
     assert rows["PGD+EOT"]["prior_backward"] == 3 * 2 * 100
     assert rows["BPDA+EOT"]["prior_backward"] == 0 and rows["BlindPGD"]["prior_forward"] == 0
     assert rows["AutoAttack-rand"]["prior_backward"] >= 2 * 3 * 2 * 100
+
+
+@pytest.mark.slow
+def test_the_estimate_command_prices_the_counts_with_the_paper_network(tiny_protocol, tmp_path):
+    from benchmarks import __main__ as cli
+
+    cli.main(["estimate", "--defenses", "diffpure", "--n", "10", "--rows", "1", "--device", "cpu", "--out",
+              str(tmp_path), "--quiet"])
+    with open(os.path.join(tmp_path, "estimate_cifar10.json")) as f:
+        meta = json.load(f)["meta"]
+    rows = meta["estimate"]
+    assert meta["classifier"] == "WideResNet-28-10" and meta["device"]
+    assert {r["network"] for r in rows if "network" in r} == {"score_sde/vp/cifar10_ddpmpp_deep_continuous"}
+    for row in rows[:-1]:
+        units = row["unit_seconds"]
+        assert all(v > 0 for v in units.values())
+        assert row["projected_seconds"] == pytest.approx(10 * sum(row["per_image"][k] * units[k] for k in units))
+    assert rows[-1]["attack"] == "total" and rows[-1]["projected_seconds"] == pytest.approx(
+        sum(r["projected_seconds"] for r in rows[:-1]))

@@ -50,22 +50,23 @@ def rows(folder, names=OUTPUTS):
     return out
 
 
+def _one_process(tmp_path_factory, name, commands, outputs=OUTPUTS):
+    """The outputs of ``commands`` run one after the other by this process into one folder."""
+    sys.path.insert(0, TESTS)
+    folder = str(tmp_path_factory.mktemp(name))
+    for command in commands:
+        cli.main([*command, "--out", folder])
+    return rows(folder, outputs)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    sys.path.insert(0, TESTS)
-    folder = str(tmp_path_factory.mktemp("single"))
-    cli.main([*ATTACKS, "--out", folder])
-    cli.main([*AUTOATTACK, "--out", folder])
-    return rows(folder)
+    return _one_process(tmp_path_factory, "single", [ATTACKS, AUTOATTACK])
 
 
 @pytest.fixture(scope="module")
 def single_entry(tmp_path_factory):
-    sys.path.insert(0, TESTS)
-    folder = str(tmp_path_factory.mktemp("single_entry"))
-    cli.main([*ROBUSTBENCH, "--out", folder])
-    cli.main([*REPRODUCE, "--out", folder])
-    return rows(folder, ENTRY_OUTPUTS)
+    return _one_process(tmp_path_factory, "single_entry", [ROBUSTBENCH, REPRODUCE], ENTRY_OUTPUTS)
 
 
 def test_shard_arguments_are_checked():

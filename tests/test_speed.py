@@ -14,10 +14,10 @@ def test_speed_writes_network_purification_and_gradient_rows(tmp_path):
     assert [r["n"] for r in rows if r["defense"] == "prior network"] == [1, 2]
     assert all(r["seconds"] > 0 and r["forward_backward_seconds"] > 0 for r in rows if r["defense"] == "prior network")
     purification = {r["switch"]: r for r in rows if r["defense"] == "adp" and r.get("switch")}
-    assert set(purification) == {"default", "channels_last"}
+    assert set(purification) == {"eager", "default", "channels_last"}
     assert purification["default"]["nfe_per_image"] == {"prior_forward": 4.0, "prior_backward": 0.0}  # 2 steps x 2
-    assert purification["default"]["speedup_over_default"] == 1.0
-    assert purification["default"]["max_abs_difference_to_default"] == 0.0
+    assert purification["eager"]["speedup_over_eager"] == 1.0
+    assert purification["default"]["max_abs_difference_to_eager"] == 0.0  # inference_mode is exact
     assert all(r["overhead_ratio"] > 0 and r["settings"] == {"steps": 2, "tau": 0.0} for r in purification.values())
     [exact] = [r for r in rows if r["defense"] == "adp" and r["gradient"] == "exact"]  # ADP has no surrogate mode
     assert exact["nfe_per_image"]["prior_backward"] > 0 and exact["n"] == 2
