@@ -130,7 +130,7 @@ def protocol_counts(name: str, dataset: str = "cifar10", eps: float = 8 / 255, s
     from benchmarks.reproduce import ATTACKS, full_protocol, make_attacks
     from purifiers.priors import GaussianPrior
 
-    shape, rows = IMAGE_SHAPE[dataset], 2
+    shape, rows = IMAGE_SHAPE[dataset], 1  # counts per image do not depend on the batch
     classifier = _NeverFlipped(shape).eval()
     purifier = defense(name, dataset, prior=GaussianPrior(), classifier=classifier, device_type="cpu")
     if "exact" in purifier.gradient_modes:
