@@ -18,7 +18,7 @@ COMMANDS = {
     "robustbench": ("benchmarks.robustbench_eval", "RobustBench-style evaluation writing model_info JSON"),
     "leaderboard": ("benchmarks.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
     "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),
-    "estimate": ("benchmarks.estimate", "the cost of the papers' full protocols on their networks (CIFAR-10), no "
+    "estimate": ("benchmarks.paper_cost", "the cost of the papers' full protocols on their networks (CIFAR-10), no "
                  "checkpoint needed"),
     "speed": ("benchmarks.speed", "network and purification time per image, overhead ratios, speed switches, memory"),
     "plots": ("benchmarks.plots", "robustness curves, image grids, score-norm histograms"),

@@ -76,7 +76,7 @@ def test_the_papers_networks_are_built_with_the_reference_parameter_shapes(defen
 
 
 def test_pricing_multiplies_the_counts_by_the_time_of_one_evaluation():
-    from benchmarks.estimate import priced
+    from benchmarks.paper_cost import priced
 
     rows = [{"defense": "d", "attack": "a", "per_image": {"prior_forward": 10.0, "prior_backward": 4.0,
                                                           "classifier": 2.0}, "iterations": 3}]
@@ -107,7 +107,7 @@ def test_protocol_counts_of_diffpure_follow_its_100_steps(tiny_protocol):
     """DiffPure's paper settings (t* = 0.1, dt = 1e-3) are 100 reverse-SDE steps; its exact gradient is one backward
     per step. On the shrunk protocol (3 iterations x 2 EOT), PGD+EOT must count 3 x 2 x 100 prior backward passes per
     image and BPDA+EOT none; AutoAttack-rand's projection at least its APGD iterations x EOT x 100 x 2 attacks."""
-    from benchmarks.estimate import protocol_counts
+    from benchmarks.paper_cost import protocol_counts
 
     rows = {r["attack"]: r["per_image"] for r in protocol_counts("diffpure")}
     assert rows["PGD+EOT"]["prior_backward"] == 3 * 2 * 100
