@@ -25,6 +25,7 @@ from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.rows import make_row
 from attacks_adaptive.scoring import (N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation,
                                       single_shot)
+from purifiers.files import atomic_write
 
 
 def slug(text: str) -> str:
@@ -33,9 +34,7 @@ def slug(text: str) -> str:
 
 
 def _save_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_npz(path: str, config: str) -> dict:
@@ -139,10 +138,7 @@ def _write_manifest(state_dir: str, manifest: dict) -> None:
         manifest = {**manifest, "configs": {**saved["configs"], **manifest["configs"]},
                     "settings": {**manifest["settings"],
                                  "attacks": {**saved["settings"]["attacks"], **manifest["settings"]["attacks"]}}}
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(manifest, f, indent=2), mode="w")
 
 
 def _batch_file(state_dir: str, part: str, start: int, stop: int) -> str:

@@ -55,6 +55,7 @@ from benchmarks.sharding import (Shard, add_shard_argument, current_shard, save_
                                 writes_results)
 from benchmarks.switches import add_speed_arguments, speed_settings
 from purifiers.art_base import PurifiedClassifier
+from purifiers.files import atomic_write
 from purifiers.validation import check_images
 
 AA_VERSIONS = ("rand", "standard")
@@ -254,7 +255,7 @@ class _Checkpoints:
                 raise ValueError(f"checkpoint folder {folder} belongs to a different run (differs in {changed}); use "
                                  "another folder or delete it to start over.")
         else:
-            _atomic_write(path, lambda f: f.write(json.dumps(fingerprint, indent=2)), mode="w")
+            atomic_write(path, lambda f: f.write(json.dumps(fingerprint, indent=2)), mode="w")
 
     @classmethod
     def existing(cls, folder: str) -> "_Checkpoints":
@@ -284,14 +285,7 @@ class _Checkpoints:
 
     def save(self, batch: int, part: str, record: dict) -> None:
         if self.folder is not None:
-            _atomic_write(self._path(batch, part), lambda f: torch.save(record, f))
-
-
-def _atomic_write(path: str, write, mode: str = "wb") -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"  # torchrun's ranks may write the same run.json at once
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
+            atomic_write(self._path(batch, part), lambda f: torch.save(record, f))
 
 
 def _fingerprint(x: torch.Tensor, y: torch.Tensor, config: AutoAttackConfig, defense: dict) -> dict:

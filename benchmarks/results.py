@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from attacks_adaptive.rows import ROW_FIELDS, make_row
+from purifiers.files import atomic_write
 
 __all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "write_json", "write_results",
            "write_worst_case", "read_results", "format_table"]
@@ -69,12 +70,7 @@ def portable_path(path: str | None) -> str | None:
 def write_json(path: str, data) -> str:
     """Write JSON atomically: to a temporary file, then renamed, so a killed write never leaves a half file that a
     resumed run would trust."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: json.dump(data, f, indent=2), mode="w")
 
 
 def write_results(path: str, rows: list[dict], meta: dict) -> str:
@@ -90,10 +86,8 @@ def write_worst_case(report: dict, out: str, meta: dict) -> str:
     strongest adversarial example per input to ``<out without .json>_worst_adv.npz``, both atomically."""
     write_results(out, report["rows"], meta)
     npz = os.path.splitext(out)[0] + "_worst_adv.npz"
-    tmp = npz + ".tmp.npz"
-    np.savez(tmp, x_adv=report["x_worst"], attack_index=report["worst_attack"],
-             attack_names=np.array(report["attack_names"]))
-    os.replace(tmp, npz)
+    atomic_write(npz, lambda f: np.savez(f, x_adv=report["x_worst"], attack_index=report["worst_attack"],
+                                         attack_names=np.array(report["attack_names"])))
     return out
 
 

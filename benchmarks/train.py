@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from benchmarks.data import FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 from benchmarks.models import CLASSIFIERS, save_classifier
+from purifiers.files import atomic_write
 from purifiers.loading import save_builtin_prior
 from purifiers.priors import EDMDenoiser
 from purifiers.unet import SmallUNet
@@ -204,9 +205,7 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
                  "load_sum": load_sum, "load_n": load_n, "segments": segments, "commands": commands,
                  "meta": {**meta, "config": net.config, "machine": _machine(),
                           "last_segment_steps_per_s": (step - segment_first_step) / max(time.time() - segment_start, 1e-9)}}
-        tmp = ckpt_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)  # a reader (export) never sees a half-written file
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))  # a reader (export) never sees a half-written file
 
     bar = tqdm(total=max_steps, initial=step, desc=f"train-prior {dataset}", disable=not verbose)
     saved_step = step

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from attacks_adaptive.blind_pgd import BlindPGD
 from benchmarks.results import make_row
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
+from purifiers.files import atomic_write
 
 BLIND_PGD = dict(eps=0.3, norm="linf", steps=40, step=0.01, random_start=False)
 # Table 9 gives Fashion-MNIST's eps (8/255) but neither steps nor step size: 40 steps as on MNIST and in all of the
@@ -65,10 +66,7 @@ def cached_blind_pgd(classifier: nn.Module, x: np.ndarray, y: np.ndarray, cache_
     if os.path.exists(path):
         return np.load(path, allow_pickle=False)
     x_adv = blind_pgd(classifier, x, y, attack=attack)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, x_adv)
-    os.replace(tmp, path)  # a killed write never leaves a file a later run would trust
+    atomic_write(path, lambda f: np.save(f, x_adv))
     return x_adv
 
 
