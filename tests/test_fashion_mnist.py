@@ -138,15 +138,9 @@ def test_shipped_files_are_small_safetensors_with_honest_cards():
 
 @needs_data
 def test_shipped_classifier_accuracy_matches_its_card():
-    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models, model_card
-    from benchmarks.train import accuracy
+    from tiny import check_shipped_classifier
 
-    classifier, _ = load_reference_models("fashion_mnist")
-    x, y = load_fashion_mnist("test")
-    acc = accuracy(classifier, x, y)
-    assert acc >= 0.92
-    card = model_card(os.path.join(MODELS_DIR, REFERENCE_FILES["fashion_mnist"][0]))
-    assert abs(card["metrics"]["test_accuracy"] - acc) < 1e-9
+    check_shipped_classifier("fashion_mnist", *load_fashion_mnist("test"), minimum=0.92)
 
 
 @needs_data

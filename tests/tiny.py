@@ -34,6 +34,19 @@ def linear_classifier(seed=0):
     return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 10)).eval()
 
 
+def check_shipped_classifier(dataset, x, y, minimum):
+    """The shipped classifier of ``dataset`` reaches ``minimum`` accuracy on ``(x, y)``, the accuracy its card states."""
+    import os
+
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models, model_card
+    from benchmarks.train import accuracy
+
+    acc = accuracy(load_reference_models(dataset)[0], x, y)
+    assert acc >= minimum
+    card = model_card(os.path.join(MODELS_DIR, REFERENCE_FILES[dataset][0]))
+    assert abs(card["metrics"]["test_accuracy"] - acc) < 1e-9
+
+
 def art_classifier(model, defences=(), nb_classes=10, loss=None):
     return PyTorchClassifier(model, loss=loss or nn.CrossEntropyLoss(), input_shape=(1, SIZE, SIZE),
                              nb_classes=nb_classes, clip_values=(0.0, 1.0), preprocessing_defences=list(defences),
