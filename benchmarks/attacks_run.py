@@ -301,7 +301,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
+    shard = current_shard(args.shard)
+    first_shard = shard is None or shard.index == 0  # one calibration is enough for all shards
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
-                seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet,
-                shard=current_shard(args.shard), estimate="only" if args.estimate else None if args.quiet else "first",
+                seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet, shard=shard,
+                estimate="only" if args.estimate else "first" if not args.quiet and first_shard else None,
                 speed=speed_settings(args))
