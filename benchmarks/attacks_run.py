@@ -269,7 +269,7 @@ def _purifier_settings(model) -> dict:
     purifier = getattr(model, "purifier", None)
     if purifier is None:
         return {}
-    return {"class": type(purifier).__name__,
+    return {"class": type(purifier).__name__, "speed": str(purifier.speed),
             **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                for k, v in ((name, getattr(purifier, name, None)) for name in purifier.params)}}
 
