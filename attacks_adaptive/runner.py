@@ -26,6 +26,7 @@ from attacks_adaptive.rows import make_row
 from attacks_adaptive.scoring import (N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation,
                                       single_shot)
 from purifiers.files import atomic_write
+from purifiers.speed import SpeedOptions
 
 
 def slug(text: str) -> str:
@@ -186,7 +187,8 @@ def _load_parts(state_dir: str, part: str, batches, config: str, keys) -> dict:
 
 def _model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a saved batch depends on besides the attack: the purifier's parameters, the ensemble size, the weights of
-    the classifier and the purifier (its prior), and the examples."""
+    the classifier and the purifier (its prior), its prior's speed options (``torch.compile`` and ``channels_last``
+    change outputs at float rounding, amp at its format's precision) and the examples."""
     digest = hashlib.sha256()
     modules = [model.classifier] + ([model.purifier.algorithm] if model.purifier is not None else [])
     for module in modules:
@@ -200,6 +202,10 @@ def _model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -
         purifier = {"class": type(model.purifier).__name__,
                     **{name: repr(getattr(model.purifier, name, None)) for name in model.purifier.params
                        if name not in ("verbose", "batch_size")}}
+        speed = [repr(module.speed_options) for module in model.purifier.algorithm.modules()
+                 if not getattr(module, "speed_options", SpeedOptions()).is_default]
+        if speed:  # absent when every option is off, so states written before speed options existed still resume
+            purifier["speed"] = speed
     return {"purifier": purifier, "runs": model.runs, "sha256": digest.hexdigest()[:16]}
 
 

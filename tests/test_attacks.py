@@ -19,6 +19,7 @@ from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.geometry import project
 from attacks_adaptive.losses import ce_loss, dlr_loss, margin_loss
 from purifiers import EDMDenoiser, GaussianPrior, PurifiedClassifier, PurifierPyTorch
+from purifiers.speed import SpeedOptions, apply_speed_options
 from purifiers.unet import SmallUNet
 
 torch.set_num_threads(1)
@@ -287,6 +288,21 @@ def tiny_prior_defended():
         nn.init.normal_(p, std=0.05)
     purifier = ToyPurifier(NoisyDenoise(EDMDenoiser(net), 0.1), gradient="exact", seed=0, device_type="cpu")
     return PurifiedClassifier(purifier, tiny_classifier(seed=2))
+
+
+def test_runner_refuses_to_resume_with_other_speed_options(tmp_path):
+    # channels_last / compile change a prior's outputs at float rounding: batches saved without them are not mixed in.
+    defended = tiny_prior_defended()
+    x = toy_images(2, low=0.2, high=0.8, seed=4)
+    y = clean_labels(defended.classifier, x)
+    out = str(tmp_path / "state")
+    run = lambda: aa.run_worst_case([aa.BlindPGD(defended, eps=0.05, steps=1)], x, y, state_dir=out,  # noqa: E731
+                                    defense="tiny", draws=2, batch_size=2, verbose=False)
+    first = run()
+    assert run()["rows"] == first["rows"]  # the same options resume
+    apply_speed_options(defended.purifier.algorithm.prior, SpeedOptions(channels_last=True))
+    with pytest.raises(ValueError, match="other settings"):
+        run()
 
 
 def test_gradient_attacks_are_at_least_as_strong_as_spsa_on_a_tiny_prior():
