@@ -1,15 +1,17 @@
-"""The ADP study on Fashion-MNIST (benchmarks.adp_eval --dataset fashion_mnist) on 4-image idx fixtures written here
-(CI has no Debian package): its attack settings, its file names beside MNIST's, parts and merge, and bad input."""
+"""The blind-PGD studies on Fashion-MNIST (benchmarks.adp_eval, scoreopt_eval, vpsde_eval with --dataset
+fashion_mnist) on 4-image idx fixtures written here (CI has no Debian package): the attack settings, the file names
+beside MNIST's, parts and merge, the refusal to test without chosen settings, and bad input."""
 
 import json
 
 import numpy as np
 import pytest
 
-from benchmarks import adp_eval
+from benchmarks import adp_eval, scoreopt_eval, vpsde_eval
 from benchmarks.defenses import defense, record
 from benchmarks.results import read_results
-from benchmarks.tuning import BLIND_PGD, blind_adversarials, blind_pgd_config, cached_blind_pgd, load_models
+from benchmarks.tuning import (BLIND_PGD, MissingSettingsError, blind_adversarials, blind_pgd_config, cached_blind_pgd,
+                               eps_text, file_prefix, load_models, registry_line)
 from test_fashion_mnist import write_fashion_idx
 
 FAST = {"sigma": 0.1, "lam": 0.2, "steps": 2}  # two purification steps: the bookkeeping, not the accuracy, is tested
@@ -91,3 +93,117 @@ def test_the_registry_has_fashion_settings_of_their_own(prior32):
     assert fashion != mnist and set(fashion) == set(adp_eval.SWEPT)
     purifier = defense("adp", "fashion_mnist", prior=prior32)
     assert {k: getattr(purifier, k) for k in fashion} == fashion
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scoreopt_eval and vpsde_eval
+
+# One Adam step / a 5-step diffusion (t* = 0.005 at dt 1e-3): the bookkeeping, not the accuracy, is tested.
+SCOREOPT_TINY = {"O": [{"loss": ["diff"], "noise_range": [[0.1, 0.2]], "steps_lr": [[1, 0.02]]}],
+                 "N": [{"loss": ["diff"], "noise_range": [[0.1, 0.1]], "steps_inner": [[1, 1]], "lr": [0.1]}]}
+T_TINY = 0.005
+
+
+def _assert_fashion_attack(data):
+    assert all(r["eps"] == pytest.approx(8 / 255) and r["step"] == pytest.approx(2 / 255) and r["attack"] == "BlindPGD"
+               for r in data["rows"])
+    assert data["meta"]["blind_pgd"] == blind_pgd_config("fashion_mnist")
+    assert data["meta"]["dataset"].startswith("fashion_mnist")
+
+
+def test_mnist_names_stay_and_fashion_names_carry_the_dataset(tmp_path):
+    assert [file_prefix(s, "mnist") for s in ("adp", "vpsde", "")] == ["adp_", "vpsde_", ""]
+    assert [file_prefix(s, "fashion_mnist") for s in ("adp", "vpsde", "")] == [
+        "adp_fashion_mnist_", "vpsde_fashion_mnist_", "fashion_mnist_"]
+    assert scoreopt_eval.tuning_path("o", "N") == "o/val_tuning_N.json"
+    assert scoreopt_eval.tuning_path("o", "N", "fashion_mnist") == "o/fashion_mnist_val_tuning_N.json"
+    assert eps_text(blind_pgd_config("mnist")) == "0.3" and eps_text(blind_pgd_config("fashion_mnist")) == "8/255"
+
+
+def test_fashion_grids_are_scaled_down_and_small():
+    for variant, defense_name in scoreopt_eval.VARIANT_DEFENSE.items():
+        grid = list(scoreopt_eval._grid(scoreopt_eval.GRID["fashion_mnist"][variant], variant))
+        assert 8 <= len(grid) <= 12
+        mnist = list(scoreopt_eval._grid(scoreopt_eval.GRID["mnist"][variant], variant))
+        assert max(s["noise_range"][1] for s in grid) < min(s["noise_range"][0] for s in mnist)
+    fashion_t, mnist_t = vpsde_eval.T_STARS["fashion_mnist"], vpsde_eval.T_STARS["mnist"]
+    assert min(fashion_t) < min(mnist_t) and max(fashion_t) < max(mnist_t)
+    assert len(fashion_t) + len(vpsde_eval.LAMBDAS["fashion_mnist"]) <= 12
+
+
+def test_registry_line_spells_the_selection():
+    line = registry_line("scoreopt", "fashion_mnist", {"variant": "O", "loss": "diff", "steps": 5, "lr": 0.02,
+                                                       "noise_range": [0.1, 0.2], "optimizer": "adam"})
+    assert line.endswith("REGISTRY['scoreopt'].settings['fashion_mnist'] = dict(variant='O', loss='diff', steps=5, "
+                         "lr=0.02, noise_range=(0.1, 0.2))")
+    coup = registry_line("coup", "fashion_mnist", {"t_star": 0.05, "guidance_scale": 2.0, "clean_acc": 1.0})
+    assert coup.endswith("dict(t_star=0.05, guidance_scale=2.0, dt=0.001)")
+
+
+def test_scoreopt_tune_writes_fashion_files_and_test_refuses_without_settings(data_dir, tmp_path, monkeypatch, capsys):
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    tuned = scoreopt_eval.run_tune(out, n=4, grid=SCOREOPT_TINY, dataset="fashion_mnist", data_dir=data_dir,
+                                   cache_dir=cache, verbose=False)
+    for variant in ("O", "N"):
+        data = read_results(str(tmp_path / "out" / f"fashion_mnist_val_tuning_{variant}.json"))
+        _assert_fashion_attack(data)
+        assert [r["defense"] for r in data["rows"]] == ["none", f"ScoreOpt-{variant}"]
+        assert data["meta"]["grid"] == SCOREOPT_TINY[variant]
+        assert tuned[variant]["rows"][1]["robust_acc"] == data["rows"][1]["robust_acc"]
+    assert not (tmp_path / "out" / "val_tuning_O.json").exists()
+
+    monkeypatch.delitem(record("scoreopt").settings, "fashion_mnist", raising=False)
+    with pytest.raises(MissingSettingsError, match=r"REGISTRY\['scoreopt'\]\.settings\['fashion_mnist'\] is missing.*"
+                       r"`python -m benchmarks\.scoreopt_eval tune --dataset fashion_mnist --variants O`"):
+        scoreopt_eval.run_test(out, n=2, dataset="fashion_mnist", data_dir=data_dir, cache_dir=cache, verbose=False)
+    with pytest.raises(MissingSettingsError, match="REGISTRY"):
+        scoreopt_eval.run_curves(out, n=2, dataset="fashion_mnist", data_dir=data_dir, cache_dir=cache, verbose=False)
+    with pytest.raises(SystemExit):
+        scoreopt_eval.main(["scoreopt-eval", "test", "--dataset", "fashion_mnist", "--data-dir", data_dir,
+                            "--out", out, "--quiet"])
+    assert "REGISTRY['scoreopt'].settings['fashion_mnist'] is missing" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*test*"))  # refused before any work
+
+    monkeypatch.setitem(record("scoreopt").settings, "fashion_mnist",
+                        dict(variant="O", loss="diff", steps=1, lr=0.02, noise_range=(0.1, 0.2)))
+    tested = scoreopt_eval.run_test(out, n=2, variants=("O",), table10=False, dataset="fashion_mnist",
+                                    data_dir=data_dir, cache_dir=cache, verbose=False)
+    data = read_results(str(tmp_path / "out" / "fashion_mnist_test_O.json"))
+    _assert_fashion_attack(data)
+    assert data["meta"]["split"] == "test[:2]" and tested["O"]["rows"][1]["settings"]["steps"] == 1
+
+
+def test_vpsde_sweep_writes_fashion_files_and_test_refuses_without_settings(data_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    swept = vpsde_eval.run_sweep(out, n=4, t_stars=[T_TINY], lambdas=[2.0], lambda_t_star=T_TINY,
+                                 dataset="fashion_mnist", data_dir=data_dir, cache_dir=cache, verbose=False)
+    data = read_results(str(tmp_path / "out" / "vpsde_fashion_mnist_val_sweep.json"))
+    _assert_fashion_attack(data)
+    assert (tmp_path / "out" / "vpsde_fashion_mnist_val_curves.png").exists()
+    assert [(r["defense"], r["guidance_scale"]) for r in data["rows"]] == [
+        ("none", None), ("coup", 1.0), ("coup-noguide", 0.0), ("diffpure", None), ("coup", 2.0)]
+    assert set(swept["meta"]["selected"]) == set(vpsde_eval.METHODS)
+
+    for method in ("coup", "diffpure"):
+        monkeypatch.delitem(record(method).settings, "fashion_mnist", raising=False)
+    for method, entry in (("coup", r"REGISTRY\['coup'\]\.settings"), ("diffpure", r"REGISTRY\['diffpure'\]\.settings"),
+                          ("coup-noguide", r"vpsde_eval\.py NOGUIDE_T_STAR")):
+        with pytest.raises(MissingSettingsError, match=entry + r"\['fashion_mnist'\] is missing.*"
+                           r"`python -m benchmarks\.vpsde_eval sweep --dataset fashion_mnist`"):
+            vpsde_eval.run_test(out, n=2, methods=(method,), dataset="fashion_mnist", data_dir=data_dir,
+                                cache_dir=cache, verbose=False)
+    with pytest.raises(SystemExit):
+        vpsde_eval.main(["vpsde-eval", "test", "--dataset", "fashion_mnist", "--data-dir", data_dir, "--out", out])
+    assert "REGISTRY['coup'].settings['fashion_mnist'] is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "vpsde_fashion_mnist_test.json").exists()
+
+    monkeypatch.setitem(record("diffpure").settings, "fashion_mnist", dict(t_star=T_TINY, dt=1e-3))
+    vpsde_eval.run_test(out, n=2, methods=("diffpure",), dataset="fashion_mnist", data_dir=data_dir, cache_dir=cache,
+                        verbose=False)
+    data = read_results(str(tmp_path / "out" / "vpsde_fashion_mnist_test.json"))
+    _assert_fashion_attack(data)
+    assert [r["defense"] for r in data["rows"]] == ["none", "diffpure"] and data["rows"][1]["t_star"] == T_TINY
+    assert data["meta"]["settings"] == {"diffpure": {"t_star": T_TINY}}
+    with pytest.raises(SystemExit):
+        vpsde_eval.main(["vpsde-eval", "gradients", "--dataset", "fashion_mnist"])
