@@ -1,5 +1,10 @@
-"""What the per-method studies (``adp_eval``, ``scoreopt_eval``, ``vpsde_eval``) share: the preprocessor-blind attack
-and its cache, the defended-accuracy loop, the validation selection rule and the rows they write.
+"""What the per-method studies (``adp_eval``, ``scoreopt_eval``, ``vpsde_eval``) share: the datasets they run on
+(:data:`DATASETS`: MNIST, Fashion-MNIST) with their shipped models (:func:`load_models`), the split with its cached
+preprocessor-blind attack (:func:`blind_adversarials`), the file names (:func:`file_prefix`: MNIST's committed names
+unchanged, ``fashion_mnist_`` after the study's prefix otherwise), the ``--dataset`` / ``--data-dir`` / ``--cache-dir``
+options, the defended-accuracy loop, the validation selection rule, the registry's chosen settings (a held-out test of
+a dataset without them is refused: :func:`registry_settings`; :func:`registry_line` spells a selection as the line that
+records it) and the rows they write.
 
 The attack of the papers' tables (ADP supplement Table 9, "Clf pgd"): PGD on the undefended classifier alone, with
 **no random start**: on MNIST ``l_inf`` eps 0.3, 40 steps of 0.01 (:data:`BLIND_PGD`); on Fashion-MNIST eps 8/255,
