@@ -40,9 +40,9 @@ import torch
 from benchmarks.defenses import defense
 from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, MissingSettingsError, add_dataset_arguments,
-                               blind_adversarials, blind_pgd_config, blind_row, defended_accuracy, eps_text,
-                               exact_gradient_memory, file_prefix, load_models, reference_paths, registry_line,
-                               registry_settings, select, undefended_accuracy)
+                               blind_pgd_config, blind_row, defended_accuracy, eps_text, exact_gradient_memory,
+                               file_prefix, reference_paths, registry_line, registry_settings, select, study_inputs,
+                               study_meta, undefended_accuracy)
 from purifiers import ScoreOptPyTorch, load_prior
 
 OUT_DIR = os.path.join("results", "scoreopt")
@@ -114,17 +114,6 @@ def _undefended_row(classifier, x, x_adv, y, split, seed, dataset: str) -> dict:
                      attack=blind_pgd_config(dataset))
 
 
-def _setup(prior_path: str, split: str, n: int | None, dataset: str, data_dir: str | None, cache_dir: str):
-    classifier, prior = load_models(dataset, prior_path)
-    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, dataset=dataset, data_dir=data_dir)
-    return classifier, prior, x, y, x_adv
-
-
-def _meta(dataset: str, split: str, n: int, prior_path: str, **extra) -> dict:
-    return collect_meta(DATASET_NAMES[dataset], f"{split}[:{n}]", prior=prior_path,
-                        blind_pgd=blind_pgd_config(dataset), **extra)
-
-
 def _grid(subgrids: list[dict], variant: str):
     for axes in subgrids:
         for values in itertools.product(*axes.values()):
@@ -154,13 +143,13 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
                   data_dir: str | None, cache_dir: str, subgrids: list[dict]) -> dict:
     from tqdm import tqdm
 
-    classifier, prior, x, y, x_adv = _setup(prior_path, "val", n, dataset, data_dir, cache_dir)
+    classifier, prior, x, y, x_adv = study_inputs(dataset, "val", n, prior_path, data_dir, cache_dir)
     path = tuning_path(out_dir, variant, dataset)
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed, dataset)
     rows = [r for r in read_results(path)["rows"] if r["defense"] != "none"] if os.path.exists(path) else []
     rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == portable_path(prior_path)]
     done = [_normalised(r["settings"]) for r in rows]
-    meta = _meta(dataset, "val", len(y), prior_path, grid=subgrids, clean_tolerance=CLEAN_TOLERANCE)
+    meta = study_meta(dataset, "val", len(y), prior=prior_path, grid=subgrids, clean_tolerance=CLEAN_TOLERANCE)
     for settings in tqdm(list(_grid(subgrids, variant)), desc=f"ScoreOpt-{variant} grid", disable=not verbose):
         purifier = ScoreOptPyTorch(prior, seed=seed, device_type="cpu", **settings)
         if _normalised(settings_of(purifier)) in done:
@@ -202,7 +191,7 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     if selected is not None and _normalised(selected) != _normalised(shipped):
         print(f"WARNING: the registry's {dataset} settings of ScoreOpt-{variant} = {shipped} differ from the "
               f"validation selection {selected} in {tuning}.")
-    classifier, prior, x, y, x_adv = _setup(prior_path, "test", n, dataset, data_dir, cache_dir)
+    classifier, prior, x, y, x_adv = study_inputs(dataset, "test", n, prior_path, data_dir, cache_dir)
     rows = [_undefended_row(classifier, x, x_adv, y, "test", seed, dataset)]
     candidates = [("chosen on val", make_scoreopt(prior, variant, dataset, seed=seed, device_type="cpu"))]
     if table10:
@@ -211,7 +200,7 @@ def _test_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     if table10 and variant == "N":
         candidates.append(("paper Table 10 with Algorithm 2's pseudo-code target taken literally (n_target=outer)",
                            ScoreOptPyTorch(prior, variant=variant, n_target="outer", seed=seed, device_type="cpu")))
-    meta = _meta(dataset, "test", len(y), prior_path, val_selection=selected)
+    meta = study_meta(dataset, "test", len(y), prior=prior_path, val_selection=selected)
     path = os.path.join(out_dir, f"{file_prefix('', dataset)}test_{variant}.json")
     for note, purifier in candidates:
         scores = defended_accuracy(purifier, classifier, x, x_adv, y)
@@ -239,13 +228,13 @@ def run_curves(out_dir: str, prior_path: str | None = None, n: int = 200, seed: 
     are kept, not recomputed."""
     prior_path = prior_path or reference_paths(dataset)[1]
     around = {variant: chosen_settings(variant, dataset) for variant in variants}
-    classifier, prior, x, y, x_adv = _setup(prior_path, "val", n, dataset, data_dir, cache_dir)
+    classifier, prior, x, y, x_adv = study_inputs(dataset, "val", n, prior_path, data_dir, cache_dir)
     results = {}
     for variant in variants:
         rows = [_undefended_row(classifier, x, x_adv, y, "val", seed, dataset)]
         sweeps = [("noise_range", {"noise_range": r}) for r in CURVE_NOISE[dataset][variant]]
         sweeps += [(axis, {axis: s}) for axis, values in CURVE_STEPS[variant].items() for s in values]
-        meta = _meta(dataset, "val", len(y), prior_path, around=around[variant])
+        meta = study_meta(dataset, "val", len(y), prior=prior_path, around=around[variant])
         name = f"{file_prefix('', dataset)}curves_{variant}"
         path = os.path.join(out_dir, f"{name}.json")
         finished = []

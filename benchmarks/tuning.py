@@ -29,7 +29,7 @@ from attacks_adaptive.blind_pgd import BlindPGD
 from benchmarks.data import load_fashion_mnist, load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-from benchmarks.results import make_row
+from benchmarks.results import collect_meta, make_row
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
 from purifiers.files import atomic_write
 from purifiers.loading import load_prior
@@ -102,6 +102,20 @@ def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_d
                                                                       attack)[start:stop]
     x, y = x_all[start:stop], y_all[start:stop]
     return x, y, cached_blind_pgd(classifier, x, y, cache_dir, attack)
+
+
+def study_inputs(dataset: str, split: str, n: int | None, prior_path: str | None = None, data_dir: str | None = None,
+                 cache_dir: str = "/tmp") -> tuple:
+    """``(classifier, prior, x, y, x_adv)``: :func:`load_models` and the first ``n`` images of the split with their
+    blind-PGD examples (:func:`blind_adversarials`)."""
+    classifier, prior = load_models(dataset, prior_path)
+    return (classifier, prior, *blind_adversarials(classifier, split, n, cache_dir, dataset=dataset, data_dir=data_dir))
+
+
+def study_meta(dataset: str, split: str, images: int, **extra) -> dict:
+    """The meta of a study's results on the first ``images`` of ``split``: the dataset's name and its blind-PGD
+    settings (``blind_pgd``), plus ``extra``."""
+    return collect_meta(DATASET_NAMES[dataset], f"{split}[:{images}]", blind_pgd=blind_pgd_config(dataset), **extra)
 
 
 class MissingSettingsError(ValueError):

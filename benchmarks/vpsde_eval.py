@@ -1,11 +1,12 @@
 """COUP, COUP without guidance and DiffPure on bundled MNIST or Fashion-MNIST: validation tuning of t* and lambda,
-then the held-out evaluation, under the dataset's preprocessor-blind PGD (:data:`benchmarks.tuning.BLIND_PGD_BY_DATASET`:
-l_inf, MNIST eps 0.3, 40 steps of 0.01; Fashion-MNIST eps 8/255, 40 steps of 2/255; no random start; the attack sees
-only the undefended classifier, the defense then purifies its adversarial examples).
+then the held-out evaluation, under the dataset's preprocessor-blind PGD
+(:data:`benchmarks.tuning.BLIND_PGD_BY_DATASET`: l_inf, MNIST eps 0.3, 40 steps of 0.01; Fashion-MNIST eps 8/255, 40
+steps of 2/255; no random start; the attack sees only the undefended classifier, the defense then purifies its
+adversarial examples).
 
     python -m benchmarks.vpsde_eval sweep --n 100    # "val" split only: accuracy-vs-t* and -lambda curves
     python -m benchmarks.vpsde_eval test --n 1000    # "test" split, the registry's MNIST settings
-    python -m benchmarks.vpsde_eval sweep --dataset fashion_mnist   # the same on Fashion-MNIST (its models, attack, grid)
+    python -m benchmarks.vpsde_eval sweep --dataset fashion_mnist   # the same on Fashion-MNIST (its models and grid)
     python -m benchmarks.vpsde_eval gradients        # exact vs adjoint vs surrogate vs BPDA gradients, timed (MNIST)
 
 ``sweep`` writes ``<out>/vpsde_<ds>val_sweep.json`` (results rows; resumable: finished settings are skipped) and
@@ -35,9 +36,10 @@ from benchmarks.data import load_mnist
 from benchmarks.defenses import defense
 from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, SELECTION_RULE, MissingSettingsError,
-                               add_dataset_arguments, blind_adversarials, blind_pgd_config, blind_row, chosen_settings,
-                               defended_accuracy, eps_text, exact_gradient_memory, file_prefix, load_models,
-                               reference_paths, registry_line, registry_settings, select, undefended_accuracy)
+                               add_dataset_arguments, blind_pgd_config, blind_row, chosen_settings, defended_accuracy,
+                               eps_text, exact_gradient_memory, file_prefix, load_models, reference_paths,
+                               registry_line, registry_settings, select, study_inputs, study_meta,
+                               undefended_accuracy)
 
 METHODS = ("coup", "coup-noguide", "diffpure")
 # The sweep's grid per dataset. MNIST's t* reach 0.3 for its eps 0.3; Fashion-MNIST's eps 8/255 (0.031) is about a
@@ -102,17 +104,6 @@ def record_line(method: str, dataset: str, choice: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _load(prior_path: str, split: str, n: int, dataset: str, data_dir: str | None, cache_dir: str):
-    classifier, prior = load_models(dataset, prior_path)
-    x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, dataset=dataset, data_dir=data_dir)
-    return classifier, prior, x, y, x_adv
-
-
-def _meta(dataset: str, split: str, n: int, prior_path: str, **extra) -> dict:
-    return collect_meta(DATASET_NAMES[dataset], f"{split}[:{n}]", prior=prior_path, n=n,
-                        blind_pgd=blind_pgd_config(dataset), **extra)
-
-
 def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 100, seed: int = 0, methods=METHODS,
               t_stars=None, lambdas=None, lambda_t_star: float | None = None, verbose: bool = True,
               dataset: str = "mnist", data_dir: str | None = None, cache_dir: str = "/tmp") -> dict:
@@ -121,7 +112,7 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 100, seed: i
     prior_path = prior_path or reference_paths(dataset)[1]
     t_stars = T_STARS[dataset] if t_stars is None else t_stars
     lambdas = LAMBDAS[dataset] if lambdas is None else lambdas
-    classifier, prior, x, y, x_adv = _load(prior_path, "val", n, dataset, data_dir, cache_dir)
+    classifier, prior, x, y, x_adv = study_inputs(dataset, "val", n, prior_path, data_dir, cache_dir)
     prefix = file_prefix("vpsde", dataset)
     path = os.path.join(out_dir, f"{prefix}val_sweep.json")
     rows = []
@@ -136,8 +127,8 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 100, seed: i
                    and r["guidance_scale"] == settings.get("guidance_scale") for r in rows)
 
     def save():
-        meta = _meta(dataset, "val", len(y), prior_path, selection_rule=SELECTION_RULE,
-                     selected={m: select_setting(rows, m, undefended["clean_acc"]) for m in methods})
+        meta = study_meta(dataset, "val", len(y), prior=prior_path, n=len(y), selection_rule=SELECTION_RULE,
+                          selected={m: select_setting(rows, m, undefended["clean_acc"]) for m in methods})
         write_results(path, [undefended] + rows, meta)
         plot_curves([undefended] + rows, os.path.join(out_dir, f"{prefix}val_curves.png"), dataset)
         return meta
@@ -181,13 +172,14 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 100, seed: i
 
 
 def run_test(out_dir: str, prior_path: str | None = None, n: int = 1000, seed: int = 0, methods=METHODS,
-             verbose: bool = True, dataset: str = "mnist", data_dir: str | None = None, cache_dir: str = "/tmp") -> dict:
+             verbose: bool = True, dataset: str = "mnist", data_dir: str | None = None,
+             cache_dir: str = "/tmp") -> dict:
     """Held-out "test" evaluation of each method at its settings of ``dataset`` (:func:`method_settings`; refused
     before any work where one of ``methods`` has none). Rows of other methods already in ``vpsde_<ds>test.json`` (same
     prior and n) are kept, so methods can be evaluated by separate, concurrent runs."""
     prior_path = prior_path or reference_paths(dataset)[1]
     chosen = {method: method_settings(method, dataset) for method in methods}
-    classifier, prior, x, y, x_adv = _load(prior_path, "test", n, dataset, data_dir, cache_dir)
+    classifier, prior, x, y, x_adv = study_inputs(dataset, "test", n, prior_path, data_dir, cache_dir)
     prefix = file_prefix("vpsde", dataset)
     path = os.path.join(out_dir, f"{prefix}test.json")
     undefended = _undefended_row(classifier, x, x_adv, y, "test", seed, dataset)
@@ -201,8 +193,9 @@ def run_test(out_dir: str, prior_path: str | None = None, n: int = 1000, seed: i
                 rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
         rows += new_rows
         settings = {r["defense"]: method_settings(r["defense"], dataset) for r in rows if r["defense"] in METHODS}
-        meta = _meta(dataset, "test", len(y), prior_path, settings=settings,
-                     settings_source=f"chosen on the val split: {os.path.join(out_dir, prefix + 'val_sweep.json')}")
+        source = os.path.join(out_dir, f"{prefix}val_sweep.json")
+        meta = study_meta(dataset, "test", len(y), prior=prior_path, n=len(y), settings=settings,
+                          settings_source=f"chosen on the val split: {source}")
         write_results(path, rows, meta)
         return {"rows": rows, "meta": meta}
 
@@ -370,7 +363,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--t-stars", type=float, nargs="+", default=None,
                         help=f"sweep: the t* (default: the dataset's, {T_STARS})")
     parser.add_argument("--lambdas", type=float, nargs="*", default=None,
-                        help=f"sweep: COUP's guidance weights (default: the dataset's, {LAMBDAS}; none: no lambda sweep)")
+                        help=f"sweep: COUP's guidance weights (default: the dataset's, {LAMBDAS}; the option "
+                             "alone: no lambda sweep)")
     parser.add_argument("--lambda-t-star", type=float, default=None,
                         help="t* of the lambda sweep (default: the t* selected for COUP at lambda 1)")
     parser.add_argument("--adjoint-dts", type=float, nargs="*", default=[],
