@@ -94,7 +94,9 @@ REGISTRY: dict[str, DefenseRecord] = {
         # Table 10, CIFAR-10 BPDA+EOT row of ScoreOpt-O (noise range as EDM sigma on [-1, 1]).
         paper_settings=dict(variant="O", loss="diff", steps=5, lr=0.1, noise_range=(0.4, 0.6)),
         # `python -m benchmarks.scoreopt_eval tune` on MNIST val[:200] (benchmarks/measured/scoreopt/).
-        settings={"mnist": dict(variant="O", loss="diff", steps=20, lr=0.1, noise_range=(0.6, 0.8))},
+        # The same with `--dataset fashion_mnist` on Fashion-MNIST val[:200] (its eps 8/255 needs smaller noise).
+        settings={"mnist": dict(variant="O", loss="diff", steps=20, lr=0.1, noise_range=(0.6, 0.8)),
+                  "fashion_mnist": dict(variant="O", loss="diff", steps=5, lr=0.02, noise_range=(0.1, 0.2))},
         published=(PublishedNumber("cifar10", "BPDA+EOT", 90.78, 82.85, "ScoreOpt Table 1 (ScoreOpt-O)"),),
         quickstart_seconds=53, wrapper_defaults=dict(seed=0),
         paper_network=("edm-state-dict", "edm-cifar10-32x32-uncond-vp")),
@@ -103,7 +105,9 @@ REGISTRY: dict[str, DefenseRecord] = {
         paper=Paper("Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt-N)",
                     "Boya Zhang, Weijian Luo, Zhihua Zhang", "NeurIPS 2023", "https://arxiv.org/abs/2307.04333"),
         paper_settings=dict(variant="N", loss="diff", steps=1, inner_steps=5, lr=0.1, noise_range=(0.5, 0.5)),
-        settings={"mnist": dict(variant="N", loss="sr", steps=1, inner_steps=10, lr=0.1, noise_range=(0.75, 0.75))},
+        settings={"mnist": dict(variant="N", loss="sr", steps=1, inner_steps=10, lr=0.1, noise_range=(0.75, 0.75)),
+                  "fashion_mnist": dict(variant="N", loss="sr", steps=1, inner_steps=10, lr=0.1,
+                                        noise_range=(0.2, 0.2))},
         quickstart_seconds=53, wrapper_defaults=dict(seed=0),
         paper_network=("edm-state-dict", "edm-cifar10-32x32-uncond-vp")),
     "coup": DefenseRecord(
@@ -114,7 +118,9 @@ REGISTRY: dict[str, DefenseRecord] = {
         # §5.1 / §5.4: t* = 0.1 (l_inf), lambda = 1, 100 Euler steps.
         paper_settings=dict(t_star=0.1, guidance_scale=1.0, dt=1e-3),
         # `python -m benchmarks.vpsde_eval sweep --n 64` on MNIST val[:64] (benchmarks/measured/vpsde/).
-        settings={"mnist": dict(t_star=0.2, guidance_scale=1.0, dt=1e-3)},
+        # The same with `--dataset fashion_mnist --n 100` on Fashion-MNIST val[:100].
+        settings={"mnist": dict(t_star=0.2, guidance_scale=1.0, dt=1e-3),
+                  "fashion_mnist": dict(t_star=0.05, guidance_scale=2.0, dt=1e-3)},
         published=(PublishedNumber("cifar10", "AutoAttack", 90.04, 73.05, "COUP Table 1"),
                    PublishedNumber("cifar10", "BPDA+EOT", 90.04, 83.20, "COUP Table 3")),
         quickstart_seconds=384, wrapper_defaults=dict(seed=0, batch_size=100),
@@ -127,7 +133,8 @@ REGISTRY: dict[str, DefenseRecord] = {
         # DiffPure §5: t* = 0.1 on CIFAR-10 l_inf, 100 steps; on ImageNet t* = 0.15 with 224x224 inputs purified at
         # the 256x256 of guided-diffusion's prior (its code's resize).
         paper_settings=dict(t_star=0.1, dt=1e-3),
-        settings={"mnist": dict(t_star=0.2, dt=1e-3), "imagenet": dict(t_star=0.15, dt=1e-3, resize_to=256)},
+        settings={"mnist": dict(t_star=0.2, dt=1e-3), "fashion_mnist": dict(t_star=0.05, dt=1e-3),
+                  "imagenet": dict(t_star=0.15, dt=1e-3, resize_to=256)},
         published=(PublishedNumber("cifar10", "AutoAttack", 89.02, 70.64, "COUP Table 1 (DiffPure)"),
                    PublishedNumber("cifar10", "BPDA+EOT", 89.02, 81.40, "COUP Table 3 (DiffPure)")),
         quickstart_seconds=259, wrapper_defaults=dict(seed=0, batch_size=100),

@@ -187,6 +187,7 @@ def test_vpsde_sweep_writes_fashion_files_and_test_refuses_without_settings(data
 
     for method in ("coup", "diffpure"):
         monkeypatch.delitem(record(method).settings, "fashion_mnist", raising=False)
+    monkeypatch.delitem(vpsde_eval.NOGUIDE_T_STAR, "fashion_mnist", raising=False)
     for method, entry in (("coup", r"REGISTRY\['coup'\]\.settings"), ("diffpure", r"REGISTRY\['diffpure'\]\.settings"),
                           ("coup-noguide", r"vpsde_eval\.py NOGUIDE_T_STAR")):
         with pytest.raises(MissingSettingsError, match=entry + r"\['fashion_mnist'\] is missing.*"
