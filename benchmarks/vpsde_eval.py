@@ -35,11 +35,11 @@ from tqdm import tqdm
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense
 from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
-from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, SELECTION_RULE, MissingSettingsError,
-                               add_dataset_arguments, blind_pgd_config, blind_row, chosen_settings, defended_accuracy,
-                               eps_text, exact_gradient_memory, file_prefix, load_models, reference_paths,
-                               registry_line, registry_settings, select, study_inputs, study_meta,
-                               undefended_accuracy)
+from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, DATASET_TITLES, SELECTION_RULE,
+                               MissingSettingsError, add_dataset_arguments, blind_pgd_config, blind_row,
+                               chosen_settings, defended_accuracy, eps_text, exact_gradient_memory, file_prefix,
+                               load_models, reference_paths, registry_line, registry_settings, select, study_inputs,
+                               study_meta, undefended_accuracy)
 
 METHODS = ("coup", "coup-noguide", "diffpure")
 # The sweep's grid per dataset. MNIST's t* reach 0.3 for its eps 0.3; Fashion-MNIST's eps 8/255 (0.031) is about a
@@ -340,8 +340,8 @@ def plot_curves(rows: list[dict], path: str, dataset: str = "mnist") -> None:
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     ax_t.set_xlabel("t*")
-    name = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}[dataset]
-    ax_t.set_title(f"{name} val (n={undefended['n']}), PGD eps {eps_text(blind_pgd_config(dataset))} blind")
+    ax_t.set_title(f"{DATASET_TITLES[dataset]} val (n={undefended['n']}), "
+                   f"PGD eps {eps_text(blind_pgd_config(dataset))} blind")
     ax_l.set_xlabel("guidance weight lambda")
     ax_t.legend(fontsize=7)
     ax_l.legend(fontsize=7)
