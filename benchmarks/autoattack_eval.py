@@ -559,7 +559,8 @@ def load_defense(args, classifier: nn.Module, dataset: str = "mnist"):
     shipped for ``dataset`` (loaded only when a purifier needs it)."""
     if args.defense == NO_DEFENSE:
         return deployed_model(None, classifier), None, {"name": NO_DEFENSE}
-    from benchmarks.models import load_reference_models
+    from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models
+    from benchmarks.results import prior_fields
     from purifiers.loading import load_prior
 
     prior = load_prior(args.prior, device="cpu") if args.prior else load_reference_models(dataset)[1]
@@ -574,7 +575,8 @@ def load_defense(args, classifier: nn.Module, dataset: str = "mnist"):
     params = {k: _jsonable(getattr(purifier, k, None)) for k in purifier.params}
     info = {"name": args.defense, "purifier": type(purifier).__name__, "params": params, "overrides": overrides,
             "gradient": purifier.gradient,
-            "runs": runs, "ensemble": args.ensemble, "prior": args.prior or "shipped"}
+            "runs": runs, "ensemble": args.ensemble,
+            **prior_fields(args.prior or os.path.join(MODELS_DIR, REFERENCE_FILES[dataset][1]))}
     return model, purifier, info
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -20,11 +21,13 @@ import numpy as np
 from attacks_adaptive.rows import ROW_FIELDS, make_row
 from purifiers.files import atomic_write
 
-__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "write_json", "write_results",
-           "write_worst_case", "read_results", "format_table"]
+__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "prior_fields", "file_sha256", "write_json",
+           "write_results", "write_worst_case", "read_results", "format_table"]
 
 def collect_meta(dataset: str, split: str, **extra) -> dict:
-    """Versions, device, command line, dataset and split, plus ``extra``."""
+    """Versions, device, command line, dataset and split, plus ``extra``. A ``prior`` given as a path is named by
+    :func:`prior_fields`: once a shipped prior is replaced, its path no longer says which weights made a result, and a
+    resumed study must not mix two priors' rows."""
     import numpy
     import torch
 
@@ -41,8 +44,15 @@ def collect_meta(dataset: str, split: str, **extra) -> dict:
             "dataset": dataset, "split": split, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta.update(extra)
     if isinstance(meta.get("prior"), str):
-        meta["prior"] = portable_path(meta["prior"])
+        meta.update(prior_fields(meta["prior"]))
     return meta
+
+
+def prior_fields(path: str) -> dict:
+    """How results name a prior: ``prior``, its :func:`portable_path`, and for a file ``prior_sha256``, the SHA-256 of
+    its bytes."""
+    found = _in_repository(path)
+    return {"prior": portable_path(path), **({"prior_sha256": file_sha256(found)} if os.path.isfile(found) else {})}
 
 
 def command_as_typed() -> str:
@@ -65,6 +75,21 @@ def portable_path(path: str | None) -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     absolute = os.path.abspath(path)
     return os.path.relpath(absolute, root) if absolute.startswith(root + os.sep) else path
+
+
+def _in_repository(path: str) -> str:
+    """``path`` as given, or, where only the repository holds it (a :func:`portable_path`), inside the repository."""
+    inside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    return path if os.path.exists(path) or os.path.isabs(path) or not os.path.exists(inside) else inside
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str, data) -> str:

@@ -41,8 +41,8 @@ from benchmarks.defenses import defense
 from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, MissingSettingsError, add_dataset_arguments,
                                blind_pgd_config, blind_row, defended_accuracy, eps_text, exact_gradient_memory,
-                               file_prefix, reference_paths, registry_line, registry_settings, select, study_inputs,
-                               study_meta, undefended_accuracy)
+                               file_prefix, reference_paths, registry_line, registry_settings, same_prior, select,
+                               study_inputs, study_meta, undefended_accuracy)
 from purifiers import ScoreOptPyTorch, load_prior
 
 OUT_DIR = os.path.join("results", "scoreopt")
@@ -146,8 +146,9 @@ def _tune_variant(out_dir: str, prior_path: str, n: int, seed: int, variant: str
     classifier, prior, x, y, x_adv = study_inputs(dataset, "val", n, prior_path, data_dir, cache_dir)
     path = tuning_path(out_dir, variant, dataset)
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed, dataset)
-    rows = [r for r in read_results(path)["rows"] if r["defense"] != "none"] if os.path.exists(path) else []
-    rows = [r for r in rows if r["n"] == len(y) and r.get("prior") == portable_path(prior_path)]
+    old = read_results(path) if os.path.exists(path) else None
+    rows = [r for r in old["rows"] if r["defense"] != "none" and r["n"] == len(y)] \
+        if old and same_prior(old["meta"], prior_path) else []
     done = [_normalised(r["settings"]) for r in rows]
     meta = study_meta(dataset, "val", len(y), prior=prior_path, grid=subgrids, clean_tolerance=CLEAN_TOLERANCE)
     for settings in tqdm(list(_grid(subgrids, variant)), desc=f"ScoreOpt-{variant} grid", disable=not verbose):
@@ -240,7 +241,7 @@ def run_curves(out_dir: str, prior_path: str | None = None, n: int = 200, seed: 
         finished = []
         if os.path.exists(path):
             old = read_results(path)
-            if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("split") == meta["split"]:
+            if same_prior(old["meta"], prior_path) and old["meta"].get("split") == meta["split"]:
                 finished = [r for r in old["rows"] if r["defense"] != "none" and r.get("seed") == seed]
         for axis, change in sweeps:
             purifier = make_scoreopt(prior, variant, dataset, seed=seed, device_type="cpu", **change)

@@ -29,7 +29,7 @@ from attacks_adaptive.blind_pgd import BlindPGD
 from benchmarks.data import load_fashion_mnist, load_mnist
 from benchmarks.defenses import defense, record
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
-from benchmarks.results import collect_meta, make_row
+from benchmarks.results import collect_meta, file_sha256, make_row
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
 from purifiers.files import atomic_write
 from purifiers.loading import load_prior
@@ -74,6 +74,12 @@ def reference_paths(dataset: str) -> tuple[str, str]:
     """``(classifier, prior)`` files shipped for ``dataset`` in :data:`benchmarks.models.MODELS_DIR`."""
     classifier_file, prior_file = REFERENCE_FILES[check_dataset(dataset)]
     return os.path.join(MODELS_DIR, classifier_file), os.path.join(MODELS_DIR, prior_file)
+
+
+def same_prior(meta: dict, prior_path: str) -> bool:
+    """Whether a results file's ``meta`` was made with the weights in ``prior_path``: by their SHA-256, since a replaced
+    shipped prior keeps its path. A resumed study keeps only such rows."""
+    return meta.get("prior_sha256") == file_sha256(prior_path)
 
 
 def load_models(dataset: str, prior_path: str | None = None, classifier_path: str | None = None):

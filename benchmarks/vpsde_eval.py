@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense
-from benchmarks.results import write_json, collect_meta, format_table, portable_path, read_results, write_results
+from benchmarks.results import write_json, collect_meta, format_table, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, DATASET_TITLES, SELECTION_RULE,
                                MissingSettingsError, add_dataset_arguments, blind_pgd_config, blind_row,
                                chosen_settings, defended_accuracy, eps_text, exact_gradient_memory, file_prefix,
-                               load_models, reference_paths, registry_line, registry_settings, select, study_inputs,
-                               study_meta, undefended_accuracy)
+                               load_models, reference_paths, registry_line, registry_settings, same_prior, select,
+                               study_inputs, study_meta, undefended_accuracy)
 
 METHODS = ("coup", "coup-noguide", "diffpure")
 # The sweep's grid per dataset. MNIST's t* reach 0.3 for its eps 0.3; Fashion-MNIST's eps 8/255 (0.031) is about a
@@ -119,7 +119,7 @@ def run_sweep(out_dir: str, prior_path: str | None = None, n: int = 100, seed: i
     rows = []
     if os.path.exists(path):
         old = read_results(path)
-        if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
+        if same_prior(old["meta"], prior_path) and old["meta"].get("n") == len(y):
             rows = [r for r in old["rows"] if r["defense"] != "none"]
     undefended = _undefended_row(classifier, x, x_adv, y, "val", seed, dataset)
 
@@ -190,7 +190,7 @@ def run_test(out_dir: str, prior_path: str | None = None, n: int = 1000, seed: i
         rows = [undefended]
         if os.path.exists(path):  # re-read right before writing: another run may have added its methods meanwhile
             old = read_results(path)
-            if old["meta"].get("prior") == portable_path(prior_path) and old["meta"].get("n") == len(y):
+            if same_prior(old["meta"], prior_path) and old["meta"].get("n") == len(y):
                 rows += [r for r in old["rows"] if r["defense"] not in ("none", *methods)]
         rows += new_rows
         settings = {r["defense"]: method_settings(r["defense"], dataset) for r in rows if r["defense"] in METHODS}

@@ -208,3 +208,54 @@ def test_vpsde_sweep_writes_fashion_files_and_test_refuses_without_settings(data
     assert data["meta"]["settings"] == {"diffpure": {"t_star": T_TINY}}
     with pytest.raises(SystemExit):
         vpsde_eval.main(["vpsde-eval", "gradients", "--dataset", "fashion_mnist"])
+
+
+def _other_weights(path):
+    """Rewrite the prior file at ``path`` with slightly different weights (same path, same metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors = {k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_study_resumes_only_on_the_same_weights(data_dir, tmp_path):
+    """Results name the prior by its bytes: a replaced prior at the same path starts a sweep over and its parts are
+    never merged with the old ones."""
+    import hashlib
+    import shutil
+
+    from benchmarks.tuning import reference_paths
+
+    prior = tmp_path / "prior.safetensors"
+    shutil.copy(reference_paths("fashion_mnist")[1], prior)
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    sweep = tmp_path / "out" / "adp_fashion_mnist_val_sweep.json"
+    grid = {k: [v] for k, v in FAST.items()}
+
+    def run():
+        adp_eval.run_sweep(out, prior_path=str(prior), n=4, grid=grid, cache_dir=cache, verbose=False,
+                           dataset="fashion_mnist", data_dir=data_dir)
+        return read_results(str(sweep))
+
+    first = run()
+    assert first["meta"]["prior_sha256"] == hashlib.sha256(prior.read_bytes()).hexdigest()
+    marked = json.loads(sweep.read_text())
+    marked["rows"][1]["note"] = "finished before the interruption"
+    sweep.write_text(json.dumps(marked))
+    assert run()["rows"][1]["note"] == "finished before the interruption"  # same weights: the finished row is kept
+
+    adp_eval.run_evaluate(out, prior_path=str(prior), split="test", n=2, start=0, runs=1, settings=FAST,
+                          cache_dir=cache, verbose=False, dataset="fashion_mnist", data_dir=data_dir)
+    _other_weights(prior)
+    again = run()
+    assert again["meta"]["prior_sha256"] != first["meta"]["prior_sha256"]
+    assert [r["defense"] for r in again["rows"]] == ["none", "adp"] and again["rows"][1].get("note") is None
+
+    adp_eval.run_evaluate(out, prior_path=str(prior), split="test", n=2, start=2, runs=1, settings=FAST,
+                          cache_dir=cache, verbose=False, dataset="fashion_mnist", data_dir=data_dir)
+    with pytest.raises(ValueError, match="different priors"):
+        adp_eval.merge_parts(out, "test", "fashion_mnist")
