@@ -39,10 +39,10 @@ import torch
 
 from benchmarks.defenses import defense
 from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
-from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, MissingSettingsError, add_dataset_arguments,
-                               blind_pgd_config, blind_row, defended_accuracy, eps_text, exact_gradient_memory,
-                               file_prefix, reference_paths, registry_line, registry_settings, same_prior, select,
-                               study_inputs, study_meta, undefended_accuracy)
+from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, ROBUST_TARGETS, MissingSettingsError,
+                               add_dataset_arguments, blind_pgd_config, blind_row, defended_accuracy, eps_text,
+                               exact_gradient_memory, file_prefix, reference_paths, registry_line, registry_settings,
+                               same_prior, select, study_inputs, study_meta, undefended_accuracy)
 from purifiers import ScoreOptPyTorch, load_prior
 
 OUT_DIR = os.path.join("results", "scoreopt")
@@ -255,14 +255,14 @@ def run_curves(out_dir: str, prior_path: str | None = None, n: int = 200, seed: 
             write_results(path, rows, meta)
             if verbose:
                 print(format_table(rows[-1:]))
-        plot_curves(rows, os.path.join(out_dir, f"{name}.png"), blind_pgd_config(dataset))
+        plot_curves(rows, os.path.join(out_dir, f"{name}.png"), dataset)
         if verbose:
             print(f"wrote {path} and {name}.png")
         results[variant] = {"rows": rows, "meta": meta}
     return results
 
 
-def plot_curves(rows: list[dict], path: str, attack: dict | None = None) -> None:
+def plot_curves(rows: list[dict], path: str, dataset: str = "mnist") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,9 +280,10 @@ def plot_curves(rows: list[dict], path: str, attack: dict | None = None) -> None
             xs = [np.mean(r["settings"][axis]) if axis == "noise_range" else r["settings"][axis] for r in points]
             ax.plot(xs, [100 * r["clean_acc"] for r in points], "o-", label="clean")
             ax.plot(xs, [100 * r["robust_acc"] for r in points], "s-",
-                    label=f"blind PGD (eps {eps_text(attack or blind_pgd_config('mnist'))})")
+                    label=f"blind PGD (eps {eps_text(blind_pgd_config(dataset))})")
             ax.axhline(100 * undefended["clean_acc"], color="gray", ls=":", label="undefended clean")
-            ax.axhline(90, color="red", ls="--", lw=0.8, label="90% target")
+            target = 100 * ROBUST_TARGETS[dataset]
+            ax.axhline(target, color="red", ls="--", lw=0.8, label=f"{target:g}% robust target")
             ax.set_xlabel({"noise_range": "noise level (EDM sigma on [-1, 1], range centre)",
                            "steps": "outer steps M", "inner_steps": "inner steps N"}[axis])
             ax.set_ylabel("accuracy (%)")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense
 from benchmarks.results import write_json, collect_meta, format_table, read_results, write_results
-from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, DATASET_TITLES, SELECTION_RULE,
+from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, DATASET_TITLES, ROBUST_TARGETS, SELECTION_RULE,
                                MissingSettingsError, add_dataset_arguments, blind_pgd_config, blind_row,
                                chosen_settings, defended_accuracy, eps_text, exact_gradient_memory, file_prefix,
                                load_models, reference_paths, registry_line, registry_settings, same_prior, select,
@@ -336,7 +336,7 @@ def plot_curves(rows: list[dict], path: str, dataset: str = "mnist") -> None:
         ax.axhline(100 * undefended["clean_acc"], color="k", lw=0.8, ls=":", label="undefended clean")
         ax.axhline(100 * (undefended["clean_acc"] - CLEAN_TOLERANCE), color="grey", lw=0.8, ls=":",
                    label="clean target")
-        ax.axhline(90, color="r", lw=0.8, ls=":", label="robust target")
+        ax.axhline(100 * ROBUST_TARGETS[dataset], color="r", lw=0.8, ls=":", label="robust target")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     ax_t.set_xlabel("t*")
