@@ -76,9 +76,11 @@ REGISTRY: dict[str, DefenseRecord] = {
         # `python -m benchmarks.adp_eval sweep --n 200 --runs 1` on MNIST val[:200] (benchmarks/measured/adp/); the
         # same with `--dataset fashion_mnist` on Fashion-MNIST val[:200], sigma 0.03-0.15 x lam 0.05-0.4 x injected /
         # tracked / running conditioning (adp_fashion_mnist_val_sweep.json): the most robust setting within 1.5 clean
-        # points of the classifier.
+        # points of the classifier. On Fashion-MNIST the S = 1 sweep's candidates near the clean bound were measured
+        # again with the deployed S = 10 ensemble (`--runs 10`, the same file), which chose sigma 0.1 over the S = 1
+        # choice (sigma 0.03, tracked, lam 0.2: 92.5% clean at S = 10, outside the bound).
         settings={"mnist": dict(sigma=0.15, conditioning="injected", lam=0.4, steps=10, step_rule="paper"),
-                  "fashion_mnist": dict(sigma=0.03, conditioning="tracked", lam=0.2, steps=10, step_rule="paper")},
+                  "fashion_mnist": dict(sigma=0.1, conditioning="injected", lam=0.1, steps=10, step_rule="paper")},
         runs=10,
         published=(PublishedNumber("mnist", "BlindPGD", 98.07, 96.41, "ADP supplement Table 9 (MNIST, eps 0.3, Clf pgd)"),
                    PublishedNumber("fashion_mnist", "BlindPGD", 93.19, 86.62,
