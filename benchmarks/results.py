@@ -21,8 +21,8 @@ import numpy as np
 from attacks_adaptive.rows import ROW_FIELDS, make_row
 from purifiers.files import atomic_write
 
-__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "prior_fields", "file_sha256", "write_json",
-           "write_results", "write_worst_case", "read_results", "format_table"]
+__all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "prior_fields", "file_sha256",
+           "write_json", "write_results", "write_worst_case", "read_results", "format_table"]
 
 def collect_meta(dataset: str, split: str, **extra) -> dict:
     """Versions, device, command line, dataset and split, plus ``extra``. A ``prior`` given as a path is named by
