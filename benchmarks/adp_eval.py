@@ -29,8 +29,7 @@ import json
 import os
 import re
 
-import torch
-
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.defenses import defense, record
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from benchmarks.tuning import (DATASET_NAMES, SELECTION_RULE, MissingSettingsError, add_dataset_arguments,
@@ -226,7 +225,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
-    torch.set_num_threads(args.threads)
+    set_up_cpu_process(args.threads)
     verbose = not args.quiet
     if args.command == "memory" and args.dataset != "mnist":
         parser.error("memory measures the MNIST prior only; drop --dataset.")

@@ -33,6 +33,7 @@ import time
 import torch
 
 from attacks_adaptive.scoring import N_EVALUATION
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
 from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_json, write_results,
@@ -299,8 +300,7 @@ def main(argv: list[str]) -> None:
                              "before the run unless --quiet")
     add_speed_arguments(parser)
     args = parser.parse_args(argv[1:])
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_cpu_process(args.threads)
     shard = current_shard(args.shard)
     first_shard = shard is None or shard.index == 0  # one calibration is enough for all shards
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,

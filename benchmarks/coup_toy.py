@@ -22,6 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.results import write_json
 from purifiers.conventions import VPSchedule
 from purifiers.vpsde import brownian_increments, solve_reverse_vp, time_grid
@@ -148,6 +149,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:])
     if args.runs < 1:
         parser.error("--runs must be positive")
-    torch.set_num_threads(1)
+    set_up_cpu_process(1)
     run_toy(args.out, runs=args.runs, noise_levels=args.noise_levels, lambdas=args.lambdas, seed=args.seed,
             verbose=not args.quiet)

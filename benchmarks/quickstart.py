@@ -23,6 +23,7 @@ import time
 import torch
 
 from benchmarks.autoattack_eval import AutoAttackConfig
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.data import load_mnist
 from benchmarks.defenses import METHODS, NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES
@@ -68,7 +69,7 @@ def evaluate_quickstart_defense(name: str, classifier, prior_model, out_dir: str
 
 def _evaluate_in_worker(name: str, out_dir: str, n: int, seed: int, prior: str | None, verbose: bool) -> tuple:
     """One defense in a worker process: its rows and the process's peak resident memory (bytes) so far."""
-    torch.set_num_threads(1)
+    set_up_cpu_process(1)
     torch.manual_seed(seed)
     classifier, prior_model = _load_models(prior)
     rows = evaluate_quickstart_defense(name, classifier, prior_model, out_dir, n, seed, verbose)
@@ -164,7 +165,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:])
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_up_cpu_process(args.threads)
     run_quickstart(args.out, n=args.n, n_clean=args.n_clean, defenses=args.defenses, seed=args.seed, prior=args.prior,
                    workers=args.workers, verbose=not args.quiet)

@@ -35,8 +35,8 @@ import json
 import os
 
 import numpy as np
-import torch
 
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.defenses import defense
 from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, ROBUST_TARGETS, MissingSettingsError,
@@ -328,7 +328,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--no-table10", action="store_true", help="test: skip the paper's Table 10 settings")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
-    torch.set_num_threads(1)
+    set_up_cpu_process(1)
     if args.job == "memory" and args.dataset != "mnist":
         parser.error("memory measures the MNIST prior only; drop --dataset.")
     common = dict(prior_path=args.prior, seed=args.seed, variants=tuple(args.variants), verbose=not args.quiet,

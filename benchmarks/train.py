@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.data import FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 from benchmarks.models import CLASSIFIERS, save_classifier
 from purifiers.files import atomic_write
@@ -333,8 +334,7 @@ def main(argv: list[str]) -> None:
         parser.add_argument("--note", default=None, help="free text added to the card (export)")
         args = parser.parse_args(rest)
     print(_command(argv), flush=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_cpu_process(args.threads)
     kind = "classifier" if command == "train-classifier" else "prior"
     out = args.out or os.path.join(MODELS_DIR, f"{args.dataset}_{kind}.safetensors")
     if command == "train-classifier":

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks.cpu import set_up_cpu_process
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense
 from benchmarks.results import write_json, collect_meta, format_table, read_results, write_results
@@ -372,7 +373,7 @@ def main(argv: list[str]) -> None:
                         help="gradients: also the adjoint-vs-exact gap at these Euler steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
-    torch.set_num_threads(1)
+    set_up_cpu_process(1)
     torch.manual_seed(args.seed)
     if args.stage in ("gradients", "memory") and args.dataset != "mnist":
         parser.error(f"{args.stage} measures the MNIST prior only; drop --dataset.")

@@ -1,0 +1,35 @@
+"""The benchmark commands' allocator setting: freed large blocks are reused instead of faulted in again."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+
+# Allocate, fill and free a 64 MB block (above glibc's largest dynamic mmap threshold, 32 MB) a few times, then count
+# the minor page faults of doing it once more.
+_REFILL_FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "keep":
+    from benchmarks.cpu import keep_freed_memory
+    assert keep_freed_memory()
+def refill():
+    torch.empty(16 * 2**20).fill_(1.0)
+for _ in range(3):
+    refill()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+refill()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _refill_faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _REFILL_FAULTS, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def test_kept_freed_memory_is_reused_without_page_faults():
+    pages = 64 * 2**20 // 4096
+    assert _refill_faults("default") > pages // 2  # glibc unmapped the block: every page faults in again
+    assert _refill_faults("keep") < pages // 20
