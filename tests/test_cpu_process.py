@@ -8,8 +8,9 @@ import pytest
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
 # Allocate, fill and free a 64 MB block (above glibc's largest dynamic mmap threshold, 32 MB) a few times, then count
-# the minor page faults of doing it once more.
+# the minor page faults of doing it ten times more.
 _REFILL_FAULTS = """
+REFILLS = 10
 import resource, sys, torch
 if sys.argv[1] == "keep":
     from benchmarks.cpu import keep_freed_memory
@@ -19,7 +20,8 @@ def refill():
 for _ in range(3):
     refill()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-refill()
+for _ in range(REFILLS):
+    refill()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -30,6 +32,10 @@ def _refill_faults(mode: str) -> int:
 
 
 def test_kept_freed_memory_is_reused_without_page_faults():
-    pages = 64 * 2**20 // 4096
+    pages = 10 * 64 * 2**20 // 4096  # ten refills
     assert _refill_faults("default") > pages // 2  # glibc unmapped the block: every page faults in again
-    assert _refill_faults("keep") < pages // 20
+    # Kept: the freed block is reused, but now and then a refill gets a new block at the heap's top instead (seen in
+    # the data pointers; a small allocation taking part of the freed block fits that) and faults it in once. Measured
+    # with the 2 cores busy: 0 or 16,384 faults over ten refills in 10 processes, 163,850 by default; with a single
+    # counted refill that one growth had failed a full-suite run.
+    assert _refill_faults("keep") < pages // 4
