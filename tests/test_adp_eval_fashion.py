@@ -65,6 +65,11 @@ def test_sweep_evaluate_and_merge_write_fashion_files(data_dir, tmp_path):
         assert merged["rows"][1][key] == pytest.approx(np.mean([p["rows"][1][key] for p in parts]))
     with pytest.raises(ValueError, match="no parts"):  # MNIST's names never match Fashion's files
         adp_eval.merge_parts(out, "test")
+    adp_eval.run_evaluate(out, split="test", n=2, start=1, runs=1, settings=FAST, cache_dir=cache, verbose=False,
+                          dataset="fashion_mnist", data_dir=data_dir, label="paper")
+    with pytest.raises(ValueError, match="adp_fashion_mnist_paper_test_0-2.json and adp_fashion_mnist_paper_test_1-3"
+                                         ".json in .* overlap"):
+        adp_eval.merge_parts(out, "test", "fashion_mnist", "paper")
 
 
 def test_bad_input_is_named(data_dir, tmp_path):
