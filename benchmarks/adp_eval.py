@@ -161,11 +161,10 @@ def merge_parts(out_dir: str, split: str = "test", dataset: str = "mnist", label
     per image weighted by n."""
     prefix = _prefix(dataset, label)
     pattern = re.compile(rf"{prefix}{split}_(\d+)-(\d+)\.json")
-    parts = sorted((f for f in os.listdir(out_dir) if pattern.fullmatch(f)),
-                   key=lambda f: int(pattern.fullmatch(f).group(1)))
-    ranges = [tuple(map(int, pattern.fullmatch(f).groups())) for f in parts]
-    for (_, stop), (start, _), earlier, later in zip(ranges, ranges[1:], parts, parts[1:]):
-        if start < stop:  # a part rerun with another size would count its images twice
+    ranges = {f: tuple(map(int, m.groups())) for f in os.listdir(out_dir) if (m := pattern.fullmatch(f))}
+    parts = sorted(ranges, key=ranges.get)
+    for earlier, later in zip(parts, parts[1:]):
+        if ranges[later][0] < ranges[earlier][1]:  # a part rerun with another size would count its images twice
             raise ValueError(f"the parts {earlier} and {later} in {out_dir} overlap: keep one of them")
     data = [read_results(os.path.join(out_dir, f)) for f in parts]
     if not data or len({json.dumps(d["meta"]["settings"], sort_keys=True) for d in data}) != 1:
