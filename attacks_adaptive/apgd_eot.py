@@ -84,12 +84,9 @@ class APGDEOT(Attack):
         return self.gradient or self.model.gradient
 
     def _attack(self, x, y):
-        with self.model.gradient_mode(self.gradient):
-            return self._apgd(x, y)
-
-    def _apgd(self, x, y):
         def evaluate(x_i):
-            return self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows)
+            return self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows,
+                                            gradient=self.gradient)
 
         shape = (-1, *([1] * (x.ndim - 1)))
         x_cur = random_start(x, self.eps, self.norm, self._generator(x.device)) if self.random_start else x

@@ -20,6 +20,7 @@ class BlindPGD(Attack):
     :param step: step size; ``None`` is ``eps / 4`` (foolbox ``rel_stepsize=0.25`` as the reference code uses).
     :param random_start: start from a uniform point of the ball (Madry et al.; foolbox's default).
     :param loss: ``"ce"``, ``"dlr"`` or ``"margin"``.
+
     (The other parameters are :class:`attacks_adaptive.base.Attack`'s.)
     """
 

@@ -28,6 +28,7 @@ class BPDAEOT(Attack):
     :param step: step size; ``None`` is ``eps / 4``.
     :param eot_reduce: ``"mean"`` (paper: gradient of the expected loss) or ``"sign_vote"`` (ADP's code).
     :param loss: ``"ce"``, ``"dlr"`` or ``"margin"``.
+
     (The other parameters are :class:`attacks_adaptive.base.Attack`'s; there is no random start, as in the protocol.)
     """
 
@@ -57,8 +58,7 @@ class BPDAEOT(Attack):
     def _attack(self, x, y):
         def direction(x_i):
             grad, _, _ = self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, reduce=self.eot_reduce,
-                                                  max_rows=self.max_rows)
+                                                  max_rows=self.max_rows, gradient="bpda")
             return ascent_direction(grad, self.norm)
 
-        with self.model.gradient_mode("bpda"):
-            return self._ascend(x, x, self.step_size, direction)
+        return self._ascend(x, x, self.step_size, direction)

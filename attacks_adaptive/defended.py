@@ -138,20 +138,6 @@ class DefendedModel:
                              f"it has {self.purifier.gradient_modes}.")
 
     @contextlib.contextmanager
-    def gradient_mode(self, mode: str | None):
-        """Temporarily set the purifier's gradient mode (``None`` keeps it)."""
-        if mode is None or self.purifier is None:
-            yield
-            return
-        self.check_gradient_mode(mode)
-        previous = self.purifier.gradient
-        self.purifier.gradient = mode
-        try:
-            yield
-        finally:
-            self.purifier.gradient = previous
-
-    @contextlib.contextmanager
     def count(self):
         """Count network evaluations inside the block (see :class:`NFEMeter`)."""
         meter = NFEMeter()
@@ -171,11 +157,11 @@ class DefendedModel:
                 meter.prior_backward = prior.nfe.backward - start[1]
 
     # ---------------------------------------------------------------------------------------------------------------
-    def purified_logits(self, x: Tensor, with_gradient: bool) -> Tensor:
-        """Classifier logits of one purification of every row (through the purifier's gradient mode when
-        ``with_gradient``)."""
+    def purified_logits(self, x: Tensor, with_gradient: bool, gradient: str | None = None) -> Tensor:
+        """Classifier logits of one purification of every row (through the gradient mode ``gradient``, default the
+        purifier's own, when ``with_gradient``)."""
         if self.purifier is not None:
-            x = self.purifier.purify(x, with_gradient)
+            x = self.purifier.purify(x, with_gradient, gradient)
         return self.classifier(x)
 
     @torch.no_grad()
@@ -186,7 +172,7 @@ class DefendedModel:
         return torch.cat([forward(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
     def loss_gradient(self, x: Tensor, y: Tensor, loss_fn, eot: int = 1, *, reduce: str = "mean",
-                      max_rows: int = 256, through_purifier: bool = True):
+                      max_rows: int = 256, through_purifier: bool = True, gradient: str | None = None):
         """The EOT gradient of ``loss_fn`` at ``x``: every input is repeated ``eot`` times and purified (one batched
         forward/backward per chunk of at most ``max_rows`` rows), each copy's loss is differentiated, and the copies'
         gradients are combined.
@@ -196,9 +182,10 @@ class DefendedModel:
             ``"none"``: no combination, every copy's own gradient, loss and softmax (for attacks that weigh the
             copies, e.g. :class:`attacks_adaptive.DiffHammer`).
         :param through_purifier: ``False`` differentiates the classifier alone (preprocessor-blind).
+        :param gradient: the purifier's gradient mode for this gradient (``None``: the purifier's own setting).
         :return: ``(gradient, loss, probs)``: the combined gradient (shape of ``x``), the copies' mean loss (N,) and
             the copies' mean softmax (N, classes); with ``reduce="none"`` the per-copy values, of shapes
-            (N, k, *x.shape[1:]), (N, k) and (N, k, classes), where ``k`` is ``eot`` (1 for a deterministic target).
+            ``(N, k, *x.shape[1:])``, ``(N, k)`` and ``(N, k, classes)``, where ``k`` is ``eot`` (1 for a deterministic target).
         """
         if reduce not in ("mean", "sign_vote", "none"):
             raise ValueError(f"reduce must be 'mean', 'sign_vote' or 'none', got {reduce!r}.")
@@ -215,7 +202,8 @@ class DefendedModel:
                 kc = min(copies, k - j)
                 rows = x_i.repeat_interleave(kc, dim=0).requires_grad_(True)
                 with torch.enable_grad():
-                    logits = self.purified_logits(rows, True) if through_purifier else self.classifier(rows)
+                    logits = (self.purified_logits(rows, True, gradient) if through_purifier
+                              else self.classifier(rows))
                     loss = loss_fn(logits, y_i.repeat_interleave(kc))
                     (g,) = torch.autograd.grad(loss.sum(), rows)
                 g = g.view(x_i.shape[0], kc, *x.shape[1:])
@@ -239,17 +227,18 @@ class DefendedModel:
             grad /= k
         return grad, loss_sum / k, prob_sum / k
 
-    def purifier_vjp(self, x: Tensor, v: Tensor, max_rows: int = 256) -> Tensor:
+    def purifier_vjp(self, x: Tensor, v: Tensor, max_rows: int = 256, gradient: str | None = None) -> Tensor:
         """``J(x)^T v``: a vector ``v`` at the purified output pulled back to the input through ONE purification of
-        every row, in the purifier's gradient mode (the "grafting" of an output gradient onto one full-gradient path).
-        ``bpda`` (and an undefended model) pull back by the identity, without purifying."""
-        if self.purifier is None or self.purifier.gradient == "bpda":
+        every row, in the gradient mode ``gradient`` (default the purifier's own; the "grafting" of an output gradient
+        onto one full-gradient path). ``bpda`` (and an undefended model) pull back by the identity, without
+        purifying."""
+        if self.purifier is None or (gradient or self.purifier.gradient) == "bpda":
             return v.detach().clone()
         out = torch.zeros_like(x)
         for i in range(0, x.shape[0], max_rows):
             rows = x[i:i + max_rows].detach().requires_grad_(True)
             with torch.enable_grad():
-                purified = self.purifier.purify(rows, True)
+                purified = self.purifier.purify(rows, True, gradient)
                 (g,) = torch.autograd.grad(purified, rows, grad_outputs=v[i:i + max_rows].detach())
             out[i:i + max_rows] = g
         return out

@@ -92,6 +92,7 @@ class DiffHammer(Attack):
     :param em_alpha: exponent of the gradient accumulation ``v_t = (t + 1)^-em_alpha`` (0.5; 0: no accumulation).
     :param keep_best: return the iterate that broke the most of its purifications (``True``) or the last one.
     :param random_start: start at a uniform point of the ball (the code does; ``False``: at the input).
+
     (The other parameters are :class:`attacks_adaptive.base.Attack`'s.)
     """
 
@@ -170,15 +171,15 @@ class DiffHammer(Attack):
         """The M-step gradient at ``x``, and the per-copy losses (N, k) and misclassification flags (N, k)."""
         model = self.model
         if self.grafting and model.stochastic:
-            with model.gradient_mode("bpda"):  # the purifications without a graph: g_j = dL/dphi_j
-                grads, losses, probs = model.loss_gradient(x, y, loss_fn, self.eot, reduce="none",
-                                                           max_rows=self.max_rows)
+            # the purifications without a graph (bpda): g_j = dL/dphi_j
+            grads, losses, probs = model.loss_gradient(x, y, loss_fn, self.eot, reduce="none",
+                                                       max_rows=self.max_rows, gradient="bpda")
             weights = self.e_step(grads, losses)
             output_grad = (weights.view(*weights.shape, *([1] * (x.ndim - 1))) * grads).sum(1)
-            grad = model.purifier_vjp(x, output_grad, self.max_rows)
+            grad = model.purifier_vjp(x, output_grad, self.max_rows, gradient=self.gradient)
         else:
             grads, losses, probs = model.loss_gradient(x, y, loss_fn, self.eot, reduce="none",
-                                                       max_rows=self.max_rows)
+                                                       max_rows=self.max_rows, gradient=self.gradient)
             weights = self.e_step(grads, losses)
             grad = (weights.view(*weights.shape, *([1] * (x.ndim - 1))) * grads).sum(1)
         return grad, losses, probs.argmax(-1) != y[:, None]
@@ -205,16 +206,15 @@ class DiffHammer(Attack):
             best_broken[better], best_loss[better] = broken[better], mean_loss[better]
 
         accumulated = torch.zeros_like(x0)
-        with self.model.gradient_mode(self.gradient):
-            for t in self._iterations():
-                grad, losses, wrong = self._weighted_gradient(x_adv, y, loss_fn)
-                keep(x_adv, losses, wrong)
-                v = (t + 1) ** -float(self.em_alpha)
-                accumulated = v * grad + (1 - v) * accumulated
-                x_adv = project(x_adv + self.step_size * ascent_direction(accumulated, self.norm), x0, self.eps,
-                                self.norm)
-                self._note_iterate(x_adv)
-            if not self.keep_best:
-                return x_adv
-            keep(x_adv, *self._evaluate(x_adv, y, loss_fn))
+        for t in self._iterations():
+            grad, losses, wrong = self._weighted_gradient(x_adv, y, loss_fn)
+            keep(x_adv, losses, wrong)
+            v = (t + 1) ** -float(self.em_alpha)
+            accumulated = v * grad + (1 - v) * accumulated
+            x_adv = project(x_adv + self.step_size * ascent_direction(accumulated, self.norm), x0, self.eps,
+                            self.norm)
+            self._note_iterate(x_adv)
+        if not self.keep_best:
+            return x_adv
+        keep(x_adv, *self._evaluate(x_adv, y, loss_fn))
         return best

@@ -106,9 +106,8 @@ class JointAttack(Attack):
 
         def direction(x_i):
             grad, _, _ = self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows,
-                                                  through_purifier=through)
+                                                  through_purifier=through, gradient="bpda" if through else None)
             return (self.weight * ascent_direction(self._purifier_direction(x_i), self.norm)
                     + (1 - self.weight) * ascent_direction(grad, self.norm))
 
-        with self.model.gradient_mode("bpda" if through else None):
-            return self._ascend(x, x, self.step_size, direction)
+        return self._ascend(x, x, self.step_size, direction)

@@ -29,6 +29,7 @@ class PGDEOT(Attack):
     :param eot: stochastic purifications per gradient (20 in Lee & Kim).
     :param step: step size; ``None`` is ``0.007 * eps / (8/255)``.
     :param loss: ``"ce"`` (Lee & Kim), ``"dlr"`` or ``"margin"``.
+
     (The other parameters are :class:`attacks_adaptive.base.Attack`'s; there is no random start, as in the protocol.)
     """
 
@@ -61,8 +62,8 @@ class PGDEOT(Attack):
 
     def _attack(self, x, y):
         def direction(x_i):
-            grad, _, _ = self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows)
+            grad, _, _ = self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows,
+                                                  gradient=self.gradient)
             return ascent_direction(grad, self.norm)
 
-        with self.model.gradient_mode(self.gradient):
-            return self._ascend(x, x, self.step_size, direction)
+        return self._ascend(x, x, self.step_size, direction)

@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from attacks_adaptive.base import Attack
 from attacks_adaptive.defended import DefendedModel
+from attacks_adaptive.files import atomic_write
 from attacks_adaptive.rows import make_row
-from attacks_adaptive.scoring import (N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation,
-                                      single_shot)
-from purifiers.files import atomic_write
-from purifiers.speed import SpeedOptions
+from attacks_adaptive.scoring import N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation, single_shot
+from purifiers.priors.speed import SpeedOptions
 
 
 def slug(text: str) -> str:
@@ -53,7 +52,7 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
     """Run ``attacks`` on ``(x, y)``; return the rows (:mod:`attacks_adaptive.rows`) and the strongest example per
     input. Writing results files is the caller's (``benchmarks.results.write_worst_case``).
 
-    :param attacks: a list of :class:`attacks_adaptive.base.Attack` (distinct ``name``s) or a dict name -> attack;
+    :param attacks: a list of :class:`attacks_adaptive.base.Attack` (with distinct names) or a dict name -> attack;
         they must all attack the same purifier.
     :param x: NCHW [0, 1] images (numpy or tensor); ``y``: integer labels.
     :param state_dir: folder of the per-batch state (``.npz`` files; a rerun resumes from it, and refuses a state

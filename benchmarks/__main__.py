@@ -1,6 +1,7 @@
 """Command line: ``python -m benchmarks <command> [options]``; ``python -m benchmarks <command> --help`` for options.
 
-Each command is a module of this package with a ``main(argv)`` function; the table below maps names to modules.
+Each command is a module with a ``main(argv)`` function: ``benchmarks.commands.<name>`` (dashes as underscores), or
+``benchmarks.studies.<method>`` for the validation studies; the table below maps names to modules.
 """
 
 from __future__ import annotations
@@ -9,21 +10,29 @@ import importlib
 import sys
 
 COMMANDS = {
-    "quickstart": ("benchmarks.quickstart", "the main job on bundled MNIST with the shipped models"),
-    "train-classifier": ("benchmarks.train", "train a reference classifier (--dataset mnist | fashion_mnist)"),
-    "train-prior": ("benchmarks.train", "train, resume or export a built-in score prior (--dataset mnist | fashion_mnist)"),
-    "attacks": ("benchmarks.attacks_run", "adaptive attacks and the worst-case table (attacks.json)"),
-    "autoattack": ("benchmarks.autoattack_eval", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
-    "merge": ("benchmarks.merge", "join the shards (--shard i/N) of attacks, autoattack, robustbench, reproduce"),
-    "robustbench": ("benchmarks.robustbench_eval", "RobustBench-style evaluation writing model_info JSON"),
-    "leaderboard": ("benchmarks.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
-    "reproduce": ("benchmarks.reproduce", "paper-versus-ours tables"),
-    "estimate": ("benchmarks.paper_cost", "the cost of the papers' full protocols on their networks (CIFAR-10), no "
-                 "checkpoint needed"),
-    "speed": ("benchmarks.speed", "network and purification time per image, overhead ratios, speed switches, memory"),
-    "plots": ("benchmarks.plots", "robustness curves, image grids, score-norm histograms"),
-    "coup-toy": ("benchmarks.coup_toy", "COUP's 1-D toy experiment (Fig. 3b)"),
-    "check-prior": ("benchmarks.check_prior", "a prior file's format, conventions and denoising self-test"),
+    "quickstart": ("benchmarks.commands.quickstart", "the main job on bundled MNIST with the shipped models"),
+    "train-classifier": ("benchmarks.commands.train_classifier",
+                         "train a reference classifier (--dataset mnist | fashion_mnist)"),
+    "train-prior": ("benchmarks.commands.train_prior",
+                    "train, resume or export a built-in score prior (--dataset mnist | fashion_mnist)"),
+    "attacks": ("benchmarks.commands.attacks", "adaptive attacks and the worst-case table (attacks.json)"),
+    "autoattack": ("benchmarks.commands.autoattack", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
+    "merge": ("benchmarks.commands.merge", "join the shards (--shard i/N) of attacks, autoattack, robustbench, reproduce"),
+    "robustbench": ("benchmarks.commands.robustbench", "RobustBench-style evaluation writing model_info JSON"),
+    "leaderboard": ("benchmarks.commands.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
+    "reproduce": ("benchmarks.commands.reproduce", "paper-versus-ours tables"),
+    "estimate": ("benchmarks.commands.estimate", "the cost of the papers' full protocols on their networks (CIFAR-10), "
+                 "no checkpoint needed"),
+    "speed": ("benchmarks.commands.speed", "network and purification time per image, overhead ratios, speed switches, "
+              "memory"),
+    "plots": ("benchmarks.commands.plots", "robustness curves, image grids, score-norm histograms"),
+    "check-prior": ("benchmarks.commands.check_prior", "a prior file's format, conventions and denoising self-test"),
+    # The validation studies that chose the registry's settings (benchmarks/measured/ holds their results).
+    "adp-study": ("benchmarks.studies.adp", "ADP: settings sweep on val, test evaluation in parts, merge, memory"),
+    "scoreopt-study": ("benchmarks.studies.scoreopt", "ScoreOpt: tuning on val, test rows, curves, memory"),
+    "vpsde-study": ("benchmarks.studies.vpsde", "COUP / DiffPure: t* and lambda sweep on val, test rows, gradients, "
+                    "memory"),
+    "coup-toy": ("benchmarks.studies.coup_toy", "COUP's 1-D toy experiment (Fig. 3b)"),
 }
 
 

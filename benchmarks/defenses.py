@@ -17,12 +17,16 @@ defense is a factory ``module:function`` called ``function(prior, classifier, **
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
+from benchmarks.factories import import_spec
+from purifiers.adp_pytorch import ADPPyTorch
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
+from purifiers.scoreopt_pytorch import ScoreOptPyTorch
+from purifiers.vpsde_pytorch import COUPPyTorch, DiffPurePyTorch
 
 NO_DEFENSE = "none"  # the bare classifier
 
@@ -40,7 +44,7 @@ class PublishedNumber:
     """A number a paper prints (clean %, robust %) under one of the attacks this package runs."""
 
     dataset: str
-    attack: str   # "BlindPGD", "BPDA+EOT", "PGD+EOT" or "AutoAttack" (benchmarks.reproduce.ATTACKS)
+    attack: str   # "BlindPGD", "BPDA+EOT", "PGD+EOT" or "AutoAttack" (benchmarks.harness.protocols.ATTACKS)
     clean: float
     robust: float
     source: str
@@ -49,7 +53,7 @@ class PublishedNumber:
 @dataclass(frozen=True)
 class DefenseRecord:
     name: str
-    wrapper: str                       # "module:Class" of the ART wrapper (imported on use)
+    wrapper: Callable[..., PurifierPyTorch]  # the ART wrapper class (or a function with its signature)
     needs_classifier: bool             # COUP's guidance needs the classifier
     paper: Paper
     paper_settings: dict               # the paper's CIFAR-10 settings (= the wrapper's defaults)
@@ -58,7 +62,7 @@ class DefenseRecord:
     published: tuple = ()              # PublishedNumber, ...
     quickstart_seconds: float = 1.0    # relative cost in the quickstart (one CPU thread), for scheduling only
     wrapper_defaults: dict = field(default_factory=dict)  # seed, batch size of the registry's purifiers
-    # The network of the paper's CIFAR-10 prior: (checkpoint format, config) of purifiers.checkpoints.untrained_prior.
+    # The network of the paper's CIFAR-10 prior: (checkpoint format, config) of purifiers.priors.checkpoints.untrained_prior.
     paper_network: tuple[str, str] | None = None
 
     def settings_for(self, dataset: str) -> dict:
@@ -68,12 +72,12 @@ class DefenseRecord:
 
 REGISTRY: dict[str, DefenseRecord] = {
     "adp": DefenseRecord(
-        name="adp", wrapper="purifiers.adp_pytorch:ADPPyTorch", needs_classifier=False,
+        name="adp", wrapper=ADPPyTorch, needs_classifier=False,
         paper=Paper("Adversarial Purification with Score-based Generative Models (ADP)",
                     "Jongmin Yoon, Sung Ju Hwang, Juho Lee", "ICML 2021", "https://arxiv.org/abs/2106.06041"),
         # §5: sigma 0.25, lambda 0.05, delta 1e-5, tau 1e-3, T = 10; the S = 10 ensemble of eq. (13).
         paper_settings=dict(sigma=0.25, lam=0.05, steps=10, step_rule="paper"),
-        # `python -m benchmarks.adp_eval sweep --n 200 --runs 1` on MNIST val[:200] (benchmarks/measured/adp/); the
+        # `python -m benchmarks adp-study sweep --n 200 --runs 1` on MNIST val[:200] (benchmarks/measured/adp/); the
         # same with `--dataset fashion_mnist` on Fashion-MNIST val[:200], sigma 0.03-0.15 x lam 0.05-0.4 x injected /
         # tracked / running conditioning (adp_fashion_mnist_val_sweep.json): the most robust setting within 1.5 clean
         # points of the classifier. On Fashion-MNIST the S = 1 sweep's candidates near the clean bound were measured
@@ -90,12 +94,12 @@ REGISTRY: dict[str, DefenseRecord] = {
         quickstart_seconds=42, wrapper_defaults=dict(seed=0, batch_size=250),
         paper_network=("ncsnv2", "cifar10")),  # ADP released none; Croce et al. evaluate it on NCSNv2's
     "scoreopt": DefenseRecord(
-        name="scoreopt", wrapper="purifiers.scoreopt_pytorch:ScoreOptPyTorch", needs_classifier=False,
+        name="scoreopt", wrapper=ScoreOptPyTorch, needs_classifier=False,
         paper=Paper("Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt)",
                     "Boya Zhang, Weijian Luo, Zhihua Zhang", "NeurIPS 2023", "https://arxiv.org/abs/2307.04333"),
         # Table 10, CIFAR-10 BPDA+EOT row of ScoreOpt-O (noise range as EDM sigma on [-1, 1]).
         paper_settings=dict(variant="O", loss="diff", steps=5, lr=0.1, noise_range=(0.4, 0.6)),
-        # `python -m benchmarks.scoreopt_eval tune` on MNIST val[:200] with the 15,685-step prior (EDM sigma 0.6-0.8
+        # `python -m benchmarks scoreopt-study tune` on MNIST val[:200] with the 15,685-step prior (EDM sigma 0.6-0.8
         # with the previous 3,660-step one; benchmarks/measured/scoreopt/). The same with `--dataset fashion_mnist` on
         # Fashion-MNIST val[:200] (its eps 8/255 needs smaller noise).
         settings={"mnist": dict(variant="O", loss="diff", steps=20, lr=0.1, noise_range=(1.0, 1.2)),
@@ -104,7 +108,7 @@ REGISTRY: dict[str, DefenseRecord] = {
         quickstart_seconds=53, wrapper_defaults=dict(seed=0),
         paper_network=("edm-state-dict", "edm-cifar10-32x32-uncond-vp")),
     "scoreopt-n": DefenseRecord(
-        name="scoreopt-n", wrapper="purifiers.scoreopt_pytorch:ScoreOptPyTorch", needs_classifier=False,
+        name="scoreopt-n", wrapper=ScoreOptPyTorch, needs_classifier=False,
         paper=Paper("Enhancing Adversarial Robustness via Score-Based Optimization (ScoreOpt-N)",
                     "Boya Zhang, Weijian Luo, Zhihua Zhang", "NeurIPS 2023", "https://arxiv.org/abs/2307.04333"),
         paper_settings=dict(variant="N", loss="diff", steps=1, inner_steps=5, lr=0.1, noise_range=(0.5, 0.5)),
@@ -114,13 +118,13 @@ REGISTRY: dict[str, DefenseRecord] = {
         quickstart_seconds=53, wrapper_defaults=dict(seed=0),
         paper_network=("edm-state-dict", "edm-cifar10-32x32-uncond-vp")),
     "coup": DefenseRecord(
-        name="coup", wrapper="purifiers.vpsde_pytorch:COUPPyTorch", needs_classifier=True,
+        name="coup", wrapper=COUPPyTorch, needs_classifier=True,
         paper=Paper("Classifier Guidance Enhances Diffusion-Based Adversarial Purification by Preserving Predictive "
                     "Information (COUP)", "Mingkun Zhang, Jianing Li, Wei Chen, Jiafeng Guo, Xueqi Cheng",
                     "ECAI 2024", "https://arxiv.org/abs/2408.05900"),
         # §5.1 / §5.4: t* = 0.1 (l_inf), lambda = 1, 100 Euler steps.
         paper_settings=dict(t_star=0.1, guidance_scale=1.0, dt=1e-3),
-        # `python -m benchmarks.vpsde_eval sweep --n 64` on MNIST val[:64] with the 15,685-step prior (t* = 0.2 with
+        # `python -m benchmarks vpsde-study sweep --n 64` on MNIST val[:64] with the 15,685-step prior (t* = 0.2 with
         # the previous 3,660-step one; benchmarks/measured/vpsde/). The same with `--dataset fashion_mnist --n 100` on
         # Fashion-MNIST val[:100].
         settings={"mnist": dict(t_star=0.1, guidance_scale=1.0, dt=1e-3),
@@ -130,7 +134,7 @@ REGISTRY: dict[str, DefenseRecord] = {
         quickstart_seconds=384, wrapper_defaults=dict(seed=0, batch_size=100),
         paper_network=("score_sde", "vp/cifar10_ddpmpp_deep_continuous")),
     "diffpure": DefenseRecord(
-        name="diffpure", wrapper="purifiers.vpsde_pytorch:DiffPurePyTorch", needs_classifier=False,
+        name="diffpure", wrapper=DiffPurePyTorch, needs_classifier=False,
         paper=Paper("Diffusion Models for Adversarial Purification (DiffPure)",
                     "Weili Nie, Brandon Guo, Yujia Huang, Chaowei Xiao, Arash Vahdat, Anima Anandkumar", "ICML 2022",
                     "https://arxiv.org/abs/2205.07460"),
@@ -156,14 +160,6 @@ def record(name: str) -> DefenseRecord:
     return REGISTRY[name]
 
 
-def import_spec(spec: str):
-    """The object a ``"module:name"`` string names (a user's factory, a registry wrapper)."""
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise ValueError(f"expected 'module:function', got {spec!r}.")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
 def defense(name: str, dataset: str = "mnist", *, prior=None, classifier: nn.Module | None = None,
             gradient: str | None = None, **overrides) -> PurifierPyTorch:
     """A configured purifier: the registry's wrapper of ``name`` with the settings for ``dataset`` (ours, chosen on
@@ -183,14 +179,15 @@ def defense(name: str, dataset: str = "mnist", *, prior=None, classifier: nn.Mod
         prior = shipped_prior if prior is None else prior
         classifier = shipped_classifier if classifier is None else classifier
     if not hasattr(prior, "denoise"):
-        from purifiers.loading import load_prior
+        from purifiers.priors.loading import load_prior
 
         prior = load_prior(prior)
     settings = {**entry.wrapper_defaults, **entry.settings_for(dataset), **overrides}
     if gradient is not None:
         settings["gradient"] = gradient
-    wrapper = import_spec(entry.wrapper)
-    return wrapper(prior, classifier, **settings) if entry.needs_classifier else wrapper(prior, **settings)
+    if entry.needs_classifier:
+        return entry.wrapper(prior, classifier, **settings)
+    return entry.wrapper(prior, **settings)
 
 
 def build_purifier(spec: str, prior, classifier: nn.Module | None, dataset: str = "mnist",

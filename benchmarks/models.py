@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from benchmarks.results import write_json
-from purifiers.priors import load_state_dict_safely
-from purifiers.loading import load_prior
+from purifiers.priors.backends import load_state_dict_safely
+from purifiers.priors.loading import load_prior
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 REFERENCE_FILES = {"mnist": ("mnist_classifier.safetensors", "mnist_prior.safetensors"),
@@ -67,9 +67,37 @@ def save_classifier(model: nn.Module, path: str, card: dict) -> None:
     write_json(os.path.splitext(path)[0] + ".json", card)
 
 
-def load_classifier(path: str, arch: str | None = None) -> nn.Module:
-    """A classifier saved by :func:`save_classifier`; its class is ``arch`` or else the card's "model" entry (a file
-    without a card is a :class:`MnistCNN`, as the first shipped models were)."""
+def load_classifier(source: str | None = None, dataset: str = "mnist", *, threat_model: str = "Linf",
+                    model_dir: str = "models", arch: str | None = None) -> nn.Module:
+    """A classifier mapping [0, 1] images to logits, in eval mode; the one loader of every command and study.
+
+    :param source: ``None``: the classifier shipped for ``dataset``; a ``.safetensors`` file written by
+        :func:`save_classifier` (its class is ``arch``, else its card's ``"model"`` entry; a file without a card is a
+        :class:`MnistCNN`, as the first shipped models were); ``"robustbench:<Name>"``: RobustBench's model zoo, read
+        from ``<model_dir>/<dataset>/<threat_model>/<Name>.pt`` (never downloaded); ``"module:function"``: a factory
+        with no arguments returning the module.
+    """
+    if source is None:
+        if dataset not in REFERENCE_FILES:
+            raise ValueError(f"no classifier ships for {dataset!r} (shipped: {sorted(REFERENCE_FILES)}): give "
+                             "'robustbench:<Name>' (with a model_dir) or module:function.")
+        source = os.path.join(MODELS_DIR, REFERENCE_FILES[dataset][0])
+    if os.path.isfile(source):
+        return _load_saved_classifier(source, arch)
+    kind, _, name = source.partition(":")
+    if kind == "robustbench":
+        return _load_robustbench_classifier(name, dataset, threat_model, model_dir)
+    if not name:
+        raise FileNotFoundError(f"classifier {source!r}: no such file (nor 'robustbench:<Name>' or module:function).")
+    from benchmarks.factories import import_spec
+
+    model = import_spec(source)()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"the classifier factory {source!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model.eval()
+
+
+def _load_saved_classifier(path: str, arch: str | None) -> nn.Module:
     if arch is None:
         card_path = os.path.splitext(path)[0] + ".json"
         arch = model_card(path).get("model", "MnistCNN") if os.path.isfile(card_path) else "MnistCNN"
@@ -80,22 +108,46 @@ def load_classifier(path: str, arch: str | None = None) -> nn.Module:
     return model.eval()
 
 
-def load_reference_models(dataset: str = "mnist", device: str | torch.device = "cpu", models_dir: str = MODELS_DIR):
-    """``(classifier, prior)`` shipped for ``dataset`` ("mnist" or "fashion_mnist"; CIFAR-10 priors come from a user's
-    folder)."""
+def _load_robustbench_classifier(name: str, dataset: str, threat_model: str, model_dir: str) -> nn.Module:
+    path = os.path.join(model_dir, dataset, threat_model, f"{name}.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; robustbench would download it, this package never does. Put "
+                                "the checkpoint there (robustbench's model_dir layout).")
+    from benchmarks.harness.rb_compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.utils import load_model
+
+    return load_model(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model).eval()
+
+
+def reference_paths(dataset: str, models_dir: str = MODELS_DIR) -> tuple[str, str]:
+    """``(classifier, prior)`` files shipped for ``dataset`` ("mnist" or "fashion_mnist")."""
     if dataset not in REFERENCE_FILES:
         raise ValueError(f"no reference models ship for {dataset!r}; shipped: {sorted(REFERENCE_FILES)}. For CIFAR-10, "
                          "pass a local diffusers folder or an authors' checkpoint (score_sde checkpoint_8.pth, NCSNv2 "
                          "checkpoint.pth) to purifiers.load_prior.")
     classifier_file, prior_file = (os.path.join(models_dir, f) for f in REFERENCE_FILES[dataset])
-    for path in (classifier_file, prior_file):
-        if not os.path.isfile(path):
+    return classifier_file, prior_file
+
+
+def load_reference_models(dataset: str = "mnist", device: str | torch.device = "cpu", models_dir: str = MODELS_DIR, *,
+                          prior=None, classifier: str | None = None):
+    """``(classifier, prior)`` shipped for ``dataset`` ("mnist" or "fashion_mnist"; CIFAR-10 priors come from a user's
+    folder), in eval mode: the one loader of the shipped models for every command, study, test and example.
+
+    :param prior: instead of the shipped prior, anything :func:`purifiers.load_prior` takes (a file, a folder, a
+        :class:`purifiers.Prior`).
+    :param classifier: instead of the shipped classifier, anything :func:`load_classifier` takes.
+    """
+    classifier_file, prior_file = reference_paths(dataset, models_dir)
+    for path, given in ((classifier_file, classifier), (prior_file, prior)):
+        if given is None and not os.path.isfile(path):
             raise FileNotFoundError(f"reference model {path} is missing; train it with "
                                     f"`python -m benchmarks train-classifier --dataset {dataset}` / "
                                     f"`train-prior --dataset {dataset}`.")
-    classifier = load_classifier(classifier_file).to(device)
-    prior = load_prior(prior_file, device=device)
-    return classifier, prior
+    classifier_model = load_classifier(classifier or classifier_file, dataset).to(device)
+    return classifier_model, load_prior(prior_file if prior is None else prior, device=device)
 
 
 def model_card(path: str) -> dict:

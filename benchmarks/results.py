@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
+from attacks_adaptive.files import atomic_write
 from attacks_adaptive.rows import ROW_FIELDS, make_row
-from purifiers.files import atomic_write
 
 __all__ = ["ROW_FIELDS", "make_row", "collect_meta", "command_as_typed", "portable_path", "prior_fields", "file_sha256",
            "write_json", "write_results", "write_worst_case", "read_results", "format_table"]

@@ -7,11 +7,10 @@ ADPPyTorch, ScoreOptPyTorch, COUPPyTorch, DiffPurePyTorch. The purifiers load la
 
 import importlib
 
-from purifiers.art_base import PurifiedClassifier, PurifierPyTorch, straight_through
+from purifiers.art_base import PurifiedClassifier, PurifierPyTorch, gradient_mode, straight_through
 from purifiers.conventions import DDPMSchedule, VPSchedule
-from purifiers.loading import load_prior
 from purifiers.priors import (DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, NCSNv2Prior, NFECounter, Prior,
-                              VEScorePrior)
+                              VEScorePrior, load_prior)
 
 _LAZY = {"ADP": "purifiers.adp", "ADPPyTorch": "purifiers.adp_pytorch",
          "ScoreOpt": "purifiers.scoreopt", "ScoreOptPyTorch": "purifiers.scoreopt_pytorch",
@@ -20,7 +19,11 @@ _LAZY = {"ADP": "purifiers.adp", "ADPPyTorch": "purifiers.adp_pytorch",
 
 __all__ = ["load_prior", "Prior", "GaussianPrior", "EDMDenoiser", "EpsilonPrior", "DenoiserPrior", "VEScorePrior",
            "NCSNv2Prior", "NFECounter",
-           "VPSchedule", "DDPMSchedule", "PurifierPyTorch", "PurifiedClassifier", "straight_through", *_LAZY]
+           "VPSchedule", "DDPMSchedule", "PurifierPyTorch", "PurifiedClassifier", "gradient_mode", "straight_through", *_LAZY]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name):

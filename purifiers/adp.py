@@ -30,7 +30,7 @@ chooses it per sample and per step:
   the level an unconditional network would read off the partly cleaned image.
 
 Levels are kept inside ``sigma_range``. The default is ``"injected"``, chosen on the MNIST validation split
-(``python -m benchmarks.adp_eval sweep``; the numbers are in the README). Why the others fall behind: eq. (17)
+(``python -m benchmarks adp-study sweep``; the numbers are in the README). Why the others fall behind: eq. (17)
 measures the curvature of the *conditioned* score, ``sigma_t = c / (1 - r)`` with ``r = <s, J_D s> / |s|^2 >= 0``, so
 it returns at least the level it was given and ``"running"`` feeds on itself up to ``sigma_range[1]`` (over-smoothing
 clean images), while ``"tracked"`` lowers the level so fast that an adversarial perturbation is kept as detail.
@@ -54,7 +54,7 @@ Detection gate (App. F, ``detection_threshold``): inputs whose score norm exceed
 training images get the full noise ``sigma``, the others ``beta * sigma`` (beta = 0.2), which spares clean accuracy.
 
 Gradients: with autograd on and ``x.requires_grad`` the module is differentiable in ``x`` through every step. Each
-score evaluation is checkpointed (:mod:`purifiers.checkpointing`), so memory does not grow with ``T`` beyond a few
+score evaluation is checkpointed (:mod:`purifiers.recompute`), so memory does not grow with ``T`` beyond a few
 images per step. By default the step sizes (and the conditioning levels derived from them) are constants of the backward
 pass, as in Croce et al. (2022); ``step_size_gradient=True`` differentiates them too (through the probe evaluation).
 """
@@ -67,8 +67,8 @@ import torch
 from torch import nn
 
 from purifiers import noise as noise_lib
-from purifiers.checkpointing import checkpointed
-from purifiers.priors import Prior
+from purifiers.priors.backends import Prior
+from purifiers.recompute import checkpointed
 from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 
+from torch import Tensor
 
 from purifiers.adp import ADP, DEFAULT_CONDITIONING, NOISY_INPUT_RANGE, PAPER_LAMBDA, PAPER_STEPS, PAPER_TAU
-from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
-from purifiers.priors import Prior
+from purifiers.art_base import AlgorithmSetting, PurifierPyTorch, gradient_mode
+from purifiers.priors.backends import Prior
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,18 @@ class ADPPyTorch(PurifierPyTorch):
     | Please keep in mind the limitations of defences (see the module docstring).
 
     :param prior: the score prior (:func:`purifiers.load_prior`).
-    :param sigma, steps, lam, delta, tau, step_rule, conditioning, sigma_range, step_size_gradient, checkpoint_steps,
-        detection_threshold, beta, detection_sigma: the algorithm's hyper-parameters, see :class:`purifiers.ADP`.
+    :param hyper-parameters: ``sigma``, ``steps``, ``lam``, ``delta``, ``tau``, ``step_rule``, ``conditioning``,
+        ``sigma_range``, ``step_size_gradient``, ``checkpoint_steps``, ``detection_threshold``, ``beta``,
+        ``detection_sigma``: the algorithm's hyper-parameters, see :class:`purifiers.ADP`.
     :param noisy_inputs: accept inputs that carry additive noise, outside [0, 1] (as ART's randomized smoothing
         produces: ``NumpyRandomizedSmoothing(PyTorchClassifier(..., preprocessing_defences=[ADPPyTorch(...,
         noisy_inputs=True)]))``); 0-255 images are still rejected. ADP clips ``x + noise`` to [0, 1] first.
-    :param gradient, eot_samples, clip_values, channels_first, batch_size, verbose, seed, device_type, channels_last,
-        compile, amp, batch_invariant: see
+    :param wrapper-options: ``gradient``, ``eot_samples``, ``clip_values``, ``channels_first``, ``batch_size``,
+        ``verbose``, ``seed``, ``device_type``, ``channels_last``, ``compile``, ``amp``, ``batch_invariant``: see
         :class:`purifiers.PurifierPyTorch`.
     """
 
     params = PurifierPyTorch.params + list(ALGORITHM_PARAMS) + ["noisy_inputs"]
-    gradient_modes = ("bpda", "exact")
 
     sigma = AlgorithmSetting()
     steps = AlgorithmSetting()
@@ -95,7 +96,6 @@ class ADPPyTorch(PurifierPyTorch):
             raise ValueError(f"noisy_inputs must be a bool, got {value!r}.")
         self.input_range = NOISY_INPUT_RANGE if value else PurifierPyTorch.input_range
 
-    def _gradient_estimators(self):
-        estimators = super()._gradient_estimators()
-        estimators["exact"] = lambda x, generator: self.algorithm.purify_unchecked(x, generator)
-        return estimators
+    @gradient_mode("exact")
+    def _exact(self, x: Tensor, generator) -> Tensor:
+        return self.algorithm.purify_unchecked(x, generator)

@@ -14,7 +14,6 @@ and the input requires a gradient; only then does it use the gradient mode and e
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,11 +22,31 @@ from torch import nn
 from tqdm import tqdm
 
 from purifiers.noise import RowGenerators, row_seeds
-from purifiers.speed import SpeedOptions, apply_speed_options
+from purifiers.priors.speed import SpeedOptions
 from purifiers.validation import as_network_dtype, check_images
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
+
+
+def gradient_mode(name: str):
+    """Marks a wrapper method ``method(self, x, generator) -> Tensor`` as the gradient mode ``name``: a differentiable
+    function of the validated NCHW batch whose value is a purification of it. A wrapper's ``gradient_modes`` are the
+    names of its marked methods (its base classes' first, in the order they are defined), and ``gradient=name``
+    selects the method."""
+
+    def mark(method):
+        method.gradient_mode_name = name
+        return method
+
+    return mark
+
+
+def _collect_gradient_modes(cls) -> None:
+    methods = dict(getattr(cls, "_gradient_methods", {}))
+    methods.update({m.gradient_mode_name: m for m in vars(cls).values() if hasattr(m, "gradient_mode_name")})
+    cls._gradient_methods = methods
+    cls.gradient_modes = tuple(methods)
 
 
 def straight_through(x: Tensor, purified: Tensor) -> Tensor:
@@ -55,8 +74,8 @@ class AlgorithmSetting:
 class PurifierPyTorch(PreprocessorPyTorch):
     """Base ART wrapper around a pure-torch purification algorithm ``algorithm(x, generator=...) -> x_purified``.
 
-    Subclasses build ``self.algorithm`` and declare their gradient modes in ``gradient_modes`` by overriding
-    :meth:`_gradient_estimators`; ``bpda`` (straight-through identity) is always available.
+    Subclasses build ``self.algorithm`` and add gradient modes as methods marked with :func:`gradient_mode`; ``bpda``
+    (straight-through identity, :meth:`_bpda`) is always available. ``gradient_modes`` lists them.
 
     :param gradient: how a gradient is taken through the purifier (see the subclass docstring for its modes).
     :param eot_samples: while a gradient is taken, each input is purified ``eot_samples`` times (one batched call of
@@ -75,7 +94,7 @@ class PurifierPyTorch(PreprocessorPyTorch):
         when CUDA is available, else ``"cpu"``. It sets where ART's ``__call__`` puts numpy input; the purification
         itself runs on the device of the input tensor (the prior moves there).
     :param channels_last, compile, amp, batch_invariant: options of the prior network
-        (:class:`purifiers.speed.SpeedOptions`: ``channels_last`` memory format, ``torch.compile``, CUDA mixed
+        (:class:`purifiers.priors.speed.SpeedOptions`: ``channels_last`` memory format, ``torch.compile``, CUDA mixed
         precision ``"fp16"``/``"bf16"`` (refused on CPU), fixed-size network blocks so that a seeded purification is
         bit-identical on CPU whatever the batch size). All off by default.
 
@@ -84,7 +103,7 @@ class PurifierPyTorch(PreprocessorPyTorch):
     """
 
     params = ["gradient", "eot_samples", "clip_values", "channels_first", "batch_size", "verbose", "seed"]
-    gradient_modes: tuple[str, ...] = ("bpda",)
+    gradient_modes: tuple[str, ...]  # set from the methods marked with @gradient_mode (_collect_gradient_modes)
     #: The values ``purify`` accepts. A subclass or instance may widen it for inputs that legitimately carry additive
     #: noise (ART's randomized smoothing adds Gaussian noise before the preprocessing defences, without clipping).
     input_range: tuple[float, float] = (0.0, 1.0)
@@ -118,7 +137,7 @@ class PurifierPyTorch(PreprocessorPyTorch):
         self._check_params()
         prior = getattr(self.algorithm, "prior", None)
         if prior is not None:
-            apply_speed_options(prior, self.speed)
+            prior.set_speed_options(self.speed)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -189,9 +208,13 @@ class PurifierPyTorch(PreprocessorPyTorch):
         mults = self._builtin_unet_config().get("channel_mults")
         return 2 ** (len(mults) - 1) if mults else 1
 
-    def _gradient_estimators(self) -> dict[str, Callable[[Tensor, torch.Generator | None], Tensor]]:
-        """Mode name -> a differentiable function of the NCHW batch whose value is a purification of it."""
-        return {"bpda": lambda x, gen: straight_through(x, self._purify_no_grad(x, gen))}
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _collect_gradient_modes(cls)
+
+    @gradient_mode("bpda")
+    def _bpda(self, x: Tensor, generator) -> Tensor:
+        return straight_through(x, self._purify_no_grad(x, generator))
 
     def _purify_no_grad(self, x: Tensor, generator) -> Tensor:
         with torch.no_grad():
@@ -209,13 +232,17 @@ class PurifierPyTorch(PreprocessorPyTorch):
     def _from_nchw(self, x: Tensor) -> Tensor:
         return x if self.channels_first else x.permute(0, 2, 3, 1)
 
-    def purify(self, x: Tensor, with_gradient: bool) -> Tensor:
-        """Purify an NCHW tensor in [0, 1]: in the gradient mode when ``with_gradient``, else in batches without graph.
+    def purify(self, x: Tensor, with_gradient: bool, gradient: str | None = None) -> Tensor:
+        """Purify an NCHW tensor in [0, 1]: through a gradient mode when ``with_gradient`` (``gradient``, default the
+        wrapper's own ``self.gradient``), else in batches without graph.
 
         This is what :class:`purifiers.PurifiedClassifier` calls; it never expands the batch for EOT. The one place the
         input is validated (the algorithms' inner loops do not check again); any floating dtype is accepted, computed
         in the prior network's dtype and returned in the input's.
         """
+        mode = self.gradient if gradient is None else gradient
+        if mode not in self.gradient_modes:
+            raise ValueError(f"{type(self).__name__} has no gradient mode {mode!r}; it has {self.gradient_modes}.")
         if not isinstance(x, Tensor):
             raise ValueError(f"purifier input must be a torch.Tensor, got {type(x).__name__}.")
         check_images(x, name="purifier input", channels=self.input_channels, value_range=self.input_range)
@@ -227,7 +254,7 @@ class PurifierPyTorch(PreprocessorPyTorch):
         x_net = as_network_dtype(x, getattr(self.algorithm, "prior", self.algorithm))
         gen = self.generator(x.device, x.shape[0])
         if with_gradient:
-            return self._gradient_estimators()[self.gradient](x_net, gen).to(x.dtype)
+            return self._gradient_methods[mode](self, x_net, gen).to(x.dtype)
         chunks = range(0, x.shape[0], self.batch_size)
         out = [self._purify_no_grad(x_net[i:i + self.batch_size],
                                     gen[i:i + self.batch_size] if isinstance(gen, RowGenerators) else gen)
@@ -262,6 +289,9 @@ class PurifierPyTorch(PreprocessorPyTorch):
         if not np.issubdtype(x.dtype, np.floating):
             check_images(x, name="purifier input")  # raises the dtype error before torch converts the array
         return super().__call__(x, y)
+
+
+_collect_gradient_modes(PurifierPyTorch)  # the base's own bpda (subclasses collect theirs in __init_subclass__)
 
 
 def _repeat_rows(y, k: int):
@@ -309,7 +339,7 @@ class PurifiedClassifier(nn.Module):
 
     @property
     def prior_nfe(self):
-        """The prior's :class:`purifiers.priors.NFECounter` (images through the network, forward and backward)."""
+        """The prior's :class:`purifiers.priors.backends.NFECounter` (images through the network, forward and backward)."""
         return self.algorithm.prior.nfe
 
     def reset_counters(self) -> None:

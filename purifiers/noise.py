@@ -10,7 +10,7 @@ The seeded ART wrappers derive row ``i`` of their ``k``-th call (counted since c
 ``reset_generator()``) from ``(seed, k, i)`` (:func:`row_seeds`): the same seed gives the same noise for that image
 whatever ``batch_size`` cuts the call into. The purification then agrees across batch sizes to float rounding;
 bit for bit on CPU when the network runs in fixed-size blocks too (the wrappers' ``batch_invariant=True``,
-:mod:`purifiers.speed`), since CPU kernels pick their blocking by batch size.
+:mod:`purifiers.priors.speed`), since CPU kernels pick their blocking by batch size.
 """
 
 from __future__ import annotations

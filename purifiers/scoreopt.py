@@ -58,9 +58,9 @@ import torch
 from torch import nn
 
 from purifiers import noise as noise_lib
-from purifiers.checkpointing import checkpointed
 from purifiers.conventions import pm1_sigma_to_pixel, to_01, to_pm1
-from purifiers.priors import Prior
+from purifiers.priors.backends import Prior
+from purifiers.recompute import checkpointed
 from purifiers.validation import as_network_dtype, check_images
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class ScoreOpt(nn.Module):
 
     ``forward`` is differentiable in ``x`` when autograd is on and ``x`` requires a gradient: every optimiser step is
     then taken with ``create_graph=True`` (second-order terms of the loss, Adam's moments and normalisation included),
-    each step under activation checkpointing (:mod:`purifiers.checkpointing`) so memory grows with the number of
+    each step under activation checkpointing (:mod:`purifiers.recompute`) so memory grows with the number of
     steps only by a few images per step (the step's inputs and noise). Otherwise each step's gradient is taken and
     detached, with no graph kept across steps.
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 
-from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
-from purifiers.priors import Prior
-from purifiers.loading import load_prior
+from torch import Tensor
+
+from purifiers.art_base import AlgorithmSetting, PurifierPyTorch, gradient_mode
+from purifiers.priors.backends import Prior
+from purifiers.priors.loading import load_prior
 from purifiers.scoreopt import ScoreOpt
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,6 @@ class ScoreOptPyTorch(PurifierPyTorch):
     ALGORITHM_PARAMS = ("variant", "loss", "steps", "inner_steps", "lr", "noise_range", "mse_lambda", "sr_lambda",
                         "optimizer", "n_target", "checkpoint_steps")
     params = PurifierPyTorch.params + list(ALGORITHM_PARAMS)
-    gradient_modes = ("bpda", "surrogate", "exact")
 
     variant = AlgorithmSetting("``ScoreOpt.variant`` of the wrapped algorithm.")
     loss = AlgorithmSetting("``ScoreOpt.loss`` of the wrapped algorithm.")
@@ -103,8 +104,10 @@ class ScoreOptPyTorch(PurifierPyTorch):
                          device_type=device_type, channels_last=channels_last, compile=compile, amp=amp,
                          batch_invariant=batch_invariant)
 
-    def _gradient_estimators(self):
-        estimators = super()._gradient_estimators()
-        estimators["surrogate"] = lambda x, gen: self.algorithm._one_shot_surrogate(x, gen)
-        estimators["exact"] = lambda x, gen: self.algorithm.purify_unchecked(x, gen)
-        return estimators
+    @gradient_mode("surrogate")
+    def _surrogate(self, x: Tensor, generator) -> Tensor:
+        return self.algorithm._one_shot_surrogate(x, generator)
+
+    @gradient_mode("exact")
+    def _exact(self, x: Tensor, generator) -> Tensor:
+        return self.algorithm.purify_unchecked(x, generator)

@@ -56,10 +56,10 @@ import torchsde
 from torch import nn
 
 from purifiers import noise as noise_lib
-from purifiers.checkpointing import checkpointed
 from purifiers.conventions import DDPMSchedule, VPSchedule, to_01, to_pm1
-from purifiers.priors import Prior
-from purifiers.speed import in_blocks
+from purifiers.priors.backends import Prior
+from purifiers.priors.speed import in_blocks
+from purifiers.recompute import checkpointed
 from purifiers.validation import as_network_dtype, check_images
 
 Tensor = torch.Tensor
@@ -127,7 +127,7 @@ def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSc
 
     :param x: the state at ``grid[0]`` (any shape; batch first).
     :param increments: ``(len(grid) - 1, *x.shape)``, ``dW_k ~ N(0, grid[k] - grid[k+1])``.
-    :param checkpoint_steps: recompute each step in the backward pass (:func:`purifiers.checkpointing.checkpointed`)
+    :param checkpoint_steps: recompute each step in the backward pass (:func:`purifiers.recompute.checkpointed`)
         instead of storing its graph, so memory holds one state per step rather than every network activation of
         every step. The forward pass runs each step once without a graph (the guidance's own gradient taken without
         ``create_graph``); the backward pass runs it once more with the guidance differentiable, so the classifier's
@@ -180,7 +180,7 @@ class SDENoise:
 class ReverseVPSDE(nn.Module):
     """Purification by the (guided) reverse VP-SDE; :class:`COUP` and :class:`DiffPure` are its two settings.
 
-    :param prior: the score prior (a :class:`purifiers.priors.Prior`, denoiser on [0, 1] images at pixel sigma).
+    :param prior: the score prior (a :class:`purifiers.priors.backends.Prior`, denoiser on [0, 1] images at pixel sigma).
     :param classifier: maps [0, 1] images to logits; needed when ``guidance_scale > 0``.
     :param t_star: the diffusion time the reverse SDE starts at (0.1 for l_inf, 0.075 for l_2 in both papers).
     :param guidance_scale: lambda of COUP eq. 5 (0: the unguided reverse SDE).
@@ -266,8 +266,7 @@ class ReverseVPSDE(nn.Module):
         differentiable = torch.is_grad_enabled() and x.requires_grad and self.guidance_gradient == "full"
         with torch.enable_grad():
             x_in = x if differentiable else x.detach().requires_grad_(True)
-            options = getattr(self.prior, "speed_options", None)
-            if options is not None and options.batch_invariant:  # the classifier in fixed-size blocks too
+            if self.prior.speed_options.batch_invariant:  # the classifier in fixed-size blocks too
                 logits = in_blocks(self.classifier, to_01(x_in))
             else:
                 logits = self.classifier(to_01(x_in))
@@ -358,6 +357,7 @@ class COUP(ReverseVPSDE):
     :param classifier: the classifier whose confidence guides the purification (maps [0, 1] images to logits).
     :param t_star: 0.1 for l_inf, 0.075 for l_2 (paper section 5.1).
     :param guidance_scale: lambda (1.0 in the paper, section 5.4).
+
     Further keyword arguments: see :class:`ReverseVPSDE`.
     """
 
@@ -372,6 +372,7 @@ class DiffPure(ReverseVPSDE):
 
     :param prior: the score prior (denoiser on [0, 1] images at pixel sigma).
     :param t_star: 0.1 for CIFAR-10 l_inf, 0.075 for l_2, 0.15 for ImageNet (DiffPure's settings).
+
     Further keyword arguments (``dt``, ``t_end``, ``forward_alpha``, ``checkpoint_steps``): see :class:`ReverseVPSDE`.
     """
 

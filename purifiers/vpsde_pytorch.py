@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from purifiers.art_base import AlgorithmSetting, PurifierPyTorch
-from purifiers.priors import Prior
+from purifiers.art_base import AlgorithmSetting, PurifierPyTorch, gradient_mode
+from purifiers.priors.backends import Prior
 from purifiers.vpsde import COUP, DEFAULT_T_END, DiffPure, ReverseVPSDE
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ Tensor = torch.Tensor
 class _ReverseVPSDEPyTorch(PurifierPyTorch):
     """Shared ART wrapper of :class:`purifiers.vpsde.ReverseVPSDE` purifiers (see the module docstring)."""
 
-    gradient_modes = ("bpda", "exact", "adjoint", "surrogate")
     params = PurifierPyTorch.params + ["t_star", "dt", "resize_to", "surrogate_steps"]
 
     t_star = AlgorithmSetting("diffusion time the reverse SDE starts at")
@@ -62,23 +61,21 @@ class _ReverseVPSDEPyTorch(PurifierPyTorch):
             raise ValueError(f"surrogate_steps ({self.surrogate_steps}) must not exceed the solver's "
                              f"{self.algorithm.num_steps} steps: the surrogate is a coarser grid.")
 
-    def _gradient_estimators(self):
-        estimators = super()._gradient_estimators()
-        estimators.update(exact=self._exact, adjoint=self._adjoint, surrogate=self._surrogate)
-        return estimators
-
     # The base class has validated the input (against this wrapper's ``input_range``), so these call the solver
     # directly rather than the algorithm's ``forward``, which validates for standalone use.
     def _purify_no_grad(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         with torch.no_grad():
             return self._exact(x, generator)
 
+    @gradient_mode("exact")
     def _exact(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.algorithm.purify(x, self.algorithm.draw_noise(x, generator))
 
+    @gradient_mode("adjoint")
     def _adjoint(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.algorithm.purify_adjoint(x, self.algorithm.draw_noise(x, generator))
 
+    @gradient_mode("surrogate")
     def _surrogate(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         noise = self.algorithm.draw_noise(x, generator)
         with torch.no_grad():
@@ -109,6 +106,7 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
         ``None`` (default): at the input size.
     :param surrogate_steps: steps of the coarse solver of ``gradient="surrogate"``.
     :param gradient: ``"bpda"``, ``"exact"``, ``"adjoint"`` or ``"surrogate"`` (module docstring).
+
     Further keyword arguments (``eot_samples``, ``clip_values``, ``channels_first``, ``batch_size``, ``verbose``,
     ``seed``, ``device_type``, ``channels_last``, ``compile``, ``amp``): see :class:`purifiers.PurifierPyTorch`.
     """
@@ -144,6 +142,7 @@ class DiffPurePyTorch(_ReverseVPSDEPyTorch):
         protocol (224x224 inputs, guided-diffusion's 256x256 model, ``t_star=0.15``); ``None`` (default): no resize.
     :param surrogate_steps: steps of the coarse solver of ``gradient="surrogate"``.
     :param gradient: ``"bpda"``, ``"exact"``, ``"adjoint"`` or ``"surrogate"`` (module docstring).
+
     Further keyword arguments: see :class:`purifiers.PurifierPyTorch`.
     """
 

@@ -22,7 +22,8 @@ def prior32():
 def toy_defense(monkeypatch):
     """The toy purifier of tiny.py registered under the name 'toy', as the registry's defenses are."""
     from benchmarks.defenses import REGISTRY, DefenseRecord, Paper
+    from tiny import make_toy
 
-    monkeypatch.setitem(REGISTRY, "toy", DefenseRecord(name="toy", wrapper="tiny:make_toy", needs_classifier=True,
+    monkeypatch.setitem(REGISTRY, "toy", DefenseRecord(name="toy", wrapper=make_toy, needs_classifier=True,
                                                        paper=Paper("toy purifier", "", "", ""), paper_settings={}))
     return "toy"

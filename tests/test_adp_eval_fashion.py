@@ -1,4 +1,4 @@
-"""The blind-PGD studies on Fashion-MNIST (benchmarks.adp_eval, scoreopt_eval, vpsde_eval with --dataset
+"""The blind-PGD studies on Fashion-MNIST (benchmarks.studies.adp, scoreopt_eval, vpsde_eval with --dataset
 fashion_mnist) on 4-image idx fixtures written here (CI has no Debian package): the attack settings, the file names
 beside MNIST's, parts and merge, the refusal to test without chosen settings, and bad input."""
 
@@ -6,13 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from test_fashion_mnist import write_fashion_idx
 
-from benchmarks import adp_eval, scoreopt_eval, vpsde_eval
 from benchmarks.defenses import defense, record
 from benchmarks.results import read_results
-from benchmarks.tuning import (BLIND_PGD, MissingSettingsError, blind_adversarials, blind_pgd_config, cached_blind_pgd,
-                               eps_text, file_prefix, load_models, registry_line)
-from test_fashion_mnist import write_fashion_idx
+from benchmarks.studies import adp as adp_eval
+from benchmarks.studies import scoreopt as scoreopt_eval
+from benchmarks.studies import vpsde as vpsde_eval
+from benchmarks.studies.tuning import (BLIND_PGD, MissingSettingsError, blind_adversarials, blind_pgd_config,
+                                       cached_blind_pgd, eps_text, file_prefix, load_models, registry_line,
+                                       shipped_prior_path)
 
 FAST = {"sigma": 0.1, "lam": 0.2, "steps": 2}  # two purification steps: the bookkeeping, not the accuracy, is tested
 
@@ -85,12 +88,12 @@ def test_bad_input_is_named(data_dir, tmp_path):
 
 
 def test_the_cli_takes_the_dataset(data_dir, tmp_path):
-    adp_eval.main(["adp-eval", "evaluate", "--dataset", "fashion_mnist", "--data-dir", data_dir, "--split", "val",
+    adp_eval.main(["adp-study", "evaluate", "--dataset", "fashion_mnist", "--data-dir", data_dir, "--split", "val",
                    "--n", "2", "--runs", "1", "--settings", json.dumps(FAST), "--out", str(tmp_path),
                    "--cache-dir", str(tmp_path), "--quiet"])
     assert (tmp_path / "adp_fashion_mnist_val_0-2.json").exists()
     with pytest.raises(SystemExit):
-        adp_eval.main(["adp-eval", "memory", "--dataset", "fashion_mnist"])
+        adp_eval.main(["adp-study", "memory", "--dataset", "fashion_mnist"])
 
 
 def test_the_registry_has_fashion_settings_of_their_own(prior32):
@@ -159,12 +162,12 @@ def test_scoreopt_tune_writes_fashion_files_and_test_refuses_without_settings(da
 
     monkeypatch.delitem(record("scoreopt").settings, "fashion_mnist", raising=False)
     with pytest.raises(MissingSettingsError, match=r"REGISTRY\['scoreopt'\]\.settings\['fashion_mnist'\] is missing.*"
-                       r"`python -m benchmarks\.scoreopt_eval tune --dataset fashion_mnist --variants O`"):
+                       r"`python -m benchmarks scoreopt-study tune --dataset fashion_mnist --variants O`"):
         scoreopt_eval.run_test(out, n=2, dataset="fashion_mnist", data_dir=data_dir, cache_dir=cache, verbose=False)
     with pytest.raises(MissingSettingsError, match="REGISTRY"):
         scoreopt_eval.run_curves(out, n=2, dataset="fashion_mnist", data_dir=data_dir, cache_dir=cache, verbose=False)
     with pytest.raises(SystemExit):
-        scoreopt_eval.main(["scoreopt-eval", "test", "--dataset", "fashion_mnist", "--data-dir", data_dir,
+        scoreopt_eval.main(["scoreopt-study", "test", "--dataset", "fashion_mnist", "--data-dir", data_dir,
                             "--out", out, "--quiet"])
     assert "REGISTRY['scoreopt'].settings['fashion_mnist'] is missing" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*test*"))  # refused before any work
@@ -194,13 +197,13 @@ def test_vpsde_sweep_writes_fashion_files_and_test_refuses_without_settings(data
         monkeypatch.delitem(record(method).settings, "fashion_mnist", raising=False)
     monkeypatch.delitem(vpsde_eval.NOGUIDE_T_STAR, "fashion_mnist", raising=False)
     for method, entry in (("coup", r"REGISTRY\['coup'\]\.settings"), ("diffpure", r"REGISTRY\['diffpure'\]\.settings"),
-                          ("coup-noguide", r"vpsde_eval\.py NOGUIDE_T_STAR")):
+                          ("coup-noguide", r"studies/vpsde\.py NOGUIDE_T_STAR")):
         with pytest.raises(MissingSettingsError, match=entry + r"\['fashion_mnist'\] is missing.*"
-                           r"`python -m benchmarks\.vpsde_eval sweep --dataset fashion_mnist`"):
+                           r"`python -m benchmarks vpsde-study sweep --dataset fashion_mnist`"):
             vpsde_eval.run_test(out, n=2, methods=(method,), dataset="fashion_mnist", data_dir=data_dir,
                                 cache_dir=cache, verbose=False)
     with pytest.raises(SystemExit):
-        vpsde_eval.main(["vpsde-eval", "test", "--dataset", "fashion_mnist", "--data-dir", data_dir, "--out", out])
+        vpsde_eval.main(["vpsde-study", "test", "--dataset", "fashion_mnist", "--data-dir", data_dir, "--out", out])
     assert "REGISTRY['coup'].settings['fashion_mnist'] is missing" in capsys.readouterr().err
     assert not (tmp_path / "out" / "vpsde_fashion_mnist_test.json").exists()
 
@@ -212,7 +215,7 @@ def test_vpsde_sweep_writes_fashion_files_and_test_refuses_without_settings(data
     assert [r["defense"] for r in data["rows"]] == ["none", "diffpure"] and data["rows"][1]["t_star"] == T_TINY
     assert data["meta"]["settings"] == {"diffpure": {"t_star": T_TINY}}
     with pytest.raises(SystemExit):
-        vpsde_eval.main(["vpsde-eval", "gradients", "--dataset", "fashion_mnist"])
+        vpsde_eval.main(["vpsde-study", "gradients", "--dataset", "fashion_mnist"])
 
 
 def _other_weights(path):
@@ -233,10 +236,9 @@ def test_a_study_resumes_only_on_the_same_weights(data_dir, tmp_path):
     import hashlib
     import shutil
 
-    from benchmarks.tuning import reference_paths
-
+    
     prior = tmp_path / "prior.safetensors"
-    shutil.copy(reference_paths("fashion_mnist")[1], prior)
+    shutil.copy(shipped_prior_path("fashion_mnist"), prior)
     out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
     sweep = tmp_path / "out" / "adp_fashion_mnist_val_sweep.json"
     grid = {k: [v] for k, v in FAST.items()}

@@ -18,9 +18,9 @@ from attacks_adaptive.apgd_eot import apgd_checkpoints
 from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.geometry import project
 from attacks_adaptive.losses import ce_loss, dlr_loss, margin_loss
-from purifiers import EDMDenoiser, GaussianPrior, PurifiedClassifier, PurifierPyTorch
-from purifiers.speed import SpeedOptions, apply_speed_options
-from purifiers.unet import SmallUNet
+from purifiers import EDMDenoiser, GaussianPrior, PurifiedClassifier, PurifierPyTorch, gradient_mode
+from purifiers.nets.unet import SmallUNet
+from purifiers.priors.speed import SpeedOptions
 
 torch.set_num_threads(1)
 
@@ -53,10 +53,9 @@ class Identity(nn.Module):
 class ToyPurifier(PurifierPyTorch):
     """A PurifierPyTorch with ``bpda`` and ``exact`` (autograd through the algorithm, noise fixed) gradient modes."""
 
-    gradient_modes = ("bpda", "exact")
-
-    def _gradient_estimators(self):
-        return {**super()._gradient_estimators(), "exact": lambda x, gen: self.algorithm(x, generator=gen)}
+    @gradient_mode("exact")
+    def _exact(self, x, generator):
+        return self.algorithm(x, generator=generator)
 
 
 def tiny_classifier(seed=0, size=8, dtype=torch.float32):
@@ -300,7 +299,7 @@ def test_runner_refuses_to_resume_with_other_speed_options(tmp_path):
                                     defense="tiny", draws=2, batch_size=2, verbose=False)
     first = run()
     assert run()["rows"] == first["rows"]  # the same options resume
-    apply_speed_options(defended.purifier.algorithm.prior, SpeedOptions(channels_last=True))
+    defended.purifier.algorithm.prior.set_speed_options(SpeedOptions(channels_last=True))
     with pytest.raises(ValueError, match="other settings"):
         run()
 
@@ -492,7 +491,7 @@ def test_bad_input_gets_a_clear_value_error():
 
 
 def test_benchmark_suite_holds_every_attack_of_the_issue():
-    from benchmarks.attacks_run import PRESETS, attack_suite
+    from benchmarks.harness.adaptive import PRESETS, attack_suite
 
     suite = attack_suite(toy_defended(), 0.1, "linf", PRESETS["cpu"])
     assert set(suite) == {"BlindPGD", "BPDA+EOT", "Joint(score)+EOT", "Joint(full)+EOT", "SPSA", "PGD+EOT[exact]",
@@ -502,7 +501,7 @@ def test_benchmark_suite_holds_every_attack_of_the_issue():
 
 
 def test_attacks_command_runs_a_named_subset_and_rejects_unknown_names(tmp_path):
-    from benchmarks.attacks_run import run_attacks
+    from benchmarks.harness.adaptive import run_attacks
 
     result = run_attacks(str(tmp_path), defenses=["none"], preset_name="smoke", attacks=["PGD"], verbose=False)
     assert {row["attack"] for row in result["rows"]} == {"PGD", "worst-case(PGD)"}

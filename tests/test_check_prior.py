@@ -9,10 +9,12 @@ import types
 import numpy as np
 import pytest
 import torch
-
-from benchmarks.check_prior import SIGMAS, check_prior, main
-from purifiers import DenoiserPrior, load_prior
 from tiny import TINY_SCORE_SDE, save_ncsnv2_checkpoint, save_score_sde_checkpoint, tiny_ncsnv2, tiny_score_sde
+
+from benchmarks.commands import reproduce as reproduce_command
+from benchmarks.commands.check_prior import main
+from benchmarks.harness.prior_check import SIGMAS, check_prior
+from purifiers import DenoiserPrior, load_prior
 
 SHIPPED_PRIOR = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "models", "mnist_prior.safetensors")
 
@@ -36,9 +38,9 @@ def test_check_prior_flags_a_good_prior_used_with_a_wrong_data_range(capsys, mon
     for sigma in SIGMAS:
         assert abs(result["psnr"][sigma]["identity"] + 20 * np.log10(sigma)) < 0.5
     # The command exits with status 1 on the same prior.
-    import purifiers.loading
+    import purifiers.priors.loading
 
-    monkeypatch.setattr(purifiers.loading, "load_prior", lambda *a, **k: wrong)
+    monkeypatch.setattr(purifiers.priors.loading, "load_prior", lambda *a, **k: wrong)
     with pytest.raises(SystemExit) as exit_info:
         main(["check-prior", "wrong-convention", "--n", "4", "--device", "cpu"])
     assert exit_info.value.code == 1
@@ -100,20 +102,19 @@ def tiny_cifar_classifier():
 @pytest.mark.parametrize("name", ["score_sde_vp", "score_sde_ve", "ncsnv2"])
 def test_reproduce_cifar10_paper_defenses_run_with_each_checkpoint_format(name, checkpoints, tmp_path, monkeypatch):
     """--prior PATH to an authors' checkpoint, detected by load_prior; the papers' CIFAR-10 defaults (plumbing only)."""
-    from benchmarks import reproduce
 
     path, config = checkpoints[name]
     if config is not None:  # the tiny network is not a named config: a checkpoint of a named one needs no config
-        import purifiers.loading
+        import purifiers.priors.loading
 
-        real_load_prior = purifiers.loading.load_prior
-        monkeypatch.setattr(purifiers.loading, "load_prior",
+        real_load_prior = purifiers.priors.loading.load_prior
+        monkeypatch.setattr(purifiers.priors.loading, "load_prior",
                             lambda source, **kw: real_load_prior(source, config=config, **kw))
     module = types.ModuleType("_authors_cifar_fakes")
     module.tiny_cifar_classifier = tiny_cifar_classifier
     monkeypatch.setitem(sys.modules, module.__name__, module)
     out = tmp_path / "rep"
-    result = reproduce.reproduce(reproduce.build_parser().parse_args(
+    result = reproduce_command.reproduce(reproduce_command.build_parser().parse_args(
         ["--dataset", "cifar10", "--data-dir", str(checkpoints["data"]), "--prior", str(path),
          "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp",
          "--attacks", "BlindPGD", "--n", "2", "--out", str(out), "--quiet"]))

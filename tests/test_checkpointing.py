@@ -1,9 +1,9 @@
-"""purifiers.checkpointing: the one checkpointing mechanism gives the gradient of the uncheckpointed computation,
+"""purifiers.recompute: the one checkpointing mechanism gives the gradient of the uncheckpointed computation,
 second-order terms of a gradient taken inside the piece included, and runs the piece once per pass."""
 
 import torch
 
-from purifiers.checkpointing import checkpointed, maybe_checkpointed
+from purifiers.recompute import checkpointed, maybe_checkpointed
 
 
 def _piece(calls, differentiable, x, w):
@@ -46,10 +46,11 @@ def test_only_inputs_that_require_a_gradient_get_one_and_no_grad_runs_plainly():
 
 
 def test_the_memory_probe_reports_the_peak_and_the_network_evaluations_of_one_exact_gradient():
-    from purifiers.profiling import exact_gradient_peak_memory
     from tiny import tiny_coup_exact
+
+    from benchmarks.harness.profiling import exact_gradient_peak_memory
 
     result = exact_gradient_peak_memory(tiny_coup_exact, 3)
     assert result["peak_above_before"] >= 0 and result["grad_finite"] and result["rows"] == 2
-    assert result["prior_forward"] == 2 * 3 * 2  # two network forwards per step and image (purifiers.checkpointing)
+    assert result["prior_forward"] == 2 * 3 * 2  # two network forwards per step and image (purifiers.recompute)
     assert result["prior_backward"] == 3 * 2

@@ -8,15 +8,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import SIZE, images, tiny_prior
 from torch import nn
 
 import purifiers.validation
 from purifiers import (ADP, COUP, ADPPyTorch, COUPPyTorch, DiffPure, DiffPurePyTorch, PurifiedClassifier, ScoreOpt,
                        ScoreOptPyTorch, load_prior)
-from purifiers.priors import Prior
-from purifiers.loading import save_builtin_prior
-from purifiers.speed import SpeedOptions, apply_speed_options
-from tiny import SIZE, images, tiny_prior
+from purifiers.priors.backends import Prior
+from purifiers.priors.loading import save_builtin_prior
+from purifiers.priors.speed import SpeedOptions
 
 PRIOR = tiny_prior(torch.float32)
 torch.manual_seed(0)
@@ -175,7 +175,7 @@ def test_input_is_validated_once_per_call_and_never_in_the_loops(monkeypatch):
         calls.append(kwargs.get("name"))
         return original(*args, **kwargs)
 
-    for module in ("purifiers.art_base", "purifiers.priors", "purifiers.adp", "purifiers.scoreopt", "purifiers.vpsde"):
+    for module in ("purifiers.art_base", "purifiers.priors.backends", "purifiers.adp", "purifiers.scoreopt", "purifiers.vpsde"):
         monkeypatch.setattr(f"{module}.check_images", counting)
     x = images(n=3, dtype=torch.float32)
     for name, purifier in _wrappers(batch_size=1).items():
@@ -285,7 +285,7 @@ def test_compile_option_matches_eager_within_rounding():
     compiled = ADPPyTorch(prior, steps=2, compile={"backend": "eager"}, **FAST)
     np.testing.assert_allclose(compiled(x)[0], reference, rtol=0, atol=1e-5)
     assert prior._compiled_denoise is not None
-    apply_speed_options(prior, SpeedOptions())  # default options leave the prior's as they are
+    prior.set_speed_options(SpeedOptions())  # default options leave the prior's as they are
     assert prior.speed_options.compile == {"backend": "eager"}
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from benchmarks.attacks_run import run_attacks
+from benchmarks.harness.adaptive import run_attacks
 
 
 def test_the_estimate_projects_the_evaluations_the_run_counts(toy_defense, tmp_path):
@@ -64,7 +64,7 @@ def test_the_papers_networks_are_built_with_the_reference_parameter_shapes(defen
     """What `estimate` times is the paper's network: its parameters equal, name for name and shape for shape, those
     recorded from the reference code (tests/reference_fixtures)."""
     from benchmarks.defenses import record
-    from purifiers.checkpoints import untrained_prior
+    from purifiers.priors.checkpoints import untrained_prior
 
     fmt, config = record(defense).paper_network
     fixture = {"ncsnv2": "ncsnv2_cifar10.json", "edm-state-dict": "edm_cifar10_32x32_uncond_vp.json",
@@ -76,7 +76,7 @@ def test_the_papers_networks_are_built_with_the_reference_parameter_shapes(defen
 
 
 def test_pricing_multiplies_the_counts_by_the_time_of_one_evaluation():
-    from benchmarks.paper_cost import priced
+    from benchmarks.commands.estimate import priced
 
     rows = [{"defense": "d", "attack": "a", "per_image": {"prior_forward": 10.0, "prior_backward": 4.0,
                                                           "classifier": 2.0}, "iterations": 3}]
@@ -90,7 +90,7 @@ def tiny_protocol(monkeypatch):
     """The full protocol shrunk to 2-3 iterations x 1-2 EOT samples, AutoAttack 'rand' only."""
     import dataclasses
 
-    from benchmarks import reproduce
+    from benchmarks.harness import protocols as reproduce
 
     full_protocol = reproduce.full_protocol
 
@@ -107,7 +107,7 @@ def test_protocol_counts_of_diffpure_follow_its_100_steps(tiny_protocol):
     """DiffPure's paper settings (t* = 0.1, dt = 1e-3) are 100 reverse-SDE steps; its exact gradient is one backward
     per step. On the shrunk protocol (3 iterations x 2 EOT), PGD+EOT must count 3 x 2 x 100 prior backward passes per
     image and BPDA+EOT none; AutoAttack-rand's projection at least its APGD iterations x EOT x 100 x 2 attacks."""
-    from benchmarks.paper_cost import protocol_counts
+    from benchmarks.commands.estimate import protocol_counts
 
     rows = {r["attack"]: r["per_image"] for r in protocol_counts("diffpure")}
     assert rows["PGD+EOT"]["prior_backward"] == 3 * 2 * 100

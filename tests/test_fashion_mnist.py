@@ -145,8 +145,8 @@ def test_shipped_classifier_accuracy_matches_its_card():
 
 @needs_data
 def test_shipped_prior_denoises_better_than_the_noisy_input():
+    from benchmarks.harness.training import denoising_psnr
     from benchmarks.models import load_reference_models
-    from benchmarks.train import denoising_psnr
 
     _, prior = load_reference_models("fashion_mnist")
     psnr = denoising_psnr(prior, load_fashion_mnist("test", n=100)[0])

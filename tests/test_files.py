@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from purifiers.files import atomic_write
+from attacks_adaptive.files import atomic_write
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -14,14 +14,17 @@ import types
 import numpy as np
 import pytest
 import torch
+from tiny import make_toy
 from torch import nn
 
-from benchmarks import autoattack_eval as aa
+from benchmarks.commands import autoattack as autoattack_command
+from benchmarks.commands import reproduce as reproduce_command
+from benchmarks.commands import robustbench as robustbench_command
 from benchmarks.data import load_mnist
 from benchmarks.defenses import REGISTRY, build_purifier, deployed_model
+from benchmarks.harness import autoattack as aa
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_classifier
 from purifiers import GaussianPrior
-from tiny import make_toy
 
 torch.set_num_threads(1)
 
@@ -165,7 +168,7 @@ def test_autoattack_command_writes_rows(toy_defense, tmp_path, capsys):
     argv = ["autoattack", "--defense", toy_defense, "--prior", "gaussian", "--n", "4", "--runs", "2", "--out",
             str(tmp_path), "--versions", "rand", "--eps", "0.2", "--n-iter", "2", "--eot-iter", "1", "--rescore", "2",
             "--batch-size", "4", "--quiet"]
-    aa.main(argv)
+    autoattack_command.main(argv)
     data = json.loads((tmp_path / "autoattack_toy.json").read_text())
     attacks = [r["attack"] for r in data["rows"]]
     assert attacks[:3] == ["AutoAttack-rand"] * 3 and "AutoAttack min(rand)" in attacks
@@ -179,15 +182,14 @@ def test_autoattack_command_writes_rows(toy_defense, tmp_path, capsys):
 # RobustBench-style entry and leaderboard
 
 def test_eps_is_written_as_robustbench_writes_it():
-    from benchmarks.robustbench_eval import format_eps
+    from benchmarks.harness.robustbench import format_eps
 
     assert [format_eps(e) for e in (8 / 255, 4 / 255, 0.5, 0.3, 0.2, 2 / 255)] == \
         ["8/255", "4/255", "0.5", "0.3", "0.2", "2/255"]
 
 
 def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, tmp_path, monkeypatch):
-    from benchmarks import robustbench_eval as rbe
-    from benchmarks.rb_compat import import_robustbench
+    from benchmarks.harness.rb_compat import import_robustbench
     from benchmarks.results import make_row, write_results
 
     import_robustbench()
@@ -200,7 +202,7 @@ def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, 
             make_row(defense="other", attack="PGD+EOT", gradient="exact", eps=0.02, norm="Linf", n=4, robust_acc=0.0)]
     write_results(str(attacks_json), rows, {})
     out = tmp_path / "rb"
-    result = rbe.evaluate(rbe.build_parser().parse_args(
+    result = robustbench_command.evaluate(robustbench_command.build_parser().parse_args(
         ["--defense", toy_defense, "--prior", "gaussian", "--set", "sigma=0.05", "--n", "4", "--eps", "0.02",
          "--versions", "rand", "--n-iter", "2", "--eot-iter", "1", "--rescore", "2", "--batch-size", "4",
          "--out", str(out), "--name", "Toy_MnistCNN", "--attacks-json", str(attacks_json), "--quiet"]))
@@ -227,8 +229,8 @@ def test_robustbench_command_writes_an_entry_in_robustbench_schema(toy_defense, 
 def test_external_picks_the_adaptive_worst_case_from_the_attacks_commands_output(toy_defense, tmp_path):
     """`python -m benchmarks attacks` writes the rows; `robustbench --attacks-json` reads them back: its
     ``external`` is the lowest robust accuracy of the defense at that eps and norm, adaptive or AutoAttack."""
-    from benchmarks import robustbench_eval as rbe
-    from benchmarks.attacks_run import run_attacks
+    from benchmarks.harness import robustbench as rbe
+    from benchmarks.harness.adaptive import run_attacks
 
     run_attacks(str(tmp_path / "attacks"), defenses=[toy_defense], preset_name="smoke", n=2, eps=0.3,
                 prior_path="gaussian", attacks=["BlindPGD", "BPDA+EOT"], verbose=False)
@@ -237,7 +239,7 @@ def test_external_picks_the_adaptive_worst_case_from_the_attacks_commands_output
     assert {r["norm"] for r in rows} == {"Linf"} and {r["scoring"] for r in rows} <= set(aa_scorings())
     lowest = min(rows, key=lambda r: r["robust_acc"])
     assert rbe.adaptive_worst_case(path, toy_defense, 0.3, "linf") == lowest
-    result = rbe.evaluate(rbe.build_parser().parse_args(
+    result = robustbench_command.evaluate(robustbench_command.build_parser().parse_args(
         ["--defense", toy_defense, "--prior", "gaussian", "--n", "2", "--eps", "0.3", "--versions", "rand",
          "--n-iter", "1", "--eot-iter", "1", "--rescore", "2", "--batch-size", "2", "--out", str(tmp_path / "rb"),
          "--attacks-json", path, "--quiet"]))
@@ -254,8 +256,8 @@ def aa_scorings():
 
 
 def test_leaderboard_sorts_as_robustbench_and_escapes_footnotes(tmp_path):
-    from benchmarks.leaderboard import load_entries, write_leaderboard
-    from benchmarks.rb_compat import import_robustbench
+    from benchmarks.commands.leaderboard import load_entries, write_leaderboard
+    from benchmarks.harness.rb_compat import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.enums import ThreatModel
@@ -285,7 +287,7 @@ def test_leaderboard_sorts_as_robustbench_and_escapes_footnotes(tmp_path):
 def test_plots_draw_curves_grids_and_score_norms(classifier, data, toy_defense, tmp_path):
     import matplotlib.image
 
-    from benchmarks import plots
+    from benchmarks.commands import plots
     from benchmarks.results import make_row
     from purifiers.adp import ADP
 
@@ -317,14 +319,14 @@ def test_plots_draw_curves_grids_and_score_norms(classifier, data, toy_defense, 
 # Reproduce
 
 def test_reproduce_mnist_runs_every_attack_and_labels_scaled_settings(toy_defense, tmp_path, monkeypatch):
-    from benchmarks import reproduce
     from benchmarks.defenses import PublishedNumber
+    from benchmarks.harness import protocols as reproduce
 
     toy = dataclasses.replace(REGISTRY["toy"], published=(
         PublishedNumber("mnist", "BlindPGD", 98.07, 96.41, "ADP supplement Table 9"),))
     monkeypatch.setitem(REGISTRY, "toy", toy)
     out = tmp_path / "rep"
-    result = reproduce.reproduce(reproduce.build_parser().parse_args(
+    result = reproduce_command.reproduce(reproduce_command.build_parser().parse_args(
         ["--defenses", toy_defense, "--prior", "gaussian", "--n", "3", "--eps", "0.2", "--coup-toy-runs", "50",
          "--out", str(out), "--quiet"]))
     cells = result["summary"]["toy"]
@@ -354,7 +356,6 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
 
     from diffusers import UNet2DModel
 
-    from benchmarks import reproduce
 
     folder = tmp_path / "data" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -376,7 +377,7 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
     module.tiny_cifar_classifier = tiny_cifar_classifier
     monkeypatch.setitem(sys.modules, module.__name__, module)
     out = tmp_path / "rep"
-    result = reproduce.reproduce(reproduce.build_parser().parse_args(
+    result = reproduce_command.reproduce(reproduce_command.build_parser().parse_args(
         ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--prior", str(tmp_path / "unet"),
          "--classifier", f"{module.__name__}:tiny_cifar_classifier", "--defenses", "adp", "--attacks", "BlindPGD",
          "--n", "2", "--out", str(out), "--quiet"]))
@@ -390,8 +391,8 @@ def test_reproduce_cifar10_protocol_on_tiny_fakes(tmp_path, monkeypatch):
 
 
 def test_quickstart_table_has_every_defense_and_attack(toy_defense, tmp_path):
-    from benchmarks.quickstart import run_quickstart
-    from benchmarks.reproduce import ATTACKS
+    from benchmarks.commands.quickstart import run_quickstart
+    from benchmarks.harness.protocols import ATTACKS
 
     result = run_quickstart(str(tmp_path), n=2, n_clean=10, defenses=[toy_defense], prior="gaussian", verbose=False)
     assert set(result["summary"]) == {"none", "toy"}
@@ -410,7 +411,7 @@ FEWER_STEPS = {"adp": ["steps=2"], "scoreopt": ["inner_steps=1"], "coup": ["t_st
 
 
 def test_quickstart_rows_do_not_depend_on_the_number_of_worker_processes(tmp_path):
-    from benchmarks.quickstart import run_quickstart
+    from benchmarks.commands.quickstart import run_quickstart
 
     def table_rows(result):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result["rows"][2:]]
@@ -426,17 +427,17 @@ def test_quickstart_rows_do_not_depend_on_the_number_of_worker_processes(tmp_pat
 def test_autoattack_then_robustbench_on_each_purifier(defense, tmp_path):
     """Both commands end to end on bundled MNIST (cheap settings of each purifier: fewer steps); the robustbench
     command resumes the AutoAttack step from the autoattack command's checkpoints (same run, same fingerprint)."""
-    from benchmarks import robustbench_eval as rbe
+    from benchmarks.harness import robustbench as rbe
 
     common = ["--defense", defense, "--n", "2", "--batch-size", "2", "--versions", "rand", "--n-iter", "1",
               "--eot-iter", "1", "--rescore", "1", "--runs", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--quiet"]
     for item in FEWER_STEPS[defense]:
         common += ["--set", item]
-    aa.main(["autoattack", *common, "--out", str(tmp_path)])
+    autoattack_command.main(["autoattack", *common, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / f"autoattack_{defense}.json").read_text())["rows"]
     assert rows[0]["attack"] == "AutoAttack-rand" and 0 <= rows[0]["robust_acc"] <= rows[0]["clean_acc"]
     stamp = os.path.getmtime(tmp_path / "ck" / "rand_00000.pt")
-    result = rbe.evaluate(rbe.build_parser().parse_args([*common, "--out", str(tmp_path / "rb"), "--name", defense]))
+    result = robustbench_command.evaluate(robustbench_command.build_parser().parse_args([*common, "--out", str(tmp_path / "rb"), "--name", defense]))
     assert os.path.getmtime(tmp_path / "ck" / "rand_00000.pt") == stamp  # resumed, not recomputed
     entry = json.loads(open(result["path"]).read())
     assert set(entry) == set(rbe.model_info_fields()) and entry["unreliable"] is True

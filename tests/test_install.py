@@ -10,7 +10,7 @@ def test_packages_import():
 
 
 def test_robustbench_utils_and_data_through_the_shim():
-    from benchmarks.rb_compat import import_robustbench
+    from benchmarks.harness.rb_compat import import_robustbench
 
     robustbench = import_robustbench()
     from robustbench.data import load_cifar10  # noqa: F401
@@ -26,7 +26,7 @@ def test_robustbench_utils_and_data_through_the_shim():
 def test_robustbench_clean_accuracy_runs():
     import torch
 
-    from benchmarks.rb_compat import import_robustbench
+    from benchmarks.harness.rb_compat import import_robustbench
 
     import_robustbench()
     from robustbench.utils import clean_accuracy

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from purifiers import DenoiserPrior, EDMDenoiser, EpsilonPrior, GaussianPrior, load_prior
-from purifiers.conventions import (DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, pm1_sigma_to_pixel, to_01, to_pm1)
-from purifiers.priors import load_state_dict_safely
-from purifiers.loading import save_builtin_prior
-from purifiers.unet import SmallUNet
+from purifiers.conventions import DDPMSchedule, VPSchedule, pixel_sigma_to_pm1, pm1_sigma_to_pixel, to_01, to_pm1
+from purifiers.nets.unet import SmallUNet
+from purifiers.priors.backends import load_state_dict_safely
+from purifiers.priors.loading import save_builtin_prior
 
 MU, STD = 0.3, 0.15
 

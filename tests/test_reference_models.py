@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import torch
+from tiny import check_shipped_classifier
 
 from benchmarks.data import load_mnist
+from benchmarks.harness.training import denoising_psnr
 from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models, model_card
-from benchmarks.train import denoising_psnr
-from tiny import check_shipped_classifier
 
 
 def test_files_are_safetensors_under_10mb_with_cards():

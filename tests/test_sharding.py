@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import __main__ as cli
-from benchmarks.sharding import Shard, parse_shard
+from benchmarks.harness.sharding import Shard, parse_shard
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

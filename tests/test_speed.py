@@ -3,7 +3,7 @@
 import json
 import os
 
-from benchmarks.speed import run_speed
+from benchmarks.commands.speed import run_speed
 
 
 def test_speed_writes_network_purification_and_gradient_rows(tmp_path):
@@ -28,7 +28,7 @@ def test_speed_writes_network_purification_and_gradient_rows(tmp_path):
 def test_process_split_rows_cover_both_splits_and_refuse_a_bad_split():
     import pytest
 
-    from benchmarks.speed import process_throughput
+    from benchmarks.commands.speed import process_throughput
 
     rows = process_throughput(["diffpure"], processes=2, threads=2, rows=2, repeats=1,
                               settings={"diffpure": {"t_star": 0.01}})

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from benchmarks.autoattack_eval import add_defense_arguments, load_defense
+from benchmarks.harness.autoattack import add_defense_arguments, load_defense
 from benchmarks.models import load_reference_models
 
 
@@ -17,7 +17,7 @@ def _load(*options):
 
 
 def test_switches_off_by_default_and_on_when_asked():
-    from purifiers.speed import SpeedOptions
+    from purifiers.priors.speed import SpeedOptions
 
     _, purifier, info = _load()
     assert purifier.speed == SpeedOptions() and "channels_last" not in info["overrides"]

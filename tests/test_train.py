@@ -7,10 +7,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from benchmarks.models import FashionCNN, load_classifier
-from benchmarks.train import export_prior, main, train_classifier, train_prior
 from test_fashion_mnist import write_fashion_idx
+
+from benchmarks.__main__ import main
+from benchmarks.harness.training import export_prior, train_classifier, train_prior
+from benchmarks.models import FashionCNN, load_classifier
 
 TINY = dict(dataset="fashion_mnist", batch_size=4, base_channels=8, checkpoint_every=2, verbose=False, psnr_n=2,
             ema_warmup=True, command="test")
@@ -90,7 +91,7 @@ def test_fashion_classifier_trains_and_loads_by_its_card(tmp_path, data_dir):
 
 
 def test_mnist_keeps_its_defaults(tmp_path):
-    from benchmarks.train import DATASETS
+    from benchmarks.harness.training import DATASETS
 
     assert DATASETS["mnist"]["classifier_epochs"] == 30 and DATASETS["mnist"]["prior_channels"] == 32
     assert DATASETS["mnist"]["ema_warmup"] is False

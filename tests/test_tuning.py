@@ -1,14 +1,13 @@
-"""The toolkit the per-method studies share (benchmarks.tuning): the selection rule on hand-made rows, the blind attack
+"""The toolkit the per-method studies share (benchmarks.studies.tuning): the selection rule on hand-made rows, the blind attack
 against ART's PGD, and its digest-keyed cache."""
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from benchmarks.data import load_mnist
 from benchmarks.models import load_reference_models
-from benchmarks.tuning import BLIND_PGD, blind_pgd, cached_blind_pgd, prior_cost, select
+from benchmarks.studies.tuning import BLIND_PGD, blind_pgd, cached_blind_pgd, prior_cost, select
 
 
 @pytest.fixture(scope="module")

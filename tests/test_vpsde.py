@@ -1,4 +1,4 @@
-"""COUP and DiffPure (purifiers.vpsde, purifiers.vpsde_pytorch, benchmarks.coup_toy) against independent facts: the
+"""COUP and DiffPure (purifiers.vpsde, purifiers.vpsde_pytorch, benchmarks.studies.coup_toy) against independent facts: the
 Gaussian prior's closed forms, the moment ODEs of a linear SDE, central finite differences, the first-order convergence
 of torchsde's adjoint, ART's own attacks, and binomial statistics for the toy experiment."""
 
@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import SIZE, art_classifier, check_art_attacks_run, check_exact_pgd_increases_the_defended_loss, gen, images
 from torch import nn
 
-from benchmarks.coup_toy import (flip_probability, mixture_score, noisy_classifier_guidance,
-                                 noisy_classifier_probs)
+from benchmarks.studies.coup_toy import (flip_probability, mixture_score, noisy_classifier_guidance,
+                                         noisy_classifier_probs)
 from purifiers import COUP, COUPPyTorch, DiffPure, DiffPurePyTorch, GaussianPrior
 from purifiers.conventions import DDPMSchedule, VPSchedule
 from purifiers.vpsde import brownian_increments, coarsen_increments, subgrid_indices, time_grid
-from tiny import SIZE, art_classifier, check_art_attacks_run, check_exact_pgd_increases_the_defended_loss, gen, images
 
 VP = VPSchedule()
 
@@ -375,7 +375,7 @@ def test_mnist_factories_use_the_validation_settings(prior32):
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 1.0])
 def test_exact_gradient_costs_two_network_forwards_per_step(prior64, guidance_scale):
-    # One forward in the forward pass, one recomputation in the backward pass (purifiers.checkpointing); the
+    # One forward in the forward pass, one recomputation in the backward pass (purifiers.recompute); the
     # guidance's create_graph must not make the checkpoint recompute the step during the forward pass.
     coup = COUP(prior64, _tiny_classifier(), t_star=0.02, dt=4e-3, guidance_scale=guidance_scale)
     x = images(n=3).requires_grad_(True)

@@ -9,7 +9,7 @@ import time
 
 PARENT = textwrap.dedent("""
     import os, sys, time
-    from benchmarks.workers import worker_pool
+    from benchmarks.harness.workers import worker_pool
     pool = worker_pool(1)
     print(pool.submit(os.getpid).result(), flush=True)
     pool.submit(time.sleep, 60)

@@ -7,8 +7,8 @@ from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientD
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from purifiers import EDMDenoiser, PurifiedClassifier, PurifierPyTorch
-from purifiers.unet import SmallUNet
+from purifiers import EDMDenoiser, PurifiedClassifier, PurifierPyTorch, gradient_mode
+from purifiers.nets.unet import SmallUNet
 
 SIZE = 8
 
@@ -38,8 +38,8 @@ def check_shipped_classifier(dataset, x, y, minimum):
     """The shipped classifier of ``dataset`` reaches ``minimum`` accuracy on ``(x, y)``, the accuracy its card states."""
     import os
 
+    from benchmarks.harness.training import accuracy
     from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models, model_card
-    from benchmarks.train import accuracy
 
     acc = accuracy(load_reference_models(dataset)[0], x, y)
     assert acc >= minimum
@@ -166,15 +166,12 @@ class NoiseDenoise(nn.Module):
 
 
 class ToyPurifier(PurifierPyTorch):
-    gradient_modes = ("bpda", "exact")
-
     def __init__(self, prior, sigma=0.2, **kwargs):
         super().__init__(NoiseDenoise(prior, sigma), **kwargs)
 
-    def _gradient_estimators(self):
-        modes = super()._gradient_estimators()
-        modes["exact"] = lambda x, generator: self.algorithm(x, generator=generator)
-        return modes
+    @gradient_mode("exact")
+    def _exact(self, x, generator):
+        return self.algorithm(x, generator=generator)
 
 
 def make_toy(prior, classifier=None, sigma=0.2, gradient="exact", **kwargs):
@@ -183,7 +180,7 @@ def make_toy(prior, classifier=None, sigma=0.2, gradient="exact", **kwargs):
 
 def tiny_coup_exact(steps, rows=2):
     """A COUP wrapper with the exact gradient on the tiny prior and ``steps`` Euler steps, and a batch: a picklable
-    factory for :func:`purifiers.profiling.exact_gradient_peak_memory`."""
+    factory for :func:`benchmarks.harness.profiling.exact_gradient_peak_memory`."""
     from purifiers import COUPPyTorch
 
     purifier = COUPPyTorch(tiny_prior(torch.float32), linear_classifier(), t_star=2e-3 * steps + 1e-5, dt=2e-3,

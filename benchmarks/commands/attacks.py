@@ -1,0 +1,46 @@
+"""``python -m benchmarks attacks``: the adaptive attacks of a preset on the registry's defenses and the worst-case
+table; the suite and its results files are :mod:`benchmarks.harness.adaptive`."""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.harness import adaptive
+from benchmarks.harness.adaptive import PRESETS, SELECTED_BY_DEFAULT, run_attacks
+from benchmarks.harness.cpu import set_up_cpu_process
+from benchmarks.harness.sharding import add_shard_argument, current_shard
+from benchmarks.harness.switches import add_speed_arguments, speed_settings
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks attacks", description=adaptive.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results", help="output folder (attacks.json goes there)")
+    parser.add_argument("--defenses", nargs="+", default=list(SELECTED_BY_DEFAULT),
+                        help="'none', adp, scoreopt, coup, diffpure, or a factory 'module:function'")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--n", type=int, default=None, help="first n images of the split (default: the preset's)")
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prior", default=None, help="prior file (default: the shipped MNIST prior)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 on a shared machine: more threads than free cores stall)")
+    parser.add_argument("--attacks", nargs="+", default=None,
+                        help="only these attacks of the suite (names as in the table, e.g. 'PGD+EOT[surrogate]')")
+    parser.add_argument("--quiet", action="store_true")
+    add_shard_argument(parser)
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the projected cost (network evaluations, wall time on this device, calibrated on "
+                             "the first batch) of each defense's attacks and exit; without it the estimate is printed "
+                             "before the run unless --quiet")
+    add_speed_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    set_up_cpu_process(args.threads)
+    shard = current_shard(args.shard)
+    first_shard = shard is None or shard.index == 0  # one calibration is enough for all shards
+    run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
+                seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet, shard=shard,
+                estimate="only" if args.estimate else "first" if not args.quiet and first_shard else None,
+                speed=speed_settings(args))
