@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from attacks_adaptive.base import Attack
 from attacks_adaptive.defended import DefendedModel
-from attacks_adaptive.files import atomic_write
+from attacks_adaptive.files import StateError, atomic_write, differing_keys, read_state_json
 from attacks_adaptive.rows import make_row
-from attacks_adaptive.scoring import N_EVALUATION, SCORINGS, any_iteration, multi_draw, n_evaluation, single_shot
+from attacks_adaptive.scoring import (ALL_SCORINGS, ITERATE_DRAW_SCORINGS, N_DRAW_SCORINGS, N_EVALUATION,
+                                      SCORING_ALIASES, SCORINGS, score_batch, scoring_name)
 from purifiers.priors.speed import SpeedOptions
 
 
@@ -38,10 +39,17 @@ def _save_npz(path: str, **arrays) -> None:
 
 
 def _load_npz(path: str, config: str) -> dict:
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as err:  # numpy's errors for a damaged archive vary (BadZipFile, EOFError, OSError, ValueError)
+        raise StateError(f"cannot read the batch state {path}: it is truncated or corrupt ({type(err).__name__}: "
+                         f"{err}); delete it to run that batch again.") from err
+    if "config" not in data:
+        raise StateError(f"{path} holds no 'config' entry: not a batch state of this runner; delete it to run that "
+                         "batch again.")
     if str(data["config"]) != config:
-        raise ValueError(f"{path} was written with other settings ({data['config']}); now {config}. Use a fresh output "
+        raise StateError(f"{path} was written with other settings ({data['config']}); now {config}. Use a fresh output "
                          "folder (or delete that state folder) to run new settings.")
     return data
 
@@ -58,12 +66,15 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
     :param state_dir: folder of the per-batch state (``.npz`` files; a rerun resumes from it, and refuses a state
         written with other settings).
     :param defense: the defense's name in the rows.
-    :param model: the target scored (default: the first attack's); its deployed defense is what ``single_shot`` and
-        ``multi_draw`` query.
-    :param scorings: protocols of :mod:`attacks_adaptive.scoring`; ``"any_iteration"`` turns on ``track_iterates``.
+    :param model: the target scored (default: the first attack's); its deployed defense is what every scoring
+        queries.
+    :param scorings: protocols of :mod:`attacks_adaptive.scoring` (:data:`~attacks_adaptive.scoring.ALL_SCORINGS`;
+        a former name is read as today's); ``"any_iteration"`` turns on every attack's ``track_iterates``,
+        ``"all_draws_all_iterates"`` and ``"min_fraction_over_iterates"`` its ``iterate_draws`` (``n_eval`` passes at
+        every iterate).
     :param draws: forward passes of the ``multi_draw`` protocol.
-    :param n_eval: resubmissions of the ``n_evaluation`` protocol (DiffHammer's N, 10); its own passes, independent
-        of the multi-draw ones.
+    :param n_eval: ``N``, the passes of the N-draw protocols (``majority_vote``, ``all_draws`` and, per iterate,
+        DiffHammer's two; 10 as DiffHammer and DiffBreak); its own passes, independent of the multi-draw ones.
     :param batch_size: examples attacked at once (the unit of saving and resuming).
     :param seed: torch's global seed before each (attack, batch), so a resumed run matches an uninterrupted one;
         a seeded purifier's generator is restarted there too.
@@ -77,9 +88,9 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
         that found it.
     """
     named = _named_attacks(attacks)
-    unknown = [s for s in scorings if s not in SCORINGS]
-    if unknown or not scorings:
-        raise ValueError(f"scorings must be a non-empty subset of {SCORINGS}, got {list(scorings)}.")
+    if not scorings:
+        raise ValueError(f"scorings must be a non-empty subset of {ALL_SCORINGS}.")
+    scorings = list(dict.fromkeys(scoring_name(s) for s in scorings))  # former names read as today's; unknown raise
     scoring_model = DefendedModel.from_target(model if model is not None else next(iter(named.values())).model)
     if len({(a.eps, a.norm) for a in named.values()}) > 1:
         raise ValueError("all attacks of a worst-case run must share one threat model (eps and norm).")
@@ -96,6 +107,9 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
         raise ValueError(f"n_eval must be a positive integer, got {n_eval!r}.")
+    if set(ITERATE_DRAW_SCORINGS) & set(scorings):
+        for attack in named.values():
+            attack.iterate_draws = n_eval
 
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
     scoring_key = json.dumps({"draws": draws, "n_eval": n_eval, "scorings": list(scorings), "seed": seed,
@@ -128,17 +142,32 @@ def _write_manifest(state_dir: str, manifest: dict) -> None:
     path = os.path.join(state_dir, "run.json")
     manifest = json.loads(json.dumps(manifest))
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved["settings"] | {"attacks": None} != manifest["settings"] | {"attacks": None} \
-                or saved["batches"] != manifest["batches"] or saved["clean"] != manifest["clean"] \
-                or any(saved["configs"].get(k, v) != v for k, v in manifest["configs"].items()):
-            raise ValueError(f"{state_dir} holds a run with other settings; use a fresh output folder (or delete that "
-                             "state folder) to run new settings.")
+        saved = read_state_json(path)
+        differ = _manifest_differences(path, saved, manifest)
+        if differ:
+            raise StateError(f"{path} holds a run with other settings (differs in {differ}); use a fresh output folder "
+                             "(or delete that state folder) to run new settings.")
         manifest = {**manifest, "configs": {**saved["configs"], **manifest["configs"]},
                     "settings": {**manifest["settings"],
                                  "attacks": {**saved["settings"]["attacks"], **manifest["settings"]["attacks"]}}}
     atomic_write(path, lambda f: json.dump(manifest, f, indent=2), mode="w")
+
+
+def _manifest_differences(path: str, saved: dict, manifest: dict) -> list[str]:
+    """What a saved manifest and this run's disagree on, as dotted keys: the settings (the attacks' descriptions
+    aside: a run may add attacks), the batches, the scoring and scored model (``clean``: the draws, the purifier's
+    parameters, a digest of the weights (the prior's included) and of the data), and the config of each attack both
+    name."""
+    try:
+        differ = differing_keys({**saved["settings"], "attacks": None}, {**manifest["settings"], "attacks": None},
+                                 "settings")
+        differ += ["batches"] * (saved["batches"] != manifest["batches"])
+        differ += differing_keys(json.loads(saved["clean"]), json.loads(manifest["clean"]), "clean")
+        return differ + [f"configs.{name}" for name, config in manifest["configs"].items()
+                         if saved["configs"].get(name, config) != config]
+    except (KeyError, TypeError, json.JSONDecodeError) as err:  # a JSON file, but not a manifest of this runner
+        raise StateError(f"{path} is not a worst-case run manifest ({type(err).__name__}: {err}); delete its folder "
+                         "to start the run over.") from err
 
 
 def _batch_file(state_dir: str, part: str, start: int, stop: int) -> str:
@@ -158,8 +187,7 @@ def collect_worst_case(state_dir: str, attacks: list[str] | None = None) -> dict
     path = os.path.join(state_dir, "run.json")
     if not os.path.exists(path):
         raise ValueError(f"{state_dir} holds no worst-case run (no run.json).")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_state_json(path)
     names = list(attacks if attacks is not None else manifest["configs"])
     missing = _missing(state_dir, manifest, names)
     if missing:
@@ -235,12 +263,9 @@ class _Run:
         if self.model.purifier is not None and self.model.purifier.seed is not None:
             self.model.purifier.reset_generator()
 
-    def _scores(self, x_b, y_b) -> dict:
-        scores = {"single_shot": single_shot(self.model, x_b, y_b)}
-        if "multi_draw" in self.scorings:
-            scores["multi_draw"] = multi_draw(self.model, x_b, y_b, self.draws)
-        if "n_evaluation" in self.scorings:
-            scores["n_evaluation"] = n_evaluation(self.model, x_b, y_b, self.n_eval)
+    def _scores(self, x_b, y_b, iterates=None) -> dict:
+        scores = score_batch(self.model, x_b, y_b, self.scorings, draws=self.draws, n_eval=self.n_eval,
+                             iterates=iterates)
         return {k: v.cpu().numpy() for k, v in scores.items()}
 
     def clean(self, batches, config) -> None:
@@ -267,9 +292,7 @@ class _Run:
                 began = time.time()
                 result = attack.perturb(x_b, y_b)
                 seconds = time.time() - began
-            scores = self._scores(result.x_adv, y_b)
-            if "any_iteration" in self.scorings:
-                scores["any_iteration"] = any_iteration(result.broken, torch.as_tensor(scores["single_shot"])).numpy()
+            scores = self._scores(result.x_adv, y_b, (result.broken, result.broken_fraction))
             part = dict(x_adv=result.x_adv.cpu().numpy(), seconds=np.array(seconds),
                         nfe=np.array([meter.prior_forward, meter.prior_backward, meter.classifier]), **scores)
             _save_npz(path, config=np.array(config), **part)
@@ -280,15 +303,20 @@ def _nfe_dict(nfe, n: int) -> dict:
 
 
 def _passes(scoring: str, draws: int, n_eval: int):
-    """The deployed-defense passes a protocol's robustness rests on, as a row states them (``None``: one pass)."""
-    return {"multi_draw": draws, "n_evaluation": n_eval}.get(scoring)
+    """The deployed-defense passes a protocol's robustness rests on, as a row states them (``None``: one pass);
+    ``scoring`` may be a former name (a state folder written before a rename)."""
+    scoring = SCORING_ALIASES.get(scoring, scoring)
+    return draws if scoring == "multi_draw" else n_eval if scoring in N_DRAW_SCORINGS else None
+
+
+def _n_eval_field(scoring: str, n_eval: int) -> dict:
+    return {"n_eval": n_eval} if SCORING_ALIASES.get(scoring, scoring) in N_DRAW_SCORINGS else {}
 
 
 def _report(defense, descriptions, results, clean, scorings, draws, n_eval, seed, n, settings) -> dict:
-    clean_acc = {"single_shot": clean["single_shot"].mean(), "any_iteration": clean["single_shot"].mean()}
-    for s in ("multi_draw", "n_evaluation"):
-        if s in clean:
-            clean_acc[s] = clean[s].mean()
+    # The clean input is its own only iterate, so its any-iteration score is its single shot (older states store no
+    # other).
+    clean_acc = {s: clean["single_shot" if s == "any_iteration" else s].mean() for s in scorings}
     rows = []
     for name, res in results.items():
         described = descriptions[name]
@@ -298,8 +326,7 @@ def _report(defense, descriptions, results, clean, scorings, draws, n_eval, seed
                                  clean_acc=float(clean_acc[s]), robust_acc=float(res[s].mean()),
                                  nfe_per_image=_nfe_dict(res["nfe"], n), seconds=res["seconds"],
                                  eot=described["eot"], iterations=described["iterations"],
-                                 draws=_passes(s, draws, n_eval), settings=described,
-                                 **({"n_eval": n_eval} if s == "n_evaluation" else {})))
+                                 draws=_passes(s, draws, n_eval), settings=described, **_n_eval_field(s, n_eval)))
     # Per example, the strongest example: the lowest multi-draw (else single-shot) robustness, first attack on ties.
     names = list(results)
     rank_key = "multi_draw" if "multi_draw" in scorings else "single_shot"
@@ -317,6 +344,6 @@ def _report(defense, descriptions, results, clean, scorings, draws, n_eval, seed
                              seconds=total_seconds, eot=None, iterations=None,
                              draws=_passes(s, draws, n_eval),
                              note="per example the minimum over the attacks of this protocol's robustness",
-                             **({"n_eval": n_eval} if s == "n_evaluation" else {})))
+                             **_n_eval_field(s, n_eval)))
     return {"rows": rows, "settings": {**settings, "attacks_done": names}, "x_worst": x_worst,
             "worst_attack": worst_attack, "attack_names": names}

@@ -156,16 +156,31 @@ def load_cifar10(data_dir: str, split: str = "test", n: int | None = None) -> tu
             "Nothing is downloaded: extract the tarball into data_dir first.")
     xs, ys = [], []
     for name in CIFAR10_FILES[split]:
-        with open(os.path.join(folder, name), "rb") as f:
-            batch = _ArraysOnlyUnpickler(f, encoding="latin1").load()
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        x, y = _read_cifar10_batch(os.path.join(folder, name))
+        xs.append(x)
+        ys.append(y)
     x = (np.concatenate(xs)[:n] / 255.0).astype(np.float32)
     return x, np.concatenate(ys)[:n]
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """The CIFAR-10 batches are pickles; allow only the numpy classes they need, never arbitrary code."""
+def _read_cifar10_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch["labels"], dtype=np.int64)
+    except Exception as err:  # a refused global, a truncated file, another layout: say which file
+        raise ValueError(f"{path} is not a CIFAR-10 batch (a pickle of the numpy arrays 'data' and 'labels'): "
+                         f"{type(err).__name__}: {err}") from err
+    if y.shape != (len(x),):
+        raise ValueError(f"{path} holds {len(x)} images but labels of shape {y.shape}.")
+    return x, y
+
+
+class _ArraysOnlyUnpickler(pickle._Unpickler):
+    """The CIFAR-10 batches are pickles; allow only the numpy classes they need, never arbitrary code. The pure-Python
+    unpickler keeps its memo in a dict (the C one sizes an array by the largest memo index a file names: gigabytes for
+    a few bytes)."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),

@@ -101,10 +101,15 @@ def _load_saved_classifier(path: str, arch: str | None) -> nn.Module:
     if arch is None:
         card_path = os.path.splitext(path)[0] + ".json"
         arch = model_card(path).get("model", "MnistCNN") if os.path.isfile(card_path) else "MnistCNN"
-    if arch not in CLASSIFIERS:
+    if not isinstance(arch, str) or arch not in CLASSIFIERS:  # a card can hold any JSON value
         raise ValueError(f"{path}: unknown classifier architecture {arch!r}; known: {sorted(CLASSIFIERS)}.")
     model = CLASSIFIERS[arch]()
-    model.load_state_dict(load_state_dict_safely(path))
+    state = load_state_dict_safely(path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:  # torch's message lists the keys but not the file
+        raise ValueError(f"{path}: the weights are not those of a {arch} (another network, or not a state_dict): "
+                         f"{str(err).strip()[:500]}") from err
     return model.eval()
 
 
@@ -152,5 +157,12 @@ def load_reference_models(dataset: str = "mnist", device: str | torch.device = "
 
 def model_card(path: str) -> dict:
     """The JSON card written beside a shipped model file."""
-    with open(os.path.splitext(path)[0] + ".json") as f:
-        return json.load(f)
+    card_path = os.path.splitext(path)[0] + ".json"
+    try:
+        with open(card_path, encoding="utf-8") as f:
+            card = json.load(f)
+    except ValueError as err:  # JSON's and UTF-8's errors do not name the file
+        raise ValueError(f"the model card {card_path} is not valid JSON: {err}") from err
+    if not isinstance(card, dict):
+        raise ValueError(f"the model card {card_path} holds a {type(card).__name__}, not a JSON object.")
+    return card

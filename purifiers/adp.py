@@ -48,7 +48,9 @@ Step rules (``step_rule``):
 * ``"reference"``: the authors' code (github.com/jmyoon1/adp, ``purification/adp.py``): probe ``delta = 1e-3``,
   ``alpha = clamp(lambda delta / (1 - z), 1e-5, 0.1)``, a sample stops once ``alpha <= tau``, and ``x`` is clipped to
   [0, 1] after every step. (The code's ``grid_to_raw`` rescaling after each step is not reproduced: it is a 0.4%
-  contrast stretch per step that the paper does not describe.)
+  contrast stretch per step that the paper does not describe. Nor is its grid transform of the start: the code also
+  evaluates its first score at ``x * 255/256 + 1/512``, which scales the first update by 256/255. The code's option of
+  binary noise, ``+-sigma sqrt(2/pi)`` per pixel instead of Gaussian, is not implemented.)
 
 Detection gate (App. F, ``detection_threshold``): inputs whose score norm exceeds a threshold taken from natural
 training images get the full noise ``sigma``, the others ``beta * sigma`` (beta = 0.2), which spares clean accuracy.

@@ -46,7 +46,10 @@ Paper versus the authors' reference code, each choice a named option:
   written in the noisy variable through ``x = x_t - sigma eps1`` (the paper's "the loss gradients with respect to x
   and x_t are equivalent", §3.3), i.e. ``lambda ||x_t - (x_a + sigma eps1)||^2``;
 * sigma is drawn per image and step (the paper samples t per sample); the output is clipped to [0, 1] as in the
-  code.
+  code;
+* the reference code averages its loss over the batch where we sum it. Adam's update ignores the loss scale except
+  through its ``eps``, so the two differ only there; but there, the reference's purification of an image depends on
+  the size of the batch it comes in.
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ Paper versus reference code
   reference code reads the discrete DDPM ``alpha_bar[1000 t* - 1]`` (``forward_alpha="ddpm"``). At ``t* = 0.1`` they
   differ by 1e-3 in ``log alpha_bar``.
 * Outputs are clamped to [0, 1] (the reference COUP clamps to [-1, 1]; DiffPure does not clamp).
+* DiffPure's reference integrates with torchsde's fixed step ``dt = 1e-3`` from ``t*`` down to 1e-5, so at
+  ``t* = 0.1`` it takes 99 steps of 1e-3 and a last, shorter one of 9.9e-4; we take ``round((t* - t_end) / dt)`` = 100
+  equal steps of 9.999e-4 over the same interval.
 """
 
 from __future__ import annotations

@@ -43,10 +43,11 @@ Tensor = torch.Tensor
 class _ReverseVPSDEPyTorch(PurifierPyTorch):
     """Shared ART wrapper of :class:`purifiers.vpsde.ReverseVPSDE` purifiers (see the module docstring)."""
 
-    params = PurifierPyTorch.params + ["t_star", "dt", "resize_to", "surrogate_steps"]
+    params = PurifierPyTorch.params + ["t_star", "dt", "forward_alpha", "resize_to", "surrogate_steps"]
 
     t_star = AlgorithmSetting("diffusion time the reverse SDE starts at")
     dt = AlgorithmSetting("Euler-Maruyama step")
+    forward_alpha = AlgorithmSetting("'continuous' or 'ddpm' alpha_bar of the forward diffusion")
     resize_to = AlgorithmSetting("square side the purification runs at (None: the input's)")
 
     def __init__(self, algorithm: ReverseVPSDE, *, surrogate_steps: int = 20, **kwargs):
@@ -60,6 +61,12 @@ class _ReverseVPSDEPyTorch(PurifierPyTorch):
         if self.gradient == "surrogate" and self.surrogate_steps > self.algorithm.num_steps:
             raise ValueError(f"surrogate_steps ({self.surrogate_steps}) must not exceed the solver's "
                              f"{self.algorithm.num_steps} steps: the surrogate is a coarser grid.")
+        # forward_alpha is the alpha_bar of the forward diffusion: without one (COUP's default) a "ddpm" would be
+        # silently ignored, and a run meant to follow the reference code's discrete schedule would not.
+        if self.forward_alpha != "continuous" and not self.algorithm.forward_diffusion:
+            raise ValueError(f"forward_alpha={self.forward_alpha!r} sets the alpha_bar of the forward diffusion, which "
+                             "this purifier does not run; pass forward_diffusion=True (COUP) to diffuse the input "
+                             "first.")
 
     # The base class has validated the input (against this wrapper's ``input_range``), so these call the solver
     # directly rather than the algorithm's ``forward``, which validates for standalone use.
@@ -100,6 +107,8 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
     :param dt: Euler-Maruyama step (1e-3: 100 steps at t* = 0.1).
     :param t_end: end time of the reverse SDE (1e-5).
     :param forward_diffusion: diffuse the input to t* first (the reference's ``--mode diffPure``); default off.
+    :param forward_alpha: with ``forward_diffusion``: ``"continuous"`` alpha_bar(t*) (DiffPure's paper) or ``"ddpm"``
+        (the reference code's discrete one); without it only ``"continuous"`` (the setting has nothing to act on).
     :param guidance_gradient: ``"full"`` (differentiable guidance) or ``"detached"`` (the reference code's).
     :param resize_to: purify at this square side (bilinear resize in and out; 256 for guided-diffusion's ImageNet
         model on 224x224 inputs, DiffPure's convention); the guidance classifier then sees images of that side too.
@@ -118,9 +127,11 @@ class COUPPyTorch(_ReverseVPSDEPyTorch):
 
     def __init__(self, prior: Prior, classifier: nn.Module, t_star: float = 0.1, guidance_scale: float = 1.0,
                  dt: float = 1e-3, t_end: float = DEFAULT_T_END, forward_diffusion: bool = False,
-                 guidance_gradient: str = "full", resize_to: int | None = None, surrogate_steps: int = 20, **kwargs):
+                 forward_alpha: str = "continuous", guidance_gradient: str = "full", resize_to: int | None = None,
+                 surrogate_steps: int = 20, **kwargs):
         algorithm = COUP(prior, classifier, t_star=t_star, guidance_scale=guidance_scale, dt=dt, t_end=t_end,
-                         forward_diffusion=forward_diffusion, guidance_gradient=guidance_gradient, resize_to=resize_to)
+                         forward_diffusion=forward_diffusion, forward_alpha=forward_alpha,
+                         guidance_gradient=guidance_gradient, resize_to=resize_to)
         super().__init__(algorithm, surrogate_steps=surrogate_steps, **kwargs)
 
 
@@ -145,10 +156,6 @@ class DiffPurePyTorch(_ReverseVPSDEPyTorch):
 
     Further keyword arguments: see :class:`purifiers.PurifierPyTorch`.
     """
-
-    params = _ReverseVPSDEPyTorch.params + ["forward_alpha"]
-
-    forward_alpha = AlgorithmSetting("'continuous' or 'ddpm' alpha_bar of the forward diffusion")
 
     def __init__(self, prior: Prior, t_star: float = 0.1, dt: float = 1e-3, t_end: float = DEFAULT_T_END,
                  forward_alpha: str = "continuous", resize_to: int | None = None, surrogate_steps: int = 20, **kwargs):

@@ -336,6 +336,26 @@ def test_guidance_needs_a_classifier_and_diffpure_has_none(prior32):
         purifier.set_params(t_star=-0.1)
 
 
+def test_both_wrappers_take_forward_alpha_and_coup_only_with_its_forward_diffusion(prior32):
+    """forward_alpha is an ART param of both wrappers (set_params validates it); COUP takes "ddpm" only where it runs a
+    forward diffusion, the one step the setting changes."""
+    x = images(n=2, dtype=torch.float32).numpy()
+    for make in (lambda **kw: DiffPurePyTorch(prior32, t_star=0.01, dt=2e-3, seed=0, **kw),
+                 lambda **kw: COUPPyTorch(prior32, _tiny_classifier(torch.float32), t_star=0.01, dt=2e-3,
+                                          forward_diffusion=True, seed=0, **kw)):
+        ddpm, purifier = make(forward_alpha="ddpm"), make()
+        assert "forward_alpha" in ddpm.params and ddpm.algorithm.forward_alpha == "ddpm"
+        first = ddpm(x)[0]
+        assert not np.array_equal(first, purifier(x)[0])  # another alpha_bar(t*): another start of the reverse SDE
+        purifier.set_params(forward_alpha="ddpm")
+        purifier.reset_generator()
+        np.testing.assert_array_equal(purifier(x)[0], first)
+        with pytest.raises(ValueError, match="forward_alpha must be one of"):
+            purifier.set_params(forward_alpha="linear")
+    with pytest.raises(ValueError, match="forward_alpha='ddpm' .* forward_diffusion=True"):
+        COUPPyTorch(prior32, _tiny_classifier(torch.float32), forward_alpha="ddpm")
+
+
 def test_ddpm_forward_alpha_is_the_discrete_schedule(prior64):
     # The reference code's discrete alpha_bar at t* = 0.1 (DDPM timestep 99) is within 1e-3 of the continuous one.
     x = images()

@@ -7,6 +7,8 @@ import argparse
 
 from benchmarks.harness import adaptive
 from benchmarks.harness.adaptive import PRESETS, SELECTED_BY_DEFAULT, run_attacks
+from benchmarks.harness.arguments import (check_eps, defense_name, non_negative_int, positive_int, positive_number,
+                                          prior_source)
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.harness.sharding import add_shard_argument, current_shard
 from benchmarks.harness.switches import add_speed_arguments, speed_settings
@@ -17,15 +19,18 @@ def main(argv: list[str]) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="output folder (attacks.json goes there)")
     parser.add_argument("--defenses", nargs="+", default=list(SELECTED_BY_DEFAULT),
+                        type=defense_name(import_factories=False),
                         help="'none', adp, scoreopt, coup, diffpure, or a factory 'module:function'")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--n", type=int, default=None, help="first n images of the split (default: the preset's)")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help="first n images of the split (default: the preset's)")
     parser.add_argument("--split", default="test", choices=("val", "test"))
-    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--eps", type=positive_number, default=0.3, help="radius; fractions like 8/255 allowed")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prior", default=None, help="prior file (default: the shipped MNIST prior)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--prior", type=prior_source, default=None,
+                        help="prior file (default: the shipped MNIST prior)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 on a shared machine: more threads than free cores stall)")
     parser.add_argument("--attacks", nargs="+", default=None,
                         help="only these attacks of the suite (names as in the table, e.g. 'PGD+EOT[surrogate]')")
@@ -37,6 +42,7 @@ def main(argv: list[str]) -> None:
                              "before the run unless --quiet")
     add_speed_arguments(parser)
     args = parser.parse_args(argv[1:])
+    check_eps(parser, args.eps, args.norm)
     set_up_cpu_process(args.threads)
     shard = current_shard(args.shard)
     first_shard = shard is None or shard.index == 0  # one calibration is enough for all shards

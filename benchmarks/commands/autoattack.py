@@ -7,6 +7,7 @@ import argparse
 import os
 
 from benchmarks.harness import autoattack
+from benchmarks.harness.arguments import check_eps, positive_int
 from benchmarks.harness.autoattack import (add_autoattack_arguments, add_defense_arguments, collect_autoattack,
                                            config_from_args, estimate_first, load_defense, run_autoattack,
                                            write_autoattack)
@@ -19,11 +20,12 @@ def main(argv: list[str]) -> None:
     add_defense_arguments(parser)
     add_autoattack_arguments(parser)
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="bundled MNIST split")
-    parser.add_argument("--n", type=int, default=64, help="first n images of the split")
+    parser.add_argument("--n", type=positive_int, default=64, help="first n images of the split")
     parser.add_argument("--out", default="results", help="output folder (autoattack_<defense>.json)")
     parser.add_argument("--quiet", action="store_true")
     add_shard_argument(parser)
     args = parser.parse_args(argv[1:])
+    check_eps(parser, args.eps, args.norm)
     evaluate_mnist(args)
 
 

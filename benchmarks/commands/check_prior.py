@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from benchmarks.harness.arguments import device_name, positive_int
 from benchmarks.harness.prior_check import check_prior
 
 
@@ -21,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", action="store_true", help="load a checkpoint's raw weights instead of its EMA")
     p.add_argument("--data", default=None,
                    help="'mnist' (bundled), 'fashion_mnist' (the Debian package's files), a CIFAR-10 folder (holding "
-                        "cifar-10-batches-py/) or a folder of images; default: mnist for one-channel priors")
-    p.add_argument("--n", type=int, default=16, help="images in the self-test")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        "cifar-10-batches-py/) or a folder of images; default: mnist for one-channel priors (a prior "
+                        "of other channels needs --data)")
+    p.add_argument("--n", type=positive_int, default=16, help="images in the self-test")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 

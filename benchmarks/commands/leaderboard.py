@@ -15,6 +15,8 @@ import html
 import json
 import os
 
+from benchmarks.harness.arguments import existing_path
+
 SORT_FIELDS = ("external", "autoattack_acc")
 COLUMNS = ("Rank", "Method", "Standard accuracy", "AutoAttack robust accuracy", "Best known robust accuracy",
            "AA eval. potentially unreliable", "Forward passes", "Extra data", "Architecture", "Venue")
@@ -119,7 +121,8 @@ def write_leaderboard(folder: str, out: str) -> tuple[str, str]:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks leaderboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", nargs="?", default="model_info", help="model_info folder (searched recursively)")
+    parser.add_argument("folder", nargs="?", default="model_info", type=existing_path,
+                        help="model_info folder (searched recursively)")
     parser.add_argument("--out", default="results", help="where leaderboard.md and leaderboard.html go")
     args = parser.parse_args(argv[1:])
     md_path, html_path = write_leaderboard(args.folder, args.out)

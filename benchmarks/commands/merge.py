@@ -10,14 +10,15 @@ import argparse
 
 def main(argv: list[str]) -> None:
     from benchmarks.harness import adaptive, autoattack, protocols, robustbench
+    from benchmarks.harness.arguments import existing_path
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks merge", description=__doc__)
-    parser.add_argument("folder", help="the --out folder the shards wrote into")
+    parser.add_argument("folder", type=existing_path, help="the --out folder the shards wrote into")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     verbose = not args.quiet
     joined = [adaptive.merge(args.folder, verbose), *autoattack.merge(args.folder, verbose),
               *robustbench.merge(args.folder, verbose), *protocols.merge(args.folder, verbose)]
     if not any(joined):
-        raise SystemExit(f"{args.folder} holds no shards of `attacks`, `autoattack`, `robustbench` or `reproduce` to "
+        raise ValueError(f"{args.folder} holds no shards of `attacks`, `autoattack`, `robustbench` or `reproduce` to "
                          "merge.")

@@ -15,12 +15,15 @@ Figures go to ``benchmarks/figures/`` by default (PNG), which the README shows.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections import defaultdict
 
 import numpy as np
 import torch
 
+from benchmarks.harness.arguments import (defense_name, existing_path, non_negative_int, positive_int, prior_source,
+                                          unit_interval)
 from benchmarks.harness.plotting import FIGURES_DIR, pyplot, save_figure
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,30 +140,36 @@ def main(argv: list[str]) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
     curves = sub.add_parser("curves", help="robust accuracy against eps from results files")
-    curves.add_argument("files", nargs="+")
+    curves.add_argument("files", nargs="+", type=existing_path)
     curves.add_argument("--out", default=os.path.join(FIGURES_DIR, "robust_accuracy_vs_eps.png"))
     curves.add_argument("--title", default=None)
     grid = sub.add_parser("grid", help="clean / attacked / purified images per purifier")
-    grid.add_argument("--defenses", nargs="+", default=["adp", "scoreopt", "coup", "diffpure"])
-    grid.add_argument("--n", type=int, default=6)
-    grid.add_argument("--eps", type=float, default=0.3)
-    grid.add_argument("--steps", type=int, default=40, help="PGD iterations")
+    grid.add_argument("--defenses", nargs="+", default=["adp", "scoreopt", "coup", "diffpure"],
+                      type=defense_name(bare=False))
+    grid.add_argument("--n", type=positive_int, default=6)
+    grid.add_argument("--eps", type=unit_interval, default=0.3, help="l_inf radius")
+    grid.add_argument("--steps", type=positive_int, default=40, help="PGD iterations")
     grid.add_argument("--out", default=os.path.join(FIGURES_DIR, "purification_grid.png"))
     norms = sub.add_parser("scorenorm", help="ADP Fig. 3: score-norm histograms, natural vs adversarial")
-    norms.add_argument("--n", type=int, default=200)
-    norms.add_argument("--eps", type=float, default=0.3)
-    norms.add_argument("--steps", type=int, default=40, help="PGD iterations")
+    norms.add_argument("--n", type=positive_int, default=200)
+    norms.add_argument("--eps", type=unit_interval, default=0.3, help="l_inf radius")
+    norms.add_argument("--steps", type=positive_int, default=40, help="PGD iterations")
     norms.add_argument("--out", default=os.path.join(FIGURES_DIR, "adp_score_norms.png"))
     for p in (grid, norms):
-        p.add_argument("--prior", default=None, help="prior file (default: the shipped prior)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--prior", type=prior_source, default=None, help="prior file (default: the shipped prior)")
+        p.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv[1:])
     torch.manual_seed(getattr(args, "seed", 0))
 
     if args.kind == "curves":
         from benchmarks.results import read_results
 
-        rows = [row for path in args.files for row in read_results(path)["rows"]]
+        rows = []
+        for path in args.files:
+            try:
+                rows += read_results(path)["rows"]
+            except (json.JSONDecodeError, AttributeError) as err:  # not JSON, or not an object: named, with the file
+                raise ValueError(f"{path} is not a results file ({type(err).__name__}: {err}).") from err
         print(f"wrote {plot_robustness_curves(rows, args.out, args.title)}")
         return
 

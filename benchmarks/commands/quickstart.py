@@ -24,8 +24,10 @@ import torch
 
 from benchmarks.data import load_mnist
 from benchmarks.defenses import METHODS, NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from benchmarks.harness.arguments import defense_name, non_negative_int, positive_int, prior_source
 from benchmarks.harness.autoattack import AutoAttackConfig
 from benchmarks.harness.cpu import set_up_cpu_process
+from benchmarks.harness.prior_check import check_fits
 from benchmarks.harness.protocols import ATTACKS, Protocol, defense_rows, evaluate_defense, summarize, summary_table
 from benchmarks.harness.training import PSNR_SIGMAS, accuracy, denoising_psnr
 from benchmarks.harness.workers import worker_pool
@@ -93,6 +95,7 @@ def run_quickstart(out_dir: str = "results", n: int = 4, n_clean: int = 1000, de
     torch.manual_seed(seed)
     classifier, prior_model = _load_models(prior)
     x_clean, y_clean = load_mnist("test", n=n_clean)
+    check_fits(prior_model, torch.from_numpy(x_clean[:1]), "bundled MNIST")  # before any row is computed
     rows = []
 
     start = time.time()
@@ -149,19 +152,18 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="output folder (quickstart.json, quickstart.md)")
-    parser.add_argument("--n", type=int, default=4, help="test images attacked")
-    parser.add_argument("--n-clean", type=int, default=1000, help="test images for the classifier and prior rows")
-    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
-    parser.add_argument("--prior", default=None, help="prior file (default: the shipped prior)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--n", type=positive_int, default=4, help="test images attacked")
+    parser.add_argument("--n-clean", type=positive_int, default=1000,
+                        help="test images for the classifier and prior rows")
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS), type=defense_name(bare=False))
+    parser.add_argument("--prior", type=prior_source, default=None, help="prior file (default: the shipped prior)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's; use 1 on a machine shared with other jobs)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="processes evaluating defenses in parallel, one thread each (default: 2 cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
     args = parser.parse_args(argv[1:])
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
     set_up_cpu_process(args.threads)
     run_quickstart(args.out, n=args.n, n_clean=args.n_clean, defenses=args.defenses, seed=args.seed, prior=args.prior,
                    workers=args.workers, verbose=not args.quiet)

@@ -11,6 +11,8 @@ import torch
 
 from benchmarks.defenses import METHODS, build_purifier, deployed_model, deployed_runs
 from benchmarks.harness import protocols
+from benchmarks.harness.arguments import (check_eps, defense_name, device_name, existing_path, non_negative_int,
+                                          positive_int, positive_number, prior_source)
 from benchmarks.harness.protocols import (ATTACKS, DEFAULT_EPS, defense_part, evaluate_defense, full_protocol,
                                           protocol_dict, scaled_protocol, write_reproduce)
 from benchmarks.harness.sharding import add_shard_argument, current_shard, save_harness, writes_results
@@ -21,23 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks reproduce", description=protocols.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
-    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS), type=defense_name(bare=False))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    parser.add_argument("--n", type=int, default=8, help="first n test images")
-    parser.add_argument("--eps", type=float, default=None, help="default: 0.3 (MNIST), 8/255 (CIFAR-10)")
+    parser.add_argument("--n", type=positive_int, default=8, help="first n test images")
+    parser.add_argument("--eps", type=positive_number, default=None, help="default: 0.3 (MNIST), 8/255 (CIFAR-10)")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
     parser.add_argument("--full", action="store_true", help="the papers' attack settings (for a GPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prior", default=None, help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder or "
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--prior", type=prior_source, default=None,
+                        help="MNIST: default the shipped prior; CIFAR-10: a diffusers folder or "
                         "an authors' checkpoint (score_sde checkpoint_8.pth, NCSNv2 checkpoint.pth, EDM .pkl)")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10: the folder holding cifar-10-batches-py/")
+    parser.add_argument("--data-dir", type=existing_path, default=None,
+                        help="CIFAR-10: the folder holding cifar-10-batches-py/")
     parser.add_argument("--classifier", default=None, help="CIFAR-10: robustbench:<Name> or module:function")
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
-    parser.add_argument("--coup-toy-runs", type=int, default=None,
+    parser.add_argument("--coup-toy-runs", type=non_negative_int, default=None,
                         help="paths per setting of COUP's toy (paper: 100,000; scaled-down default 10,000; 0 skips)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images attacked at once, the unit of resuming and of --shard (default: the protocol's)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=device_name, default=None)
     parser.add_argument("--out", default="results/reproduce")
     parser.add_argument("--quiet", action="store_true")
     add_shard_argument(parser)
@@ -107,4 +111,7 @@ def reproduce(args) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    reproduce(build_parser().parse_args(argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv[1:])
+    check_eps(parser, args.eps, args.norm)
+    reproduce(args)

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.defenses import NO_DEFENSE, paper_of
 from benchmarks.harness import robustbench
+from benchmarks.harness.arguments import check_eps, existing_path, positive_int
 from benchmarks.harness.autoattack import (add_autoattack_arguments, add_defense_arguments, config_from_args,
                                            estimate_first, load_defense, run_autoattack)
 from benchmarks.harness.robustbench import DATASETS, load_data, write_robustbench
@@ -52,20 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks robustbench", description=robustbench.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist", choices=DATASETS)
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10/100: folder holding cifar-10-batches-py/ etc.")
+    parser.add_argument("--data-dir", type=existing_path, default=None,
+                        help="CIFAR-10/100: folder holding cifar-10-batches-py/ etc.")
     parser.add_argument("--classifier", default=None,
                         help="robustbench:<Name> (from --model-dir) or module:function (default: the shipped "
                              "MNIST CNN)")
     parser.add_argument("--model-dir", default="models", help="robustbench's model_dir layout")
     add_defense_arguments(parser)
     add_autoattack_arguments(parser)
-    parser.add_argument("--n", type=int, default=64, help="first n test images")
+    parser.add_argument("--n", type=positive_int, default=64, help="first n test images")
     parser.add_argument("--name", default=None,
                         help="model id: the JSON's file name, <name>.json, as RobustBench names its model files "
                              "(default: <defense>_<classifier class>). The entry's 'name' field is the paper's title, "
                              "as in RobustBench; for a defense outside the registry it is this id")
     parser.add_argument("--link", default=None, help="paper or code link for the entry")
-    parser.add_argument("--attacks-json", default=None,
+    parser.add_argument("--attacks-json", type=existing_path, default=None,
                         help="attacks.json of `python -m benchmarks attacks` (for 'external')")
     parser.add_argument("--out", default=".",
                         help="model_info/ goes under this folder (RobustBench writes ./model_info)")
@@ -75,4 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    evaluate(build_parser().parse_args(argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv[1:])
+    check_eps(parser, args.eps, args.norm)
+    evaluate(args)

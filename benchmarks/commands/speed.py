@@ -26,6 +26,7 @@ import time
 import torch
 
 from benchmarks.defenses import METHODS, defense, record
+from benchmarks.harness.arguments import check_overrides, defense_name, positive_int
 from benchmarks.harness.timing import ROW_BATCHES, best_time, network_times
 from benchmarks.results import collect_meta, make_row, write_results
 from purifiers.priors.speed import SpeedOptions
@@ -236,29 +237,36 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="output folder (speed.json)")
-    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
-    parser.add_argument("--row-batches", type=int, nargs="+", default=list(ROW_BATCHES))
-    parser.add_argument("--rows", type=int, default=32, help="row batch of the purification timings")
-    parser.add_argument("--gradient-rows", type=int, default=8, help="row batch of the gradient timings")
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS), type=defense_name(bare=False, factories=False))
+    parser.add_argument("--row-batches", type=positive_int, nargs="+", default=list(ROW_BATCHES))
+    parser.add_argument("--rows", type=positive_int, default=32, help="row batch of the purification timings")
+    parser.add_argument("--gradient-rows", type=positive_int, default=8, help="row batch of the gradient timings")
     parser.add_argument("--gradients", nargs="*", default=["exact"], help="gradient modes to time (none: skip)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--set", action="append", metavar="DEFENSE.KEY=VALUE",
                         help="override a defense's setting for this measurement, e.g. coup.t_star=0.05 (repeatable)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (a slow first call)")
     parser.add_argument("--memory", action="store_true", help="also the exact gradients' peak memory at T and 4T")
-    parser.add_argument("--processes", type=int, default=None, metavar="K",
+    parser.add_argument("--processes", type=positive_int, default=None, metavar="K",
                         help="also time each purification with the --threads cores split into K processes")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.processes is not None and not 2 <= args.processes <= torch.get_num_threads():  # now, not after the timings
+        parser.error(f"argument --processes: K splits the {torch.get_num_threads()} threads into K processes, so "
+                     f"2 <= K <= --threads; got {args.processes}")
     settings: dict = {}
     for item in args.set or []:
         target, sep, rest = item.partition(".")
         if not sep:
             parser.error(f"--set takes DEFENSE.KEY=VALUE, got {item!r}")
+        if target not in args.defenses:
+            parser.error(f"--set {item!r}: {target!r} is not one of the --defenses timed, {args.defenses}")
         settings.setdefault(target, {}).update(parse_overrides([rest]))
+    for name, overrides in settings.items():
+        check_overrides(name, overrides)
     run_speed(args.out, args.defenses, row_batches=tuple(args.row_batches), rows=args.rows,
               gradient_rows=args.gradient_rows, gradients=tuple(args.gradients), repeats=args.repeats,
               settings=settings, compile=args.compile, memory=args.memory, processes=args.processes,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 
+from benchmarks.harness.arguments import positive_int
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.harness.training import DATASETS, command_line, default_output, train_classifier, training_parser
 
 
 def main(argv: list[str]) -> None:
     parser = training_parser(argv[0])
-    parser.add_argument("--epochs", type=int, default=None, help="default: 30 (mnist), 24 (fashion_mnist)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="default: 30 (mnist), 24 (fashion_mnist)")
     args = parser.parse_args(argv[1:])
     print(command_line(argv), flush=True)
     set_up_cpu_process(args.threads)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 
+from benchmarks.harness.arguments import positive_int, positive_number
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.harness.training import (DATASETS, command_line, default_checkpoint, default_output, export_prior,
                                          train_prior, training_parser)
@@ -15,16 +16,16 @@ from benchmarks.harness.training import (DATASETS, command_line, default_checkpo
 
 def main(argv: list[str]) -> None:
     parser = training_parser(argv[0])
-    parser.add_argument("--minutes", type=float, default=60.0,
+    parser.add_argument("--minutes", type=positive_number, default=60.0,
                         help="wall-time budget, counting earlier segments of a resumed run")
-    parser.add_argument("--max-steps", type=int, default=100_000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--base-channels", type=int, default=None,
+    parser.add_argument("--max-steps", type=positive_int, default=100_000)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--base-channels", type=positive_int, default=None,
                         help="SmallUNet width (default: 32 for mnist, 32 for fashion_mnist)")
     parser.add_argument("--checkpoint", default=None,
                         help="resumable training state (default <out>.ckpt.pt); resumed from when it exists")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--psnr-n", type=int, default=None,
+    parser.add_argument("--checkpoint-every", type=positive_int, default=200)
+    parser.add_argument("--psnr-n", type=positive_int, default=None,
                         help="first N val and test images for the card's PSNR (default: all)")
     parser.add_argument("--export-only", action="store_true",
                         help="write the checkpoint's EMA weights and card to --out and stop (no training; safe "

@@ -55,6 +55,7 @@ def check_prior(source, *, format: str | None = None, config=None, ema: bool = T
     say(f"self-test: denoising PSNR on {len(x)} images of {data_name}, noise at pixel sigma "
         f"{', '.join(map(str, SIGMAS))}")
     x = torch.from_numpy(x).to(device)
+    check_fits(prior, x[:1], data_name)
     generator = torch.Generator().manual_seed(seed)
     psnr, worse = {}, []
     for sigma in SIGMAS:
@@ -76,6 +77,20 @@ def check_prior(source, *, format: str | None = None, config=None, ema: bool = T
         say("OK: the prior beats the identity at every sigma.")
     return {"card": card, "known_checkpoint": known, "sha256": sha256, "data": data_name, "psnr": psnr,
             "worse_than_identity": worse, "ok": not worse}
+
+
+def check_fits(prior, x: torch.Tensor, data_name: str) -> None:
+    """Denoise one image of the data first, so that a prior built for other images is refused by name: a network of
+    other channels or size fails inside (a conv of other input channels, a side its U-Net cannot halve and join again,
+    a resolution its attention layers or input pyramid are fixed to) with an error that names neither the prior nor
+    the data."""
+    try:
+        with torch.no_grad():
+            prior.denoise(x, SIGMAS[0])
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"the prior cannot denoise the {tuple(x.shape[1:])} images of {data_name} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); give --data with "
+                         "images of the size and channels it was trained on.") from err
 
 
 def _psnr(estimate: torch.Tensor, clean: torch.Tensor) -> float:

@@ -18,12 +18,14 @@ that ``merge`` writes them from the folder alone, exactly as the single process 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
+from attacks_adaptive.files import StateError, read_state_json
 from benchmarks.results import write_json
 
 
@@ -111,12 +113,11 @@ def save_harness(out_dir: str, folder: str, command: str, harness: dict, shard: 
     harness = json.loads(json.dumps(harness))
     path = harness_path(folder, command)
     if shard is not None and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_state_json(path)
         if saved != harness:
             changed = sorted(k for k in saved.keys() | harness.keys() if saved.get(k) != harness.get(k))
-            raise ValueError(f"{folder} holds shards of a `{command}` run with other settings (differs in {changed}); "
-                             "run every shard with the same settings, or use another --out folder.")
+            raise StateError(f"{path} holds the harness of `{command}` shards run with other settings (differs in "
+                             f"{changed}); run every shard with the same settings, or use another --out folder.")
     write_json(path, harness)
     return harness
 
@@ -128,13 +129,22 @@ def saved_harnesses(out_dir: str, command: str) -> list[tuple[str, dict]]:
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = harness_path(os.path.join(root, name), command)
         if os.path.exists(path):
-            with open(path) as f:
-                found.append((os.path.join(root, name), json.load(f)))
+            found.append((os.path.join(root, name), read_state_json(path)))
     return found
 
 
+def _shard_text(text: str) -> str:
+    """``--shard``'s type: refuses what is not ``i/N`` while the options are parsed; the text itself is kept, for
+    :func:`current_shard` (which also checks it against torchrun's split)."""
+    try:
+        parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_shard_argument(parser) -> None:
-    parser.add_argument("--shard", default=None, metavar="I/N",
+    parser.add_argument("--shard", type=_shard_text, default=None, metavar="I/N",
                         help="run only shard I of N (batches b with b %% N == I) into the shared --out folder; join "
                              "the finished shards with `python -m benchmarks merge OUT`. Under torchrun the rank and "
                              "world size split the work instead.")

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from attacks_adaptive.files import atomic_write
+from attacks_adaptive.files import StateError, atomic_write
 from benchmarks.data import FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 from benchmarks.models import CLASSIFIERS, save_classifier
 from purifiers.nets.unet import SmallUNet
@@ -183,7 +183,7 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
         old = ckpt.get("meta", {})
         differ = {k: (old[k], v) for k, v in meta.items() if k in old and old[k] != v}
         if differ:
-            raise ValueError(f"checkpoint {ckpt_path} was written with other settings "
+            raise StateError(f"checkpoint {ckpt_path} was written with other settings "
                              f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
                              "resume with the same options or pass another --checkpoint.")
         net.load_state_dict(ckpt["net"])
@@ -241,9 +241,10 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
 def _read_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read the prior checkpoint {path}: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    except Exception as err:  # torch's errors for a damaged archive do not name the file
+        raise StateError(f"cannot read the prior checkpoint {path}: it is truncated or corrupt ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); delete it, or pass another --checkpoint, "
+                         "to train from the start.") from err
 
 
 def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n: int | None = None,
@@ -297,14 +298,17 @@ def training_parser(command: str):
     """The options both training commands share (``train-classifier``, ``train-prior``)."""
     import argparse
 
+    from benchmarks.harness.arguments import existing_path, non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
                         help="mnist: the bundled 5,000 digits; fashion_mnist: the idx files of --data-dir")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", type=existing_path, default=None,
                         help=f"Fashion-MNIST idx folder (default {FASHION_MNIST_DIR}, from `apt-get install "
                              "dataset-fashion-mnist`)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default=None, help="weights file (default benchmarks/models/<dataset>_<model>.safetensors)")
     return parser

@@ -30,6 +30,7 @@ import os
 import re
 
 from benchmarks.defenses import defense, record
+from benchmarks.harness.arguments import json_value, non_negative_int, positive_int, prior_source
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_results
 from benchmarks.studies.tuning import (DATASET_NAMES, SELECTION_RULE, MissingSettingsError, add_dataset_arguments,
@@ -215,17 +216,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--label", default=None, help="evaluate, merge: a tag in the file names (lower-case letters "
                         "and digits), to keep a row with other settings beside the registry's")
     parser.add_argument("--out", default=os.path.join("results", "adp"))
-    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the shipped prior of --dataset)")
-    parser.add_argument("--n", type=int, default=None, help="images (sweep: 200, evaluate: 1000, memory batch: 32)")
-    parser.add_argument("--runs", type=int, default=None, help="ensemble size S (sweep: 1, evaluate: 10)")
+    parser.add_argument("--prior", type=prior_source, default=None,
+                        help="prior .safetensors (default: the shipped prior of --dataset)")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help="images (sweep: 200, evaluate: 1000, memory batch: 32)")
+    parser.add_argument("--runs", type=positive_int, default=None, help="ensemble size S (sweep: 1, evaluate: 10)")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="evaluate, merge: the split")
-    parser.add_argument("--start", type=int, default=0, help="evaluate: first image of the split (run parts in "
+    parser.add_argument("--start", type=non_negative_int, default=0,
+                        help="evaluate: first image of the split (run parts in "
                         "parallel, then `merge`)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", type=json.loads, default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--settings", type=json_value, default=None,
                         help="evaluate: JSON overriding the registry's settings of --dataset; sweep: JSON grid {name: [values]} over "
                              f"{', '.join(SWEPT)}")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     set_up_cpu_process(args.threads)

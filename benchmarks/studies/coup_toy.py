@@ -22,6 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from benchmarks.harness.arguments import non_negative_int, non_negative_number, positive_int
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.results import write_json
 from purifiers.conventions import VPSchedule
@@ -139,14 +140,13 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks coup-toy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/vpsde", help="output folder (coup_toy.json, coup_toy.png)")
-    parser.add_argument("--runs", type=int, default=100_000, help="simulated paths per setting (paper: 100,000)")
-    parser.add_argument("--noise-levels", type=float, nargs="+", default=list(DEFAULT_NOISE_LEVELS))
-    parser.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=positive_int, default=100_000,
+                        help="simulated paths per setting (paper: 100,000)")
+    parser.add_argument("--noise-levels", type=non_negative_number, nargs="+", default=list(DEFAULT_NOISE_LEVELS))
+    parser.add_argument("--lambdas", type=non_negative_number, nargs="+", default=list(DEFAULT_LAMBDAS))
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
-    if args.runs < 1:
-        parser.error("--runs must be positive")
     set_up_cpu_process(1)
     run_toy(args.out, runs=args.runs, noise_levels=args.noise_levels, lambdas=args.lambdas, seed=args.seed,
             verbose=not args.quiet)

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 
 import numpy as np
 
 from benchmarks.defenses import defense
+from benchmarks.harness.arguments import json_value, non_negative_int, positive_int, prior_source
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.results import collect_meta, format_table, portable_path, read_results, write_results
 from benchmarks.studies.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, ROBUST_TARGETS, MissingSettingsError,
@@ -313,16 +313,17 @@ def main(argv: list[str]) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=("tune", "test", "curves", "memory"))
     add_dataset_arguments(parser, mnist_only=("memory",))
-    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the one shipped for --dataset)")
-    parser.add_argument("--n", type=int, default=None,
+    parser.add_argument("--prior", type=prior_source, default=None,
+                        help="prior .safetensors (default: the one shipped for --dataset)")
+    parser.add_argument("--n", type=positive_int, default=None,
                         help="images (default: tune 200, test 1000, curves 200, memory 8)")
     parser.add_argument("--variants", nargs="+", default=["O", "N"], choices=["O", "N"])
-    parser.add_argument("--grid", type=json.loads, default=None,
+    parser.add_argument("--grid", type=json_value, default=None,
                         help='tune: JSON {variant: [sub-grid, ...]} replacing the dataset\'s grid (GRID) of those '
                              'variants, e.g. \'{"O": [{"loss": ["diff"], "noise_range": [[0.1, 0.2]], '
                              '"steps_lr": [[5, 0.02]]}]}\'')
     parser.add_argument("--out", default=OUT_DIR)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--no-table10", action="store_true", help="test: skip the paper's Table 10 settings")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])

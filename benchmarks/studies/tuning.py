@@ -29,6 +29,7 @@ from attacks_adaptive.blind_pgd import BlindPGD
 from attacks_adaptive.files import atomic_write
 from benchmarks.data import load_fashion_mnist, load_mnist
 from benchmarks.defenses import defense, record
+from benchmarks.harness.arguments import existing_path
 from benchmarks.models import load_reference_models, reference_paths
 from benchmarks.results import collect_meta, file_sha256, make_row
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
@@ -164,7 +165,8 @@ def add_dataset_arguments(parser, mnist_only: tuple = ()) -> None:
     only = f" ({', '.join(mnist_only)}: mnist only)" if mnist_only else ""
     parser.add_argument("--dataset", default="mnist", choices=DATASETS,
                         help=f"the shipped classifier, prior and blind-PGD settings of this dataset{only}")
-    parser.add_argument("--data-dir", default=None, help="fashion_mnist: folder of the idx files (default: "
+    parser.add_argument("--data-dir", type=existing_path, default=None,
+                        help="fashion_mnist: folder of the idx files (default: "
                         "benchmarks.data.FASHION_MNIST_DIR)")
     parser.add_argument("--cache-dir", default="/tmp", help="where the blind-PGD examples are cached")
 

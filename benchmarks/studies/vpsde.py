@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from benchmarks.data import load_mnist
 from benchmarks.defenses import defense
+from benchmarks.harness.arguments import (non_negative_int, non_negative_number, positive_int, positive_number,
+                                          prior_source, unit_interval)
 from benchmarks.harness.cpu import set_up_cpu_process
 from benchmarks.results import collect_meta, format_table, read_results, write_json, write_results
 from benchmarks.studies.tuning import (CLEAN_TOLERANCE, DATASET_NAMES, DATASET_TITLES, ROBUST_TARGETS, SELECTION_RULE,
@@ -355,19 +357,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("stage", choices=("sweep", "test", "gradients", "memory"))
     add_dataset_arguments(parser, mnist_only=("gradients", "memory"))
     parser.add_argument("--out", default="results/vpsde")
-    parser.add_argument("--prior", default=None, help="prior .safetensors (default: the one shipped for --dataset)")
-    parser.add_argument("--n", type=int, default=None,
+    parser.add_argument("--prior", type=prior_source, default=None,
+                        help="prior .safetensors (default: the one shipped for --dataset)")
+    parser.add_argument("--n", type=positive_int, default=None,
                         help="images of the split (sweep: 100 val, test: 1000 test, gradients: 4 val, memory: 16 val)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--t-stars", type=float, nargs="+", default=None,
+    parser.add_argument("--t-stars", type=unit_interval, nargs="+", default=None,
                         help=f"sweep: the t* (default: the dataset's, {T_STARS})")
-    parser.add_argument("--lambdas", type=float, nargs="*", default=None,
+    parser.add_argument("--lambdas", type=non_negative_number, nargs="*", default=None,
                         help=f"sweep: COUP's guidance weights (default: the dataset's, {LAMBDAS}; the option "
                              "alone: no lambda sweep)")
-    parser.add_argument("--lambda-t-star", type=float, default=None,
+    parser.add_argument("--lambda-t-star", type=unit_interval, default=None,
                         help="t* of the lambda sweep (default: the t* selected for COUP at lambda 1)")
-    parser.add_argument("--adjoint-dts", type=float, nargs="*", default=[],
+    parser.add_argument("--adjoint-dts", type=positive_number, nargs="*", default=[],
                         help="gradients: also the adjoint-vs-exact gap at these Euler steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])

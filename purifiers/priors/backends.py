@@ -20,6 +20,7 @@ Every prior describes itself with :meth:`Prior.describe` (format, conventions, p
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -344,7 +345,8 @@ class NCSNv2Prior(_NetworkOnRange):
 
 def load_state_dict_safely(path: str):
     """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)`` for pickles (which also
-    reads the checkpoint containers of :mod:`purifiers.priors.checkpoints`: dicts and lists of tensors and plain values)."""
+    reads the checkpoint containers of :mod:`purifiers.priors.checkpoints`: dicts and lists of tensors and plain
+    values). A zip archive holding pickle records besides its ``data.pkl`` is refused."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -353,10 +355,26 @@ def load_state_dict_safely(path: str):
         except Exception as err:  # safetensors' header and size errors do not name the file
             raise ValueError(f"cannot read the weights file {path}: it is truncated or not a valid safetensors file "
                              f"({type(err).__name__}: {err}).") from err
+    hidden = _hidden_pickles(path)
+    if hidden:
+        raise ValueError(f"refusing to load {path}: besides its data.pkl the archive holds pickle records that "
+                         f"torch.save does not write ({', '.join(hidden[:3])}). torch.load would ignore them, but "
+                         "whatever unpacks the archive might run them.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(_torch_load_failure(path, err)) from err
+
+
+def _hidden_pickles(path: str) -> list[str]:
+    """The pickle records of a zip checkpoint other than the ``<name>/data.pkl`` that torch.save writes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith((".pkl", ".pickle"))]
+    except (zipfile.BadZipFile, OSError):  # not a (readable) zip archive: torch.load says what it is
+        return []
+    main = next((n for n in pickles if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+    return [n for n in pickles if n != main]
 
 
 def _torch_load_failure(path: str, err: Exception) -> str:

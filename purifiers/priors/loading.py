@@ -5,6 +5,7 @@ is unpickled that could run code."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -44,6 +45,7 @@ def _load_builtin_prior(path: str) -> EDMDenoiser:
     from safetensors import safe_open
 
     from purifiers.nets.unet import SmallUNet
+    from purifiers.priors.checkpoints.common import describe_mismatch, mismatch
 
     try:
         with safe_open(path, framework="pt") as f:
@@ -54,9 +56,23 @@ def _load_builtin_prior(path: str) -> EDMDenoiser:
     if metadata.get("format") != BUILTIN_FORMAT:
         raise ValueError(f"{path} is a safetensors file without the {BUILTIN_FORMAT!r} metadata of a built-in prior; "
                          "wrap your own network with load_prior(module, kind=...) instead.")
-    net = SmallUNet(**json.loads(metadata["config"]))
-    net.load_state_dict(load_state_dict_safely(path))
-    prior = EDMDenoiser(net, sigma_data=float(metadata["sigma_data"])).eval()
+    try:
+        config, sigma_data = json.loads(metadata["config"]), float(metadata["sigma_data"])
+        with torch.device("meta"):  # names and shapes only, whatever size the metadata describes
+            skeleton = SmallUNet(**config)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: its metadata does not describe a built-in prior (a SmallUNet config and "
+                         f"sigma_data): {type(err).__name__}: {err}") from err
+    if not (math.isfinite(sigma_data) and sigma_data > 0):
+        raise ValueError(f"{path}: its metadata gives sigma_data = {sigma_data}, not a positive number.")
+    state = load_state_dict_safely(path)
+    differences = mismatch(skeleton, state)
+    if any(differences):
+        raise ValueError(f"{path}: its tensors do not fit the SmallUNet its metadata describes: "
+                         f"{describe_mismatch(*differences)}.")
+    net = SmallUNet(**config)
+    net.load_state_dict(state)
+    prior = EDMDenoiser(net, sigma_data=sigma_data).eval()
     prior.provenance = {"format": BUILTIN_FORMAT, "file": os.path.basename(path)}
     return prior
 

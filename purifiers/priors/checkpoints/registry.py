@@ -88,26 +88,31 @@ def load_checkpoint(path: str, *, format: str | None = None, config=None, ema: b
 def read_config(config):
     """A config argument as given (None, a name, a dict or a dataclass), or the mapping parsed from a ``.json`` /
     ``.yaml`` / ``.yml`` file. YAML is read with ``yaml.safe_load``: files that need Python object tags (ncsnv2 writes
-    its run's ``config.yml`` that way) are refused."""
+    its run's ``config.yml`` that way) are refused, and so is a file that does not hold a mapping."""
     if not isinstance(config, (str, os.PathLike)) or not os.path.splitext(os.fspath(config))[1]:
         return config
     path = os.fspath(config)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist.")
-    with open(path) as f:
-        if path.endswith(".json"):
-            return json.load(f)
-        if not path.endswith((".yaml", ".yml")):
-            raise ValueError(f"config {path}: expected a .json, .yaml or .yml file, or a known config name.")
-        import yaml
+    if not path.endswith((".json", ".yaml", ".yml")):
+        raise ValueError(f"config {path}: expected a .json, .yaml or .yml file, or a known config name.")
+    import yaml
 
-        try:
-            return yaml.safe_load(f)
-        except yaml.constructor.ConstructorError as err:
-            raise ValueError(f"config {path} needs unsafe YAML (it holds Python object tags such as "
-                             f"!!python/object:argparse.Namespace) and is not read. Copy its data: and model: sections "
-                             f"into a plain YAML or JSON file, or use the repository's configs/*.yml. ({err.problem})"
-                             ) from err
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except yaml.constructor.ConstructorError as err:
+        raise ValueError(f"config {path} needs unsafe YAML (it holds tags such as the Python object tag "
+                         f"!!python/object:argparse.Namespace) and is not read. Copy its data: and model: sections "
+                         f"into a plain YAML or JSON file, or use the repository's configs/*.yml. ({err.problem})"
+                         ) from err
+    except (ValueError, RecursionError, yaml.YAMLError) as err:  # JSON's and UTF-8's errors do not name the file
+        raise ValueError(f"config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} text: "
+                         f"{type(err).__name__}: {err}") from err
+    if not isinstance(mapping, dict):
+        raise ValueError(f"config {path} holds {summary(mapping) if mapping is not None else 'nothing'}, not a "
+                         "mapping of config fields.")
+    return mapping
 
 
 
