@@ -13,10 +13,11 @@ Each attack is one file over a small shared base (:mod:`attacks_adaptive.base`: 
 * :class:`PGDEOT`: Lee & Kim's full-gradient PGD+EOT (200 x 20) through the purifier's ``exact`` or ``surrogate`` mode.
 * :class:`APGDEOT`: APGD (Croce & Hein 2020) with CE or DLR loss and batched EOT, through any gradient mode.
 * :class:`DiffHammer`: Wang et al.'s (NeurIPS 2024) selective EM attack on the breakable purifications, with gradient
-  grafting (one full gradient per iteration), through any gradient mode.
+  grafting (one full gradient per iteration), as its reference code runs it (APGD, 3 restarts) or as our reading.
 
-:mod:`attacks_adaptive.scoring` names the scoring protocols (single-shot, multi-draw, any-iteration, N-evaluation) and
-:func:`run_worst_case` runs a list of attacks, keeps the strongest example per input and writes the results JSON.
+:mod:`attacks_adaptive.scoring` names the scoring protocols (single-shot, multi-draw (Fixed-AutoAttack's), majority
+vote (DiffBreak's), all draws, any-iteration, and DiffHammer's two per-iterate metrics) and :func:`run_worst_case` runs
+a list of attacks, keeps the strongest example per input and writes the results JSON.
 
 | Please keep in mind the limitations of defences: a purifier that survives these attacks may still fall to a
   stronger one (https://arxiv.org/abs/1802.00420, https://arxiv.org/abs/1902.06705, https://arxiv.org/abs/2202.13711).
@@ -33,9 +34,11 @@ from attacks_adaptive.joint import JointAttack
 from attacks_adaptive.losses import LOSSES
 from attacks_adaptive.pgd_eot import PGDEOT
 from attacks_adaptive.runner import collect_worst_case, run_worst_case
-from attacks_adaptive.scoring import SCORINGS, any_iteration, multi_draw, n_evaluation, single_shot
+from attacks_adaptive.scoring import (ALL_SCORINGS, SCORINGS, all_draws, all_draws_all_iterates, any_iteration,
+                                      majority_vote, min_fraction_over_iterates, multi_draw, single_shot)
 from attacks_adaptive.spsa import SPSA
 
 __all__ = ["Attack", "AttackResult", "DefendedModel", "LOSSES", "NORMS", "BlindPGD", "BPDAEOT", "JointAttack", "SPSA",
-           "PGDEOT", "APGDEOT", "DiffHammer", "SCORINGS", "single_shot", "multi_draw", "any_iteration",
-           "n_evaluation", "run_worst_case", "collect_worst_case"]
+           "PGDEOT", "APGDEOT", "DiffHammer", "SCORINGS", "ALL_SCORINGS", "single_shot", "multi_draw", "majority_vote",
+           "all_draws", "any_iteration", "all_draws_all_iterates", "min_fraction_over_iterates", "run_worst_case",
+           "collect_worst_case"]

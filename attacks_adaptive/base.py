@@ -1,4 +1,4 @@
-"""The attack base: :class:`Attack` (shared parameters, checks, any-iteration tracking, the projected ascent loop and
+"""The attack base: :class:`Attack` (shared parameters, checks, iterate tracking, the projected ascent loop and
 ART-style ``generate``) and :class:`AttackResult`. Attacks see their target through
 :class:`attacks_adaptive.defended.DefendedModel`, maximise a loss of :mod:`attacks_adaptive.losses` and move in the
 geometry of :mod:`attacks_adaptive.geometry`.
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from attacks_adaptive.defended import DefendedModel
 from attacks_adaptive.geometry import NORMS, project
 from attacks_adaptive.losses import LOSSES
+from attacks_adaptive.scoring import correct_draws
 from purifiers.validation import check_images
 
 Tensor = torch.Tensor
@@ -28,12 +29,16 @@ class AttackResult:
     """What :meth:`Attack.perturb` returns.
 
     :ivar x_adv: the adversarial examples (NCHW, within the threat model).
-    :ivar broken: per input, whether the deployed defense misclassified any iterate (the DiffPure/ScoreOpt BPDA code's
-        rule), or ``None`` when iterates were not tracked (``track_iterates=False``).
+    :ivar broken: per input, whether one pass of the deployed defense misclassified any iterate (the DiffPure/ScoreOpt
+        BPDA code's rule), or ``None`` when iterates were not tracked (``track_iterates=False``).
+    :ivar broken_fraction: per input, the largest fraction of the ``iterate_draws`` passes of the deployed defense
+        misclassified at any iterate (the running maximum both of DiffHammer's metrics need), or ``None``
+        (``iterate_draws=0``).
     """
 
     x_adv: Tensor
     broken: Tensor | None = None
+    broken_fraction: Tensor | None = None
 
 
 class Attack:
@@ -48,14 +53,22 @@ class Attack:
     :param seed: seed of the attack's own randomness (random starts, SPSA directions).
     :param track_iterates: score every iterate with the deployed defense and record, per input, whether any was
         misclassified (needed by the ``any_iteration`` scoring; costs one deployed forward pass per iterate).
+    :param iterate_draws: ``N``: score every iterate with ``N`` independent passes of the deployed defense and record,
+        per input, the largest fraction misclassified (needed by DiffHammer's metrics, the ``all_draws_all_iterates``
+        and ``min_fraction_over_iterates`` scorings; costs ``N`` passes per iterate, the first of which
+        ``track_iterates`` then reuses); 0: off.
     :param verbose: show a progress bar over iterations.
+
+    The iterates tracked are the clean input and every point the attack moves to, restarts included.
     """
 
     name = "attack"
-    attack_params = ["eps", "norm", "steps", "max_rows", "seed", "track_iterates", "verbose"]
+    attack_params = ["eps", "norm", "steps", "max_rows", "seed", "track_iterates", "iterate_draws", "verbose"]
+    #: What :meth:`describe` leaves out: how the attack is watched or batched, not what it does.
+    _unstated_params = ("verbose", "track_iterates", "iterate_draws", "max_rows")
 
     def __init__(self, target, *, eps: float, norm: str = "linf", steps: int = 40, max_rows: int = 256,
-                 seed: int = 0, track_iterates: bool = False, verbose: bool = False):
+                 seed: int = 0, track_iterates: bool = False, iterate_draws: int = 0, verbose: bool = False):
         self.model = DefendedModel.from_target(target)
         self.eps = eps
         self.norm = norm
@@ -63,8 +76,10 @@ class Attack:
         self.max_rows = max_rows
         self.seed = seed
         self.track_iterates = track_iterates
+        self.iterate_draws = iterate_draws
         self.verbose = verbose
         self._broken: Tensor | None = None
+        self._broken_fraction: Tensor | None = None
         self._y: Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -79,6 +94,9 @@ class Attack:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if not isinstance(self.iterate_draws, (int, np.integer)) or isinstance(self.iterate_draws, bool) \
+                or self.iterate_draws < 0:
+            raise ValueError(f"iterate_draws must be an integer >= 0, got {self.iterate_draws!r}.")
         for name in ("track_iterates", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool.")
@@ -115,7 +133,7 @@ class Attack:
 
     def describe(self) -> dict:
         """The settings a results row states (attack, gradient mode, EOT, iterations, ...)."""
-        settings = {k: getattr(self, k) for k in self.attack_params if k not in ("verbose", "track_iterates", "max_rows")}
+        settings = {k: getattr(self, k) for k in self.attack_params if k not in self._unstated_params}
         if "step" in self.attack_params:
             settings["step"] = self.step_size
         return {**settings, "attack": self.name, "gradient": self.gradient_description(),
@@ -141,11 +159,12 @@ class Attack:
         x, y = x.detach().float(), y.to(device=x.device, dtype=torch.int64)
         self._y = y
         self._broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if self.track_iterates else None
+        self._broken_fraction = x.new_zeros(x.shape[0]) if self.iterate_draws else None
         self._note_iterate(x)
         x_adv = self._attack(x, y).detach()
-        broken = self._broken
-        self._broken = self._y = None
-        return AttackResult(project(x_adv, x, self.eps, self.norm), broken)
+        result = AttackResult(project(x_adv, x, self.eps, self.norm), self._broken, self._broken_fraction)
+        self._broken = self._broken_fraction = self._y = None
+        return result
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """torchattacks-style: the adversarial images (NCHW tensor)."""
@@ -171,10 +190,18 @@ class Attack:
     def _attack(self, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _note_iterate(self, x_i: Tensor) -> None:
-        """Record which inputs the deployed defense misclassifies at this iterate (when tracking)."""
+    def _note_iterate(self, x_i: Tensor, index: Tensor | None = None) -> None:
+        """Record which inputs the deployed defense misclassifies at this iterate, and in what fraction of
+        ``iterate_draws`` passes (when tracking); ``index``: the rows of the batch ``x_i`` holds (an attack's restart on
+        some inputs), ``None`` for all. Running maxima per input only, so the memory does not grow with iterations."""
+        if self._broken is None and self._broken_fraction is None:
+            return
+        index = slice(None) if index is None else index
+        correct = correct_draws(self.model, x_i, self._y[index], max(self.iterate_draws, 1), self.max_rows)
         if self._broken is not None:
-            self._broken |= self.model.deployed_logits(x_i, self.max_rows).argmax(1) != self._y
+            self._broken[index] |= ~correct[0]
+        if self._broken_fraction is not None:
+            self._broken_fraction[index] = torch.maximum(self._broken_fraction[index], (~correct).float().mean(0))
 
     def _generator(self, device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(int(self.seed))

@@ -19,15 +19,15 @@ def ascent_direction(g: Tensor, norm: str) -> Tensor:
     return g.sign() if norm == "linf" else g / _per_row_norm(g)
 
 
-def project(x_adv: Tensor, x0: Tensor, eps: float, norm: str) -> Tensor:
+def project(x_adv: Tensor, x0: Tensor, eps: float, norm: str, box: bool = True) -> Tensor:
     """Project onto the ``eps``-ball around ``x0`` and then onto the [0, 1] box (the box clip keeps the ball: it only
-    moves coordinates towards ``x0``, which lies in the box)."""
+    moves coordinates towards ``x0``, which lies in the box); ``box=False`` projects onto the ball only."""
     delta = x_adv - x0
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_row_norm(delta)).clamp(max=1.0)
-    return (x0 + delta).clamp(0.0, 1.0)
+    return (x0 + delta).clamp(0.0, 1.0) if box else x0 + delta
 
 
 def random_start(x0: Tensor, eps: float, norm: str, generator: torch.Generator) -> Tensor:

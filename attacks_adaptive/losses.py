@@ -1,4 +1,4 @@
-"""The losses every attack maximises, per row of logits: CE, DLR (Croce & Hein 2020) and the logit margin."""
+"""The losses every attack maximises, per row of logits: CE, DLR (Croce & Hein 2020) and the logit margin (CW)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Logit margin ``max_{i!=y} z_i - z_y`` (the loss Uesato et al. 2018 use for SPSA; positive once misclassified)."""
+    """Logit margin ``max_{i!=y} z_i - z_y``, positive once misclassified: the untargeted CW loss (Carlini & Wagner
+    2017, their f_6 without the confidence clip) as APGD-CW and DiffHammer's reference code (``utils.cw_loss``, its
+    first loss) compute it, and the loss Uesato et al. 2018 use for SPSA."""
     return _max_other(logits, y) - logits.gather(1, y[:, None]).squeeze(1)
 
 
@@ -32,4 +34,4 @@ def _max_other(logits: Tensor, y: Tensor) -> Tensor:
     return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).max(dim=1).values
 
 
-LOSSES = {"ce": ce_loss, "dlr": dlr_loss, "margin": margin_loss}
+LOSSES = {"ce": ce_loss, "dlr": dlr_loss, "margin": margin_loss}  # "margin" is the CW loss (see margin_loss)

