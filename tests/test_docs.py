@@ -2,6 +2,7 @@
 the README keeps its shape: at most 200 lines, none over 120 characters but the marked main command, links into the
 docs that exist, and every command of ``python -m benchmarks --help`` documented."""
 
+import glob
 import os
 import re
 import subprocess
@@ -59,8 +60,21 @@ def test_every_command_is_documented():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    commands = re.findall(r"^  (\S+)\s", proc.stdout, re.M)
+    listing = proc.stdout.split("commands:\n", 1)[1].split("\n\n", 1)[0]  # the command table, up to a blank line
+    commands = re.findall(r"^  (\S+)\s", listing, re.M)
     assert "quickstart" in commands
     with open(os.path.join(DOCS, "commands.md"), encoding="utf-8") as f:
         documented = f.read()
     assert [c for c in commands if f"`{c}`" not in documented] == []
+
+
+def test_the_timed_smoke_commands_are_the_docs_smoke_lines():
+    """`python -m benchmarks smoke-times` times what the docs call a smoke test: every code line ending in
+    ``# smoke``, no more and no fewer."""
+    from benchmarks.commands.smoke_times import SMOKE_COMMANDS
+
+    shown = set()
+    for path in [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]:
+        with open(path) as f:
+            shown |= {line.split("#")[0].strip() for line in f if line.rstrip().endswith("# smoke")}
+    assert shown == set(SMOKE_COMMANDS)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
+from benchmarks.harness.arguments import defense_name, device_name, positive_int
 from benchmarks.harness.cost import estimate_worst_case, report_estimate, total_row
 
 PAPER_CLASSIFIER = {"cifar10": "WideResNet-28-10"}  # the classifier of ADP, DiffPure, COUP and ScoreOpt on CIFAR-10
@@ -55,7 +57,7 @@ def protocol_counts(name: str, dataset: str = "cifar10", eps: float = 8 / 255, s
     protocol = full_protocol(eps, seed)
     attacks = make_attacks(model, eps, "linf", protocol, seed, ATTACKS)
     counts = estimate_worst_case(attacks, model, x, y, batch_size=rows, scorings=("single_shot", "multi_draw"),
-                                 draws=protocol.draws, defense=name)[:-1]
+                                 draws=protocol.draws, defense=name, rows=rows)[:-1]
     return counts + estimate_autoattack(model, x, y, protocol.autoattack, defense=name, device="cpu")[:-1]
 
 
@@ -96,14 +98,18 @@ def main(argv: list[str]) -> None:
     from benchmarks.defenses import METHODS, record
     from purifiers.priors.checkpoints import untrained_prior
 
+    start = time.time()
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks estimate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="cifar10", choices=sorted(IMAGE_SHAPE))
-    parser.add_argument("--defenses", nargs="+", default=list(METHODS))
-    parser.add_argument("--n", type=int, default=512, help="images evaluated (DiffPure's AutoAttack protocol: 512)")
-    parser.add_argument("--rows", type=int, default=8, help="images per network call when timing the networks")
-    parser.add_argument("--device", default=None, help="where to time the networks (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--defenses", nargs="+", default=list(METHODS), type=defense_name(bare=False, factories=False))
+    parser.add_argument("--n", type=positive_int, default=512,
+                        help="images evaluated (DiffPure's AutoAttack protocol: 512)")
+    parser.add_argument("--rows", type=positive_int, default=8, help="images per network call when timing the networks")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="where to time the networks (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", default="results", help="output folder (estimate_<dataset>.json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
@@ -127,6 +133,7 @@ def main(argv: list[str]) -> None:
         rows += [dict(r, network="/".join(network), unit_seconds=units[network])
                  for r in priced(protocol_counts(name, args.dataset), units[network], args.n)]
     report_estimate(os.path.join(args.out, f"estimate_{args.dataset}.json"), rows, args.dataset, f"any {args.n} images",
+                    time.time() - start,
                     classifier=PAPER_CLASSIFIER[args.dataset], timing_rows=args.rows,
                     note="evaluations per image counted on a stand-in that is never broken (an upper bound); "
                          "seconds = evaluations x the time of one evaluation of the paper's network on this device")

@@ -13,8 +13,8 @@ The protocol (AutoAttack's 'rand' version for randomized defenses, and DiffPure'
 * the **reported** number is ``min(rand, standard)`` of AutoAttack's own robust accuracies (DiffPure's protocol);
 * AutoAttack decides each point from *one* stochastic forward pass (fra31/auto-attack#104), so the returned
   adversarial examples of every version are re-scored with ``k`` forward passes of the deployed randomized defense:
-  ``multi_draw`` (the mean accuracy over the draws) and ``n_evaluation`` (a point counts only if all ``k`` draws
-  classify it correctly); ``worst-case`` counts a point only if it survived every version's AutoAttack flags and all
+  ``multi_draw`` (the mean accuracy over the draws: Fixed-AutoAttack's rule, Liu et al. 2025, with ``k = 20``) and
+  ``all_draws`` (a point counts only if all ``k`` draws classify it correctly); ``worst-case`` counts a point only if it survived every version's AutoAttack flags and all
   ``k`` re-score draws of every version's adversarial example. Clean accuracy is scored the same way.
 
 AutoAttack's own state resume is broken (pyautoattack 0.2.0 saves its attack set as a string), so the harness
@@ -48,9 +48,12 @@ from torch import nn
 from tqdm import tqdm
 
 from attacks_adaptive.defended import DefendedModel
-from attacks_adaptive.files import atomic_write
+from attacks_adaptive.files import StateError, atomic_write, differing_keys, read_state_json
 from attacks_adaptive.scoring import multi_draw, single_shot
 from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
+from benchmarks.harness.arguments import (check_overrides, defense_name, device_name, non_negative_int, positive_int,
+                                          positive_number, prior_source)
+from benchmarks.harness.cost import estimate_summary
 from benchmarks.harness.sharding import Shard, saved_harnesses
 from benchmarks.harness.switches import add_speed_arguments, speed_settings
 from benchmarks.results import collect_meta, format_table, make_row, write_results
@@ -247,12 +250,11 @@ class _Checkpoints:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "run.json")
         if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
+            saved = read_state_json(path)
             if saved != fingerprint:
-                changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-                raise ValueError(f"checkpoint folder {folder} belongs to a different run (differs in {changed}); use "
-                                 "another folder or delete it to start over.")
+                raise StateError(f"checkpoint folder {folder} belongs to a different run ({path} differs in "
+                                 f"{differing_keys(saved, fingerprint)}); use another folder or delete it to start "
+                                 "over.")
         else:
             atomic_write(path, lambda f: f.write(json.dumps(fingerprint, indent=2)), mode="w")
 
@@ -262,8 +264,7 @@ class _Checkpoints:
         path = os.path.join(folder, "run.json")
         if not os.path.exists(path):
             raise ValueError(f"{folder} holds no AutoAttack run (no run.json).")
-        with open(path) as f:
-            return cls(folder, json.load(f))
+        return cls(folder, read_state_json(path))
 
     def config(self) -> AutoAttackConfig:
         return AutoAttackConfig(**{**self.fingerprint["config"], "versions": tuple(self.fingerprint["config"]["versions"])})
@@ -278,9 +279,15 @@ class _Checkpoints:
         return os.path.join(self.folder, f"{part}_{batch:05d}.pt")
 
     def load(self, batch: int, part: str) -> dict | None:
-        if self.folder is None or not os.path.exists(self._path(batch, part)):
+        path = None if self.folder is None else self._path(batch, part)
+        if path is None or not os.path.exists(path):
             return None
-        return torch.load(self._path(batch, part), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's errors for a damaged archive do not name the file
+            raise StateError(f"cannot read the batch checkpoint {path}: it is truncated or corrupt "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); delete it to "
+                             "run that batch again.") from err
 
     def save(self, batch: int, part: str, record: dict) -> None:
         if self.folder is not None:
@@ -422,23 +429,25 @@ def _attacked_model(model, purifier, version: str, config: AutoAttackConfig):
 def estimate_autoattack(model: nn.Module, x, y, config: AutoAttackConfig, *, defense: str = "",
                         device=None) -> list[dict]:
     """The projected cost of :func:`run_autoattack` (rows as :func:`benchmarks.harness.cost.estimate_worst_case`'s),
-    calibrated on the first batch: each version run with 1 and 2 iterations (and, for 'standard', 1 and 2 Square
-    queries) and projected linearly to the config's counts, plus the clean and re-scoring passes. AutoAttack attacks
-    only the points still robust, so a defense that breaks early costs less than projected."""
-    from benchmarks.harness.cost import estimate_row, linear_projection, measured, total_row
+    calibrated on the first :func:`~benchmarks.harness.cost.calibration_rows` images: each version run with 1 and 2
+    iterations (and, for 'standard', 1 and 2 Square queries) and projected linearly to the config's counts, plus the
+    clean and re-scoring passes. AutoAttack attacks only the points still robust, so a defense that breaks early costs
+    less than projected."""
+    from benchmarks.harness.cost import calibration_rows, estimate_row, linear_projection, measured, total_row
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval().requires_grad_(False)
     purifier = model.purifier if isinstance(model, PurifiedClassifier) else None
     counted = DefendedModel.from_target(model)
-    xb = torch.as_tensor(x[:config.batch_size], dtype=torch.float32).to(device)
-    yb = torch.as_tensor(y[:config.batch_size], dtype=torch.int64).to(device)
-    rows_in_batch, batches, n = xb.shape[0], -(-len(y) // config.batch_size), len(y)
+    n = len(y)
+    rows = calibration_rows(n, config.batch_size)
+    xb = torch.as_tensor(x[:rows], dtype=torch.float32).to(device)
+    yb = torch.as_tensor(y[:rows], dtype=torch.int64).to(device)
     clean_nfe, clean_seconds = measured(counted, lambda: single_shot(model, xb, yb))
     draws_nfe, draws_seconds = measured(counted, lambda: multi_draw(model, xb, yb, config.rescore_draws))
-    rows = [estimate_row(defense, "clean (one pass)", clean_nfe, clean_seconds, rows_in_batch, batches, n),
-            estimate_row(defense, f"re-score ({config.rescore_draws} draws, clean and each version)", draws_nfe,
-                         draws_seconds, rows_in_batch, batches * (1 + len(config.versions)), n)]
+    table = [estimate_row(defense, "clean (one pass)", clean_nfe, clean_seconds, rows, n),
+             estimate_row(defense, f"re-score ({config.rescore_draws} draws, clean and each version)", draws_nfe,
+                          draws_seconds, rows, n, passes=1 + len(config.versions))]
     for version in config.versions:
         def cost(n_iter, n_queries=1):
             adversary = make_autoattack(_attacked_model(model, purifier, version, config), version,
@@ -451,9 +460,9 @@ def estimate_autoattack(model: nn.Module, x, y, config: AutoAttackConfig, *, def
         if version == "standard":
             counts["n_queries"] = config.n_queries or 5000
         nfe, seconds = linear_projection(cost, counts)
-        rows.append(estimate_row(defense, f"AutoAttack-{version}", nfe, seconds, rows_in_batch, batches, n,
-                                 iterations=config.iterations()))
-    return rows + [total_row(rows, defense)]
+        table.append(estimate_row(defense, f"AutoAttack-{version}", nfe, seconds, rows, n,
+                                  iterations=config.iterations()))
+    return table + [total_row(table, defense)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,7 +492,7 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
                              note="AutoAttack's own flags (one forward pass per point)"))
         rows.append(make_row(**per_version, scoring="multi_draw", draws=k, robust_acc=res.rescore.mean().item(),
                              note=f"the adversarial examples re-scored with {k} passes of the deployed defense"))
-        rows.append(make_row(**per_version, scoring="n_evaluation", draws=k, n_eval=k,
+        rows.append(make_row(**per_version, scoring="all_draws", draws=k, n_eval=k,
                              robust_acc=(res.rescore == 1.0).float().mean().item(),
                              note=f"correct in all {k} re-score passes"))
     total_seconds = sum(r.seconds for r in result.versions.values())
@@ -491,7 +500,7 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
                          scoring="single_shot", robust_acc=result.reported_accuracy(), nfe_per_image=None,
                          seconds=total_seconds, note="the reported number (DiffPure's protocol): AutoAttack's flags"))
     rows.append(make_row(**common, attack="worst-case(" + ", ".join(f"AutoAttack-{v}" for v in result.versions) + ")",
-                         eot=None, scoring="n_evaluation", draws=k, n_eval=k,
+                         eot=None, scoring="all_draws", draws=k, n_eval=k,
                          robust_acc=result.worst_case().float().mean().item(), nfe_per_image=None,
                          seconds=total_seconds, note=f"per point: every version's flags and all {k} re-score passes"))
     return rows
@@ -503,35 +512,38 @@ def result_rows(result: AutoAttackResult, defense: str, gradient: str | None, **
 
 def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that pick and build a defense (shared by the commands of this package)."""
-    parser.add_argument("--defense", default="adp",
+    parser.add_argument("--defense", default="adp", type=defense_name(),
                         help=f"one of {sorted(REGISTRY)}, '{NO_DEFENSE}' (the bare classifier), or module:function "
                              "(a factory (prior, classifier, **overrides) -> PurifierPyTorch)")
-    parser.add_argument("--prior", default=None, help="prior file (built-in .safetensors or an authors' checkpoint such as "
+    parser.add_argument("--prior", type=prior_source, default=None,
+                        help="prior file (built-in .safetensors or an authors' checkpoint such as "
                         "score_sde's checkpoint_8.pth) or diffusers folder (default: the shipped prior)")
     parser.add_argument("--gradient", default=None,
                         help="the purifier's gradient mode for the attacks (default: 'exact' where the purifier "
                              "has it, else the factory's)")
-    parser.add_argument("--runs", type=int, default=None,
+    parser.add_argument("--runs", type=positive_int, default=None,
                         help="purifications per prediction (default: the deployed defense's, ADP 10, others 1)")
     parser.add_argument("--ensemble", default="softmax", choices=PurifiedClassifier.ENSEMBLES)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defense parameter (repeatable)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     add_speed_arguments(parser)
 
 
 def add_autoattack_arguments(parser: argparse.ArgumentParser, eps_default: float = 0.3) -> None:
     parser.add_argument("--norm", default="Linf", choices=("Linf", "L2", "L1"))
-    parser.add_argument("--eps", type=_eps_type, default=eps_default, help="radius; fractions like 8/255 allowed")
+    parser.add_argument("--eps", type=positive_number, default=eps_default, help="radius; fractions like 8/255 allowed")
     parser.add_argument("--versions", nargs="+", default=list(AA_VERSIONS), choices=AA_VERSIONS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=50, help="points per AutoAttack call and checkpoint")
-    parser.add_argument("--rescore", type=int, default=20, help="forward passes re-scoring each adversarial example")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="points per AutoAttack call and checkpoint")
+    parser.add_argument("--rescore", type=positive_int, default=20,
+                        help="forward passes re-scoring each adversarial example")
     parser.add_argument("--standard-noise", default="fixed", choices=STANDARD_NOISE)
     scaled = parser.add_argument_group("scaled-down settings (any of them labels the results as scaled down)")
-    scaled.add_argument("--n-iter", type=int, default=None, help="APGD/FAB iterations (AutoAttack: 100)")
-    scaled.add_argument("--eot-iter", type=int, default=None, help="EOT samples in 'rand' (AutoAttack: 20)")
-    scaled.add_argument("--n-target-classes", type=int, default=None, help="APGD-T/FAB-T targets (AutoAttack: 9)")
-    scaled.add_argument("--n-queries", type=int, default=None, help="Square queries (AutoAttack: 5000)")
+    scaled.add_argument("--n-iter", type=positive_int, default=None, help="APGD/FAB iterations (AutoAttack: 100)")
+    scaled.add_argument("--eot-iter", type=positive_int, default=None, help="EOT samples in 'rand' (AutoAttack: 20)")
+    scaled.add_argument("--n-target-classes", type=positive_int, default=None,
+                        help="APGD-T/FAB-T targets (AutoAttack: 9)")
+    scaled.add_argument("--n-queries", type=positive_int, default=None, help="Square queries (AutoAttack: 5000)")
     parser.add_argument("--estimate", action="store_true",
                         help="print the projected cost (network evaluations, wall time on this device, calibrated on "
                              "the first batch) and exit; without it the estimate is printed before the run unless "
@@ -539,11 +551,6 @@ def add_autoattack_arguments(parser: argparse.ArgumentParser, eps_default: float
     parser.add_argument("--checkpoint-dir", default=None,
                         help="per-batch results go here; rerunning the same command resumes (default: "
                              "<out>/checkpoints/autoattack_<defense>)")
-
-
-def _eps_type(text: str) -> float:
-    num, sep, den = text.partition("/")
-    return float(num) / float(den) if sep else float(text)
 
 
 def config_from_args(args) -> AutoAttackConfig:
@@ -557,13 +564,18 @@ def load_defense(args, classifier: nn.Module, dataset: str = "mnist"):
     """``(model, purifier, info)`` for parsed :func:`add_defense_arguments` options; without ``--prior`` the prior
     shipped for ``dataset`` (loaded only when a purifier needs it)."""
     if args.defense == NO_DEFENSE:
+        given = [option for option, value in (("--set", args.set), ("--gradient", args.gradient),
+                                              ("--runs", args.runs)) if value is not None]
+        if given:  # they configure a purifier: on the bare classifier they would be ignored without a word
+            raise ValueError(f"{', '.join(given)}: options of a purifier, and --defense {NO_DEFENSE} has none.")
         return deployed_model(None, classifier), None, {"name": NO_DEFENSE}
     from benchmarks.models import MODELS_DIR, REFERENCE_FILES, load_reference_models
     from benchmarks.results import prior_fields
     from purifiers.priors.loading import load_prior
 
-    prior = load_prior(args.prior, device="cpu") if args.prior else load_reference_models(dataset)[1]
     overrides = {**speed_settings(args), **parse_overrides(args.set)}
+    check_overrides(args.defense, overrides)  # before the prior loads
+    prior = load_prior(args.prior, device="cpu") if args.prior else load_reference_models(dataset)[1]
     if args.gradient is not None:
         overrides["gradient"] = args.gradient
     purifier = build_purifier(args.defense, prior, classifier, dataset=dataset, **overrides)
@@ -587,17 +599,33 @@ def _jsonable(value):
         return repr(value)
 
 
+def estimate_path(out_dir: str, name: str) -> str:
+    """Where the estimate of the AutoAttack run of ``name`` is written (by the ``autoattack`` and ``robustbench``
+    commands)."""
+    from attacks_adaptive.runner import slug
+
+    return os.path.join(out_dir, f"estimate_autoattack_{slug(name)}.json")
+
+
 def estimate_first(args, shard, model, x, y, config: AutoAttackConfig, name: str, dataset: str, split: str) -> bool:
     """Print (and write to ``<out>/estimate_autoattack_<name>.json``) the projected cost of the run before it starts:
-    always with ``--estimate`` (then return True: run nothing), else unless ``--quiet``, on the first shard only."""
+    always with ``--estimate`` (then return True: run nothing), else unless ``--quiet``, on the first shard only, and
+    not for a run no larger than its calibration (:func:`benchmarks.harness.cost.calibration_skip_reason`: one line
+    says so)."""
     if not (args.estimate or (not args.quiet and (shard is None or shard.index == 0))):
         return False
-    from attacks_adaptive.runner import slug
-    from benchmarks.harness.cost import report_estimate
+    from benchmarks.harness.cost import calibration_skip_reason, report_estimate
 
-    report_estimate(os.path.join(args.out, f"estimate_autoattack_{slug(name)}.json"),
-                    estimate_autoattack(model, x, y, config, defense=name, device=args.device), dataset, split,
-                    autoattack=asdict(config))
+    path = estimate_path(args.out, name)
+    skip = calibration_skip_reason(len(y), [config.iterations()] * len(config.versions), config.batch_size)
+    if skip is not None and not args.estimate:
+        if os.path.exists(path):  # an earlier run's estimate does not describe this one
+            os.remove(path)
+        print(skip, flush=True)
+        return False
+    start = time.time()
+    rows = estimate_autoattack(model, x, y, config, defense=name, device=args.device)
+    report_estimate(path, rows, dataset, split, time.time() - start, autoattack=asdict(config))
     return args.estimate
 
 
@@ -608,7 +636,8 @@ def write_autoattack(out_dir: str, result: AutoAttackResult, info: dict, harness
                        ensemble=info.get("ensemble"))
     meta = collect_meta(harness["dataset"], harness["split"], defense=info,
                         autoattack=asdict(config) | {"versions": list(config.versions)},
-                        number_forward_passes=result.number_forward_passes, scaled_down=config.scaled_down)
+                        number_forward_passes=result.number_forward_passes, scaled_down=config.scaled_down,
+                        estimate=estimate_summary(estimate_path(out_dir, harness["name"])))
     path = write_results(os.path.join(out_dir, harness["file"]), rows, meta)
     if verbose:
         print(format_table(rows))

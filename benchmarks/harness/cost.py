@@ -1,13 +1,20 @@
 """What an evaluation will cost, before it runs: network evaluations per image and projected wall time.
 
+Each attack is calibrated on the first :func:`calibration_rows` images of the run (one tenth of the images, at most a
+batch, at least one) with 1 and then 2 iterations (its own settings otherwise, EOT included), under the evaluation
+meter of :class:`attacks_adaptive.defended.DefendedModel`; an image's cost is linear in the iterations (the fixed
+part: random start, final selection; the per-iteration part: the gradients and, for the any-iteration rule, one
+deployed pass per iterate), so the projection is ``fixed + iterations x per-iteration`` per image, times the number of
+images, plus the scoring passes (one for single-shot, ``draws`` for multi-draw, ``n`` for the N-draw protocols) of
+the clean and every attacked image, measured once. The calibration runs on this device, so the projection holds for this device;
+it ignores that AutoAttack-style early stopping makes robust-looking models cheaper, and a calibration on fewer rows
+than the run's batches sees less of the batching speed-up (the projection errs high).
 
-Each attack is calibrated on the first batch of the run with 1 and then 2 iterations (its own settings otherwise,
-EOT included), under the evaluation meter of :class:`attacks_adaptive.defended.DefendedModel`; a batch's cost is
-linear in the iterations (the fixed part: random start, final selection; the per-iteration part: the gradients and,
-for the any-iteration rule, one deployed pass per iterate), so the projection is ``fixed + iterations x per-iteration``
-per batch, times the number of batches, plus the scoring passes (one for single-shot, ``draws`` for multi-draw, ``n``
-for N-evaluation) of the clean and every attacked batch, measured once. The calibration runs on this device, so the
-projection holds for this device; it ignores that AutoAttack-style early stopping makes robust-looking models cheaper.
+The calibration costs about ``rows x 3`` iterations per attack against the run's ``n x iterations``, a tenth of the
+attack work or less once an attack runs 3 iterations or more. A run whose attack work is no larger than the
+calibration's (:func:`calibration_skip_reason`: a smoke run of one or two iterations on a few images) is not
+estimated before it starts: the command says so in one line. Every estimate records its own wall time
+(``estimate_seconds``) beside the projection, in its file and in the run's results meta (:func:`estimate_summary`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import asdict
 import torch
 
 from attacks_adaptive.defended import DefendedModel
-from attacks_adaptive.scoring import multi_draw, n_evaluation, single_shot
+from attacks_adaptive.scoring import ITERATE_DRAW_SCORINGS, score_batch
 
 
 def measured(model: DefendedModel, run) -> tuple[dict, float]:
@@ -29,27 +36,47 @@ def measured(model: DefendedModel, run) -> tuple[dict, float]:
     return asdict(meter), seconds
 
 
-def estimate_worst_case(attacks: dict, model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                        scorings=("single_shot",), draws: int = 1, n_eval: int = 1, defense: str = "") -> list[dict]:
-    """One row per attack (and the scoring): network evaluations per image (prior forward and backward passes,
-    classifier passes), their total over all images, and the projected seconds on this device."""
-    model = DefendedModel.from_target(model)
-    xb, yb = x[:batch_size], y[:batch_size]
-    rows_in_batch, batches = xb.shape[0], -(-x.shape[0] // batch_size)
+#: The iteration counts every attack is calibrated at (the linear fit's two points).
+CALIBRATION_ITERATIONS = (1, 2)
 
-    def scoring_passes():
-        single_shot(model, xb, yb)
-        if "multi_draw" in scorings:
-            multi_draw(model, xb, yb, draws)
-        if "n_evaluation" in scorings:
-            n_evaluation(model, xb, yb, n_eval)
+
+def calibration_rows(n: int, batch_size: int) -> int:
+    """Images the estimate calibrates on: a tenth of the run's ``n``, at most one batch, at least one."""
+    return max(1, min(batch_size, n // 10))
+
+
+def calibration_skip_reason(n: int, iterations: list[int], batch_size: int) -> str | None:
+    """Why a run of ``n`` images whose attacks make ``iterations`` is not worth estimating first (its attack work is no
+    larger than the calibration's), or None."""
+    rows = calibration_rows(n, batch_size)
+    run, calibration = n * sum(iterations), rows * sum(CALIBRATION_ITERATIONS) * len(iterations)
+    if run > calibration:
+        return None
+    return (f"estimate skipped: this run ({n} images x {sum(iterations)} iterations) is no larger than its calibration "
+            f"would be ({rows} image(s) x {sum(CALIBRATION_ITERATIONS)} iterations per attack); --estimate forces one.")
+
+
+def estimate_worst_case(attacks: dict, model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                        scorings=("single_shot",), draws: int = 1, n_eval: int = 1, defense: str = "",
+                        rows: int | None = None) -> list[dict]:
+    """One row per attack (and the scoring): network evaluations per image (prior forward and backward passes,
+    classifier passes), their total over all images, and the projected seconds on this device; calibrated on ``rows``
+    images (default :func:`calibration_rows`)."""
+    model = DefendedModel.from_target(model)
+    rows = rows or calibration_rows(x.shape[0], batch_size)
+    xb, yb = x[:rows], y[:rows]
+
+    def scoring_passes():  # what the runner scores every batch with (the clean one included)
+        score_batch(model, xb, yb, scorings, draws=draws, n_eval=n_eval)
 
     score_nfe, score_seconds = measured(model, scoring_passes)
-    rows = [estimate_row(defense, "scoring (clean and each attack)", score_nfe, score_seconds, rows_in_batch,
-                         batches * (1 + len(attacks)), x.shape[0])]
+    table = [estimate_row(defense, "scoring (clean and each attack)", score_nfe, score_seconds, rows, x.shape[0],
+                          passes=1 + len(attacks))]
     for name, attack in attacks.items():
-        steps, tracking = attack.steps, attack.track_iterates
+        steps, tracking, iterate_draws = attack.steps, attack.track_iterates, attack.iterate_draws
         attack.track_iterates = "any_iteration" in scorings
+        if set(scorings) & set(ITERATE_DRAW_SCORINGS):  # as the runner sets it: N deployed passes per iterate
+            attack.iterate_draws = n_eval
 
         def cost(iterations):
             attack.set_params(steps=iterations)
@@ -59,9 +86,9 @@ def estimate_worst_case(attacks: dict, model, x: torch.Tensor, y: torch.Tensor, 
             nfe, seconds = linear_projection(cost, {"iterations": steps})
         finally:
             attack.set_params(steps=steps)
-            attack.track_iterates = tracking
-        rows.append(estimate_row(defense, name, nfe, seconds, rows_in_batch, batches, x.shape[0], iterations=steps))
-    return rows + [total_row(rows, defense)]
+            attack.track_iterates, attack.iterate_draws = tracking, iterate_draws
+        table.append(estimate_row(defense, name, nfe, seconds, rows, x.shape[0], iterations=steps))
+    return table + [total_row(table, defense)]
 
 
 def total_row(rows: list[dict], defense: str) -> dict:
@@ -84,21 +111,41 @@ def linear_projection(cost, counts: dict[str, int]) -> tuple[dict, float]:
     return {k: max(0.0, v) for k, v in nfe.items()}, max(0.0, seconds)
 
 
-def estimate_row(defense, attack, nfe_batch: dict, seconds_batch: float, rows_in_batch: int, batches: int, n: int,
-         iterations: int | None = None) -> dict:
-    per_image = {k: v / rows_in_batch for k, v in nfe_batch.items()}
+def estimate_row(defense, attack, nfe: dict, seconds: float, rows: int, n: int, iterations: int | None = None,
+                 passes: int = 1) -> dict:
+    """A row of the estimate from what ``rows`` calibration images cost (``nfe``, ``seconds``), projected to ``n``
+    images, each run ``passes`` times (the scoring: the clean images and every attack's)."""
+    per_image = {k: v / rows for k, v in nfe.items()}
     return {"defense": defense, "attack": attack, "iterations": iterations, "per_image": per_image,
-            "network_evaluations": sum(nfe_batch.values()) * batches, "projected_seconds": seconds_batch * batches,
-            "images": n}
+            "network_evaluations": sum(per_image.values()) * n * passes,
+            "projected_seconds": seconds / rows * n * passes, "images": n}
 
 
-def report_estimate(path: str, rows: list[dict], dataset: str, split: str, **meta) -> None:
-    """Print the estimate's table (with the device it was calibrated on) and write it to ``path`` (JSON)."""
+def report_estimate(path: str, rows: list[dict], dataset: str, split: str, estimate_seconds: float, **meta) -> None:
+    """Print the estimate's table (with the device it was calibrated on) and its own cost, and write both to ``path``
+    (JSON; ``meta["estimate_seconds"]``: the wall time the estimate took)."""
     from benchmarks.results import collect_meta, write_results
 
-    info = collect_meta(dataset, split, estimate=rows, **meta)
+    info = collect_meta(dataset, split, estimate=rows, estimate_seconds=round(estimate_seconds, 1), **meta)
+    projected = rows[-1]["projected_seconds"]
+    share = f", {100 * estimate_seconds / projected:.0f}% of the projection" if projected > 0 else ""
     print(format_estimate(rows, info["device"]), flush=True)
+    print(f"(this estimate took {_duration(estimate_seconds)} of wall time{share})", flush=True)
     write_results(path, [], info)
+
+
+def estimate_summary(path: str) -> dict | None:
+    """``{"projected_seconds", "estimate_seconds"}`` of the estimate written to ``path`` before a run (None when the
+    run was not estimated), for the run's results meta."""
+    import os
+
+    from benchmarks.results import read_results
+
+    if not os.path.isfile(path):
+        return None
+    meta = read_results(path)["meta"]
+    return {"projected_seconds": round(meta["estimate"][-1]["projected_seconds"], 1),
+            "estimate_seconds": meta.get("estimate_seconds")}
 
 
 def format_estimate(rows: list[dict], device: str) -> str:

@@ -37,7 +37,8 @@ import torch
 
 from attacks_adaptive.rows import threat_model_name
 from benchmarks.defenses import NO_DEFENSE
-from benchmarks.harness.autoattack import checkpointed_defense, collect_autoattack, result_rows
+from benchmarks.harness.autoattack import checkpointed_defense, collect_autoattack, estimate_path, result_rows
+from benchmarks.harness.cost import estimate_summary
 from benchmarks.harness.rb_compat import import_robustbench
 from benchmarks.harness.sharding import saved_harnesses
 from benchmarks.results import collect_meta, format_table, make_row, read_results, write_json, write_results
@@ -189,6 +190,7 @@ def write_robustbench(out_dir: str, checkpoint_dir: str, harness: dict, verbose:
                      nfe_per_image=result.number_forward_passes, seconds=None)]
     rows += result_rows(result, info["name"], harness["gradient"], runs=info.get("runs"), ensemble=info.get("ensemble"))
     meta = collect_meta(harness["dataset"], f"test[:{result.n}]", defense=info, model_info=path,
+                        estimate=estimate_summary(estimate_path(out_dir, harness["name"])),
                         autoattack=asdict(config) | {"versions": list(config.versions)}, scaled_down=config.scaled_down)
     rows_path = write_results(os.path.join(out_dir, f"robustbench_{harness['name']}.json"), rows, meta)
     if verbose:
