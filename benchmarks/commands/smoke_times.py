@@ -27,7 +27,7 @@ from benchmarks.results import collect_meta, read_results, write_json
 SMOKE_COMMANDS = (
     "python -m benchmarks autoattack --defense diffpure --n 2 --n-iter 1 --eot-iter 1 --rescore 2 --versions rand "
     "--out results",
-    "python -m benchmarks attacks --preset smoke --defenses none adp --out results/attacks",
+    "python -m benchmarks attacks --preset smoke --defenses none adp --n 1 --out results/attacks",
 )
 #: The examples, each a quick check of one thing users come for.
 EXAMPLES = ("docs/examples/art_pipeline.py", "docs/examples/autoattack_rand.py", "docs/examples/robustbench_entry.py",
