@@ -54,6 +54,19 @@ def differing_keys(saved, now, prefix: str = "") -> list[str]:
             for key in differing_keys(saved.get(name), now.get(name), f"{prefix}.{name}" if prefix else name)]
 
 
+def read_state_torch(path: str, what: str, remedy: str):
+    """A torch state file of a run (weights only: tensors and plain values), or a :class:`StateError` naming it as
+    ``what`` and saying ``remedy`` when it does not load (torch's errors for a damaged archive do not name the file)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise StateError(f"cannot read the {what} {path}: it is truncated or corrupt ({type(err).__name__}: "
+                         f"{detail}); {remedy}") from err
+
+
 def read_state_json(path: str):
     """A JSON state file of a run (its manifest, a shard's harness), or a :class:`StateError` naming it when it does not
     parse (a file truncated outside this package's atomic writes, or edited by hand)."""

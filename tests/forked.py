@@ -61,8 +61,23 @@ def _interpreter_exit(err: BaseException) -> int:
     return 1
 
 
-def _child(argv: list[str], cwd: str, out: str, err: str, env: dict | None) -> None:
+def _settle_after_each_file(seconds: float) -> None:
+    """Pause ``seconds`` after every file the command puts in place (each write ends in ``os.replace``), so the parent,
+    polling, sees each unit land before the next one: a command that writes its last files in a burst (``merge``)
+    is then still running when the trigger fires, even on a loaded machine. Only the timing changes."""
+    replace = os.replace
+
+    def replace_then_pause(*args, **kwargs):
+        replace(*args, **kwargs)
+        time.sleep(seconds)
+
+    os.replace = replace_then_pause
+
+
+def _child(argv: list[str], cwd: str, out: str, err: str, env: dict | None, settle: float = 0.0) -> None:
     os.setpgid(0, 0)  # its own process group: a kill reaches whatever the command starts
+    if settle:
+        _settle_after_each_file(settle)
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     # pytest's capture replaced sys.stdout and sys.stderr by its own files: write to the descriptors again
@@ -86,7 +101,8 @@ def _child(argv: list[str], cwd: str, out: str, err: str, env: dict | None) -> N
 def run(argv: list[str], cwd: str, trigger=None, poll: float = 0.002, timeout: float = 300.0,
         env: dict | None = None) -> Finished:
     """Run ``python -m benchmarks *argv`` in a forked child (in folder ``cwd``); kill its process group with SIGKILL as
-    soon as ``trigger()`` returns True while it runs (checked every ``poll`` seconds)."""
+    soon as ``trigger()`` returns True while it runs (checked every ``poll`` seconds; a child that is to be killed
+    pauses 50 ms after each file it writes, :func:`_settle_after_each_file`)."""
     with tempfile.TemporaryDirectory() as capture:  # not in cwd: a command's folder holds only what it writes
         return _run(argv, cwd, trigger, poll, timeout, env, os.path.join(capture, "stdout"),
                     os.path.join(capture, "stderr"))
@@ -98,7 +114,7 @@ def _run(argv, cwd, trigger, poll, timeout, env, out, err) -> Finished:
     began = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _child(argv, cwd, out, err, env)
+        _child(argv, cwd, out, err, env, settle=0.05 if trigger is not None else 0.0)
     with contextlib.suppress(ProcessLookupError, PermissionError):  # it may have ended (or set it) already
         os.setpgid(pid, pid)  # also here: the group must exist before the first kill, whichever process runs first
     status = None

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 from attacks_adaptive.defended import DefendedModel
-from attacks_adaptive.files import StateError, atomic_write, differing_keys, read_state_json
+from attacks_adaptive.files import StateError, atomic_write, differing_keys, read_state_json, read_state_torch
 from attacks_adaptive.scoring import multi_draw, single_shot
 from benchmarks.defenses import NO_DEFENSE, REGISTRY, build_purifier, deployed_model, deployed_runs
 from benchmarks.harness.arguments import (check_overrides, defense_name, device_name, non_negative_int, positive_int,
@@ -282,12 +282,7 @@ class _Checkpoints:
         path = None if self.folder is None else self._path(batch, part)
         if path is None or not os.path.exists(path):
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch's errors for a damaged archive do not name the file
-            raise StateError(f"cannot read the batch checkpoint {path}: it is truncated or corrupt "
-                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); delete it to "
-                             "run that batch again.") from err
+        return read_state_torch(path, "batch checkpoint", "delete it to run that batch again.")
 
     def save(self, batch: int, part: str, record: dict) -> None:
         if self.folder is not None:

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from attacks_adaptive.files import StateError, atomic_write
+from attacks_adaptive.files import StateError, atomic_write, read_state_torch
 from benchmarks.data import FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 from benchmarks.models import CLASSIFIERS, save_classifier
 from purifiers.nets.unet import SmallUNet
@@ -239,12 +239,8 @@ def train_prior(out: str, minutes: float = 60.0, max_steps: int = 100_000, batch
 
 
 def _read_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's errors for a damaged archive do not name the file
-        raise StateError(f"cannot read the prior checkpoint {path}: it is truncated or corrupt ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); delete it, or pass another --checkpoint, "
-                         "to train from the start.") from err
+    return read_state_torch(path, "prior checkpoint",
+                            "delete it, or pass another --checkpoint, to train from the start.")
 
 
 def export_prior(checkpoint: str, out: str, data_dir: str | None = None, psnr_n: int | None = None,
