@@ -22,6 +22,8 @@ import tempfile
 import time
 import traceback
 
+import torch
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
@@ -76,10 +78,14 @@ def _settle_after_each_file(seconds: float) -> None:
 
 def _child(argv: list[str], cwd: str, out: str, err: str, env: dict | None, settle: float = 0.0) -> None:
     os.setpgid(0, 0)  # its own process group: a kill reaches whatever the command starts
-    if settle:
-        _settle_after_each_file(settle)
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    # The parent's OpenMP thread pool does not survive fork (GNU libgomp is not fork-safe): a child that enters a
+    # parallel region with more than one thread can hang. One thread runs torch's kernels without the pool.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if settle:
+        _settle_after_each_file(settle)
     # pytest's capture replaced sys.stdout and sys.stderr by its own files: write to the descriptors again
     sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
     sys.modules.pop("benchmarks.__main__", None)  # run afresh as __main__, as `python -m` does
@@ -96,6 +102,13 @@ def _child(argv: list[str], cwd: str, out: str, err: str, env: dict | None, sett
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _read_text(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
 
 
 def run(argv: list[str], cwd: str, trigger=None, poll: float = 0.002, timeout: float = 300.0,
@@ -135,8 +148,9 @@ def _run(argv, cwd, trigger, poll, timeout, env, out, err) -> Finished:
             time.sleep(poll)
     seconds = time.monotonic() - began
     killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    with open(out) as f_out, open(err) as f_err:
-        return Finished(os.waitstatus_to_exitcode(status), f_out.read(), f_err.read(), seconds, killed)
+    # a child killed at once may not have opened its capture files yet: it printed nothing
+    printed = [_read_text(path) for path in (out, err)]
+    return Finished(os.waitstatus_to_exitcode(status), *printed, seconds, killed)
 
 
 def python_m(argv: list[str], cwd: str, timeout: float = 120.0) -> Finished:
