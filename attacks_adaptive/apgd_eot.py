@@ -25,12 +25,15 @@ with a full-gradient re-implementation.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
 from attacks_adaptive.base import Attack
 from attacks_adaptive.geometry import ascent_direction, project, random_start
 from attacks_adaptive.losses import LOSSES
+
+Tensor = torch.Tensor
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -83,11 +86,13 @@ class APGDEOT(Attack):
             return "none"
         return self.gradient or self.model.gradient
 
-    def _attack(self, x, y):
-        def evaluate(x_i):
-            return self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows,
-                                            gradient=self.gradient)
+    def _loss_gradient(self, x_i: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(gradient, loss, softmax)`` of the EOT mean loss at the iterate ``x_i`` (what APGD ascends)."""
+        return self.model.loss_gradient(x_i, y, LOSSES[self.loss], self.eot, max_rows=self.max_rows,
+                                        gradient=self.gradient)
 
+    def _attack(self, x, y):
+        evaluate = partial(self._loss_gradient, y=y)
         shape = (-1, *([1] * (x.ndim - 1)))
         x_cur = random_start(x, self.eps, self.norm, self._generator(x.device)) if self.random_start else x
         grad, loss, probs = evaluate(x_cur)

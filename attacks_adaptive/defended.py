@@ -25,15 +25,19 @@ from torch import nn
 from purifiers.art_base import PurifiedClassifier, PurifierPyTorch
 
 Tensor = torch.Tensor
+#: What one query of a gradient-free attack runs (:meth:`DefendedModel.query_logits`).
+QUERIES = ("deployed", "single")
 
 
-class _ARTHead(nn.Module):
-    """What an ART ``PyTorchClassifier`` applies after its purifier: the remaining preprocessing (e.g. its
-    standardisation) and the model, on NCHW input (permuted to the estimator's layout)."""
+class _ARTSteps(nn.Module):
+    """Preprocessing steps of an ART ``PyTorchClassifier`` (their ``forward``, in order, as ART chains them) on NCHW
+    input permuted to the estimator's layout. With ``model``: what the classifier applies after its purifier (the
+    remaining steps, e.g. its standardisation, and the model); without: the steps before the purifier, their output
+    permuted back to NCHW."""
 
-    def __init__(self, estimator, ops):
+    def __init__(self, estimator, ops, model: nn.Module | None = None):
         super().__init__()
-        self.model = estimator.model
+        self.model = model
         self.ops = list(ops)
         self.channels_first = bool(estimator.channels_first)
 
@@ -42,7 +46,9 @@ class _ARTHead(nn.Module):
             x = x.permute(0, 2, 3, 1)
         for op in self.ops:
             x, _ = op.forward(x, None)
-        return self.model(x)
+        if self.model is not None:
+            return self.model(x)
+        return x if self.channels_first else x.permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -63,12 +69,15 @@ class DefendedModel:
     :param runs: purifications the deployed defense averages per input (``PurifiedClassifier.runs``).
     :param deployed: the deployed defense as a module (a ``PurifiedClassifier``), or ``None`` to use one purification.
     :param layout: ``"nchw"`` or ``"nhwc"``, the layout :meth:`Attack.generate` receives (an ART estimator's).
+    :param before: what runs before the purifier (an ART classifier's PyTorch preprocessing steps that precede it), a
+        module from NCHW images to NCHW images in [0, 1] differentiated as it is; ``None``: nothing.
     """
 
     def __init__(self, classifier: nn.Module, purifier: PurifierPyTorch | None = None, *, runs: int = 1,
-                 deployed: nn.Module | None = None, layout: str = "nchw"):
+                 deployed: nn.Module | None = None, layout: str = "nchw", before: nn.Module | None = None):
         self.classifier = classifier
         self.purifier = purifier
+        self.before = before
         self.runs = runs
         self.deployed = deployed
         self.layout = layout
@@ -92,18 +101,19 @@ class DefendedModel:
 
     @classmethod
     def _from_art(cls, estimator) -> "DefendedModel":
+        """The steps ART applies when predicting (``apply_predict``) in its order: those before the purifier run before
+        it (:attr:`before`, their own gradients; the purifier checks that they leave [0, 1] images), the others and
+        the model after it (the classifier)."""
         from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
 
         ops = list(estimator.preprocessing_operations)
         if not all(isinstance(op, PreprocessorPyTorch) for op in ops):
             raise ValueError("every preprocessing step of the ART classifier must be a PreprocessorPyTorch (ART then "
                              "backpropagates through them); found " + ", ".join(type(op).__name__ for op in ops) + ".")
+        ops = [op for op in ops if op.apply_predict]
         purifier_at = [i for i, op in enumerate(ops) if isinstance(op, PurifierPyTorch)]
         if len(purifier_at) > 1:
             raise ValueError("the ART classifier holds more than one PurifierPyTorch; attack one purifier at a time.")
-        if purifier_at and purifier_at[0] != 0:
-            raise ValueError("the purifier must be the first preprocessing defence of the ART classifier (it expects "
-                             "[0, 1] images).")
         if estimator.clip_values is not None and tuple(np.ravel(estimator.clip_values).tolist()) != (0.0, 1.0):
             raise ValueError(f"the ART classifier's clip_values must be (0, 1), got {estimator.clip_values}.")
         layout = "nchw" if estimator.channels_first else "nhwc"
@@ -111,8 +121,10 @@ class DefendedModel:
             model = estimator.model
             if isinstance(model, PurifiedClassifier) and len(ops) == 1:
                 return cls(model.classifier, model.purifier, runs=model.runs, deployed=model, layout=layout)
-            return cls(_ARTHead(estimator, ops), layout=layout)
-        return cls(_ARTHead(estimator, ops[1:]), ops[0], layout=layout)
+            return cls(_ARTSteps(estimator, ops, estimator.model), layout=layout)
+        at = purifier_at[0]
+        return cls(_ARTSteps(estimator, ops[at + 1:], estimator.model), ops[at], layout=layout,
+                   before=_ARTSteps(estimator, ops[:at]) if at else None)
 
     # ---------------------------------------------------------------------------------------------------------------
     @property
@@ -157,11 +169,17 @@ class DefendedModel:
                 meter.prior_backward = prior.nfe.backward - start[1]
 
     # ---------------------------------------------------------------------------------------------------------------
+    def purify(self, x: Tensor, with_gradient: bool, gradient: str | None = None) -> Tensor:
+        """One purification of every row, after the steps :attr:`before` it (through the gradient mode ``gradient``,
+        default the purifier's own, when ``with_gradient``)."""
+        if self.before is not None:
+            x = self.before(x)
+        return self.purifier.purify(x, with_gradient, gradient)
+
     def purified_logits(self, x: Tensor, with_gradient: bool, gradient: str | None = None) -> Tensor:
-        """Classifier logits of one purification of every row (through the gradient mode ``gradient``, default the
-        purifier's own, when ``with_gradient``)."""
+        """Classifier logits of one purification of every row (see :meth:`purify`)."""
         if self.purifier is not None:
-            x = self.purifier.purify(x, with_gradient, gradient)
+            x = self.purify(x, with_gradient, gradient)
         return self.classifier(x)
 
     @torch.no_grad()
@@ -171,8 +189,19 @@ class DefendedModel:
         forward = self.deployed if self.deployed is not None else lambda v: self.purified_logits(v, False)
         return torch.cat([forward(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
+    @torch.no_grad()
+    def query_logits(self, x: Tensor, query: str = "deployed", max_rows: int = 256) -> Tensor:
+        """What one query of a gradient-free attack sees at each row: the deployed defense (``"deployed"``, its
+        ensemble) or, ``runs`` times cheaper and noisier, one purification (``"single"``)."""
+        if query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {query!r}.")
+        if query == "deployed":
+            return self.deployed_logits(x, max_rows)
+        return torch.cat([self.purified_logits(x[i:i + max_rows], False) for i in range(0, x.shape[0], max_rows)])
+
     def loss_gradient(self, x: Tensor, y: Tensor, loss_fn, eot: int = 1, *, reduce: str = "mean",
-                      max_rows: int = 256, through_purifier: bool = True, gradient: str | None = None):
+                      max_rows: int = 256, through_purifier: bool = True, gradient: str | None = None,
+                      objective=None):
         """The EOT gradient of ``loss_fn`` at ``x``: every input is repeated ``eot`` times and purified (one batched
         forward/backward per chunk of at most ``max_rows`` rows), each copy's loss is differentiated, and the copies'
         gradients are combined.
@@ -183,6 +212,10 @@ class DefendedModel:
             copies, e.g. :class:`attacks_adaptive.DiffHammer`).
         :param through_purifier: ``False`` differentiates the classifier alone (preprocessor-blind).
         :param gradient: the purifier's gradient mode for this gradient (``None``: the purifier's own setting).
+        :param objective: ``objective(rows, labels, index) -> (loss, logits)`` in place of ``loss_fn`` on the purified
+            logits, for a loss that sees more than the logits (:class:`attacks_adaptive.DiffAttack`'s intermediate
+            states): ``rows`` the stochastic copies (requiring a gradient), ``index`` which row of ``x`` each is a
+            copy of; it purifies the rows itself.
         :return: ``(gradient, loss, probs)``: the combined gradient (shape of ``x``), the copies' mean loss (N,) and
             the copies' mean softmax (N, classes); with ``reduce="none"`` the per-copy values, of shapes
             ``(N, k, *x.shape[1:])``, ``(N, k)`` and ``(N, k, classes)``, where ``k`` is ``eot`` (1 for a deterministic target).
@@ -202,9 +235,13 @@ class DefendedModel:
                 kc = min(copies, k - j)
                 rows = x_i.repeat_interleave(kc, dim=0).requires_grad_(True)
                 with torch.enable_grad():
-                    logits = (self.purified_logits(rows, True, gradient) if through_purifier
-                              else self.classifier(rows))
-                    loss = loss_fn(logits, y_i.repeat_interleave(kc))
+                    if objective is not None:
+                        index = torch.arange(i, i + x_i.shape[0], device=x.device).repeat_interleave(kc)
+                        loss, logits = objective(rows, y_i.repeat_interleave(kc), index)
+                    else:
+                        logits = (self.purified_logits(rows, True, gradient) if through_purifier
+                                  else self.classifier(rows))
+                        loss = loss_fn(logits, y_i.repeat_interleave(kc))
                     (g,) = torch.autograd.grad(loss.sum(), rows)
                 g = g.view(x_i.shape[0], kc, *x.shape[1:])
                 if per_copy:
@@ -230,15 +267,15 @@ class DefendedModel:
     def purifier_vjp(self, x: Tensor, v: Tensor, max_rows: int = 256, gradient: str | None = None) -> Tensor:
         """``J(x)^T v``: a vector ``v`` at the purified output pulled back to the input through ONE purification of
         every row, in the gradient mode ``gradient`` (default the purifier's own; the "grafting" of an output gradient
-        onto one full-gradient path). ``bpda`` (and an undefended model) pull back by the identity, without
-        purifying."""
-        if self.purifier is None or (gradient or self.purifier.gradient) == "bpda":
+        onto one full-gradient path), and through the steps :attr:`before` it. ``bpda`` (and an undefended model) pull
+        back by the identity, without purifying, where no step precedes the purifier."""
+        if self.purifier is None or (self.before is None and (gradient or self.purifier.gradient) == "bpda"):
             return v.detach().clone()
         out = torch.zeros_like(x)
         for i in range(0, x.shape[0], max_rows):
             rows = x[i:i + max_rows].detach().requires_grad_(True)
             with torch.enable_grad():
-                purified = self.purifier.purify(rows, True, gradient)
+                purified = self.purify(rows, True, gradient)
                 (g,) = torch.autograd.grad(purified, rows, grad_outputs=v[i:i + max_rows].detach())
             out[i:i + max_rows] = g
         return out

@@ -97,7 +97,7 @@ class JointAttack(Attack):
         if not self.model.stochastic:
             return torch.zeros_like(x_i)
         copies = x_i.repeat_interleave(self.eot, dim=0)
-        purified = torch.cat([self.model.purifier.purify(copies[j:j + self.max_rows], False)
+        purified = torch.cat([self.model.purify(copies[j:j + self.max_rows], False)
                               for j in range(0, copies.shape[0], self.max_rows)])
         return purified.view(x_i.shape[0], self.eot, *x_i.shape[1:]).mean(1) - x_i
 

@@ -7,7 +7,8 @@ enforces the vocabulary:
 * ``norm`` as RobustBench spells threat models: ``"Linf"``, ``"L2"``, ``"L1"`` (``linf``, ``inf``, ``l2`` accepted
   and rewritten);
 * ``scoring`` one of the protocols of :mod:`attacks_adaptive.scoring`
-  (:data:`~attacks_adaptive.scoring.ALL_SCORINGS`), or ``None`` where nothing is scored; a former name
+  (:data:`~attacks_adaptive.scoring.ALL_SCORINGS`), one of randomized smoothing's
+  (:data:`~attacks_adaptive.scoring.SMOOTHING_SCORINGS`), or ``None`` where nothing is scored; a former name
   (:data:`~attacks_adaptive.scoring.SCORING_ALIASES`, e.g. ``n_evaluation``) is written as today's, so a row
   remade from an old results file's row names its protocol as new rows do (the old file reads and displays as it
   was written);
@@ -18,7 +19,7 @@ enforces the vocabulary:
 
 from __future__ import annotations
 
-from attacks_adaptive.scoring import scoring_name
+from attacks_adaptive.scoring import SMOOTHING_SCORINGS, scoring_name
 
 ROW_FIELDS = ("defense", "attack", "gradient", "scoring", "eps", "norm", "n", "seed", "clean_acc", "robust_acc",
               "nfe_per_image", "seconds")
@@ -42,7 +43,7 @@ def make_row(**fields) -> dict:
         value = fields.get(key)
         if value is not None and not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{key} must be a fraction in [0, 1], got {value}.")
-    if fields.get("scoring") is not None:
+    if fields.get("scoring") is not None and fields["scoring"] not in SMOOTHING_SCORINGS:
         fields["scoring"] = scoring_name(fields["scoring"])
     fields["norm"] = threat_model_name(fields.get("norm"))
     row = {key: fields.pop(key, None) for key in ROW_FIELDS}

@@ -56,7 +56,8 @@ def _load_npz(path: str, config: str) -> dict:
 
 def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, scorings=SCORINGS, draws: int = 10,
                    n_eval: int = N_EVALUATION, batch_size: int = 32, seed: int = 0, verbose: bool = True,
-                   on_attack_done=None, shard: tuple[int, int] | None = None) -> dict | None:
+                   on_attack_done=None, shard: tuple[int, int] | None = None,
+                   iterate_draw_attacks: list[str] | None = None) -> dict | None:
     """Run ``attacks`` on ``(x, y)``; return the rows (:mod:`attacks_adaptive.rows`) and the strongest example per
     input. Writing results files is the caller's (``benchmarks.results.write_worst_case``).
 
@@ -72,7 +73,9 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
         a former name is read as today's); ``"any_iteration"`` turns on every attack's ``track_iterates``,
         ``"all_draws_all_iterates"`` and ``"min_fraction_over_iterates"`` its ``iterate_draws`` (``n_eval`` passes at
         every iterate).
-    :param draws: forward passes of the ``multi_draw`` protocol.
+    :param iterate_draw_attacks: the attacks that record the per-iterate N-draw table DiffHammer's two scorings need
+        (``None``: all); the others' rows leave those scorings out, and their worst case is over the attacks that
+        recorded them (``N`` deployed passes per iterate cost more than most attacks themselves on an ensemble).
     :param n_eval: ``N``, the passes of the N-draw protocols (``majority_vote``, ``all_draws`` and, per iterate,
         DiffHammer's two; 10 as DiffHammer and DiffBreak); its own passes, independent of the multi-draw ones.
     :param batch_size: examples attacked at once (the unit of saving and resuming).
@@ -107,17 +110,23 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
         raise ValueError(f"n_eval must be a positive integer, got {n_eval!r}.")
+    if iterate_draw_attacks is not None and not set(iterate_draw_attacks) <= set(named):
+        raise ValueError(f"iterate_draw_attacks {sorted(set(iterate_draw_attacks) - set(named))} are not among the "
+                         f"attacks {list(named)}.")
     if set(ITERATE_DRAW_SCORINGS) & set(scorings):
-        for attack in named.values():
-            attack.iterate_draws = n_eval
+        for name, attack in named.items():
+            if iterate_draw_attacks is None or name in iterate_draw_attacks:
+                attack.iterate_draws = n_eval
 
     batches = [(i, min(i + batch_size, x.shape[0])) for i in range(0, x.shape[0], batch_size)]
     scoring_key = json.dumps({"draws": draws, "n_eval": n_eval, "scorings": list(scorings), "seed": seed,
-                              "model": _model_fingerprint(scoring_model, x, y)})
+                              "model": model_fingerprint(scoring_model, x, y)})
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (i, k) with 0 <= i < k, got {shard!r}.")
     manifest = {"settings": {"defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws,
                              "n_eval": n_eval, "seed": seed, "scorings": list(scorings),
+                             **({} if iterate_draw_attacks is None
+                                else {"iterate_draw_attacks": sorted(iterate_draw_attacks)}),
                              "attacks": json.loads(json.dumps({n: a.describe() for n, a in named.items()},
                                                               default=str))},
                 "batches": batches, "clean": scoring_key,
@@ -208,11 +217,13 @@ def _load_parts(state_dir: str, part: str, batches, config: str, keys) -> dict:
     merged = {k: np.concatenate([p[k] for p in parts]) for k in keys if k in parts[0]}
     if "seconds" in parts[0]:
         merged["seconds"] = float(sum(float(p["seconds"]) for p in parts))
+        if all("cpu_seconds" in p for p in parts):  # states written before it was recorded have none
+            merged["cpu_seconds"] = float(sum(float(p["cpu_seconds"]) for p in parts))
         merged["nfe"] = np.sum([p["nfe"] for p in parts], axis=0)
     return merged
 
 
-def _model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -> dict:
+def model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a saved batch depends on besides the attack: the purifier's parameters, the ensemble size, the weights of
     the classifier and the purifier (its prior), its prior's speed options (``torch.compile`` and ``channels_last``
     change outputs at float rounding, amp at its format's precision) and the examples."""
@@ -263,8 +274,8 @@ class _Run:
         if self.model.purifier is not None and self.model.purifier.seed is not None:
             self.model.purifier.reset_generator()
 
-    def _scores(self, x_b, y_b, iterates=None) -> dict:
-        scores = score_batch(self.model, x_b, y_b, self.scorings, draws=self.draws, n_eval=self.n_eval,
+    def _scores(self, x_b, y_b, iterates=None, scorings=None) -> dict:
+        scores = score_batch(self.model, x_b, y_b, scorings or self.scorings, draws=self.draws, n_eval=self.n_eval,
                              iterates=iterates)
         return {k: v.cpu().numpy() for k, v in scores.items()}
 
@@ -289,11 +300,14 @@ class _Run:
             x_b, y_b = self.x[start:stop], self.y[start:stop]
             self._reseed(start)
             with self.model.count() as meter:
-                began = time.time()
+                began, cpu_began = time.time(), time.process_time()
                 result = attack.perturb(x_b, y_b)
-                seconds = time.time() - began
-            scores = self._scores(result.x_adv, y_b, (result.broken, result.broken_fraction))
-            part = dict(x_adv=result.x_adv.cpu().numpy(), seconds=np.array(seconds),
+                # wall and CPU time: on a shared machine the wall time measures the neighbours too
+                seconds, cpu_seconds = time.time() - began, time.process_time() - cpu_began
+            scorings = self.scorings if result.broken_fraction is not None else \
+                [s for s in self.scorings if s not in ITERATE_DRAW_SCORINGS]
+            scores = self._scores(result.x_adv, y_b, (result.broken, result.broken_fraction), scorings)
+            part = dict(x_adv=result.x_adv.cpu().numpy(), seconds=np.array(seconds), cpu_seconds=np.array(cpu_seconds),
                         nfe=np.array([meter.prior_forward, meter.prior_backward, meter.classifier]), **scores)
             _save_npz(path, config=np.array(config), **part)
 
@@ -309,6 +323,13 @@ def _passes(scoring: str, draws: int, n_eval: int):
     return draws if scoring == "multi_draw" else n_eval if scoring in N_DRAW_SCORINGS else None
 
 
+def _cpu_seconds_field(parts) -> dict:
+    """``cpu_seconds``: the CPU time of the attacks' process (all its threads), where every part recorded one."""
+    if not all("cpu_seconds" in part for part in parts):
+        return {}
+    return {"cpu_seconds": float(sum(part["cpu_seconds"] for part in parts))}
+
+
 def _n_eval_field(scoring: str, n_eval: int) -> dict:
     return {"n_eval": n_eval} if SCORING_ALIASES.get(scoring, scoring) in N_DRAW_SCORINGS else {}
 
@@ -320,11 +341,12 @@ def _report(defense, descriptions, results, clean, scorings, draws, n_eval, seed
     rows = []
     for name, res in results.items():
         described = descriptions[name]
-        for s in scorings:
+        for s in (s for s in scorings if s in res):  # an attack that did not record per-iterate draws lacks those
             rows.append(make_row(defense=defense, attack=name, gradient=described["gradient"], scoring=s,
                                  eps=described["eps"], norm=described["norm"], n=n, seed=seed,
                                  clean_acc=float(clean_acc[s]), robust_acc=float(res[s].mean()),
                                  nfe_per_image=_nfe_dict(res["nfe"], n), seconds=res["seconds"],
+                                 **_cpu_seconds_field([res]),
                                  eot=described["eot"], iterations=described["iterations"],
                                  draws=_passes(s, draws, n_eval), settings=described, **_n_eval_field(s, n_eval)))
     # Per example, the strongest example: the lowest multi-draw (else single-shot) robustness, first attack on ties.
@@ -333,15 +355,19 @@ def _report(defense, descriptions, results, clean, scorings, draws, n_eval, seed
     ranks = np.stack([results[k][rank_key] for k in names])
     worst_attack = ranks.argmin(0)
     x_worst = np.stack([results[k]["x_adv"] for k in names])[worst_attack, np.arange(n)]
-    total_nfe = np.sum([results[k]["nfe"] for k in names], axis=0)
-    total_seconds = sum(results[k]["seconds"] for k in names)
     first = descriptions[names[0]]
     for s in scorings:
-        worst = np.stack([results[k][s] for k in names]).min(0)
-        rows.append(make_row(defense=defense, attack="worst-case(" + ", ".join(names) + ")", gradient="per attack",
-                             scoring=s, eps=first["eps"], norm=first["norm"], n=n, seed=seed, clean_acc=float(clean_acc[s]),
-                             robust_acc=float(worst.mean()), nfe_per_image=_nfe_dict(total_nfe, n),
-                             seconds=total_seconds, eot=None, iterations=None,
+        scored = [k for k in names if s in results[k]]
+        if not scored:
+            continue
+        worst = np.stack([results[k][s] for k in scored]).min(0)
+        total_nfe = np.sum([results[k]["nfe"] for k in scored], axis=0)
+        total_seconds = sum(results[k]["seconds"] for k in scored)
+        rows.append(make_row(defense=defense, attack="worst-case(" + ", ".join(scored) + ")", gradient="per attack",
+                             scoring=s, eps=first["eps"], norm=first["norm"], n=n, seed=seed,
+                             clean_acc=float(clean_acc[s]), robust_acc=float(worst.mean()),
+                             nfe_per_image=_nfe_dict(total_nfe, n), seconds=total_seconds,
+                             **_cpu_seconds_field([results[k] for k in scored]), eot=None, iterations=None,
                              draws=_passes(s, draws, n_eval),
                              note="per example the minimum over the attacks of this protocol's robustness",
                              **_n_eval_field(s, n_eval)))

@@ -47,6 +47,10 @@ SCORINGS = ("single_shot", "multi_draw", "majority_vote", "all_draws", "any_iter
 ALL_SCORINGS = SCORINGS + ITERATE_DRAW_SCORINGS
 #: The protocols whose draws number ``N`` (the runner's ``n_eval``); ``multi_draw`` uses ``draws``.
 N_DRAW_SCORINGS = ("majority_vote", "all_draws", "all_draws_all_iterates", "min_fraction_over_iterates")
+#: The two scorings of randomized smoothing's rows (``python -m benchmarks certify``): ``certified``, Cohen et al.'s
+#: (2019) certificate of the smoothed classifier at a radius, and ``smoothed_prediction``, the smoothed classifier's
+#: Monte-Carlo prediction at an attacked point. Row vocabulary only: they score no attack run of :func:`score_batch`.
+SMOOTHING_SCORINGS = ("certified", "smoothed_prediction")
 #: Former names of scorings, as results files written before may hold them: the one place they are translated.
 SCORING_ALIASES = {"n_evaluation": "all_draws"}
 N_EVALUATION = 10  # N of the N-draw protocols: DiffHammer's n_eval (config.py ATTACK.N_EVAL) and DiffBreak's copies

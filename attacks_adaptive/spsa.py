@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 
 from attacks_adaptive.base import Attack
+from attacks_adaptive.defended import QUERIES
 from attacks_adaptive.geometry import ascent_direction, project
 from attacks_adaptive.losses import LOSSES
 
 UPDATES = ("sign", "adam")
-QUERIES = ("deployed", "single")
 
 
 class SPSA(Attack):
@@ -90,17 +90,11 @@ class SPSA(Attack):
                 v = 2 * v - 1
                 centre = x_i.unsqueeze(1)
                 queries = torch.cat([(centre + self.delta * v), (centre - self.delta * v)], 1).clamp(0, 1)
-                logits = self._query(queries.flatten(0, 1))
+                logits = self.model.query_logits(queries.flatten(0, 1), self.query, self.max_rows)
                 loss = loss_fn(logits, y_i.repeat_interleave(2 * pc)).view(m, 2 * pc)
                 diff = (loss[:, :pc] - loss[:, pc:]) / (2 * self.delta)
                 grad[i:i + inputs_per_call] += (diff.view(m, pc, *([1] * (x.ndim - 1))) * v).sum(1)
         return grad / pairs
-
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.query == "deployed":
-            return self.model.deployed_logits(x, self.max_rows)
-        return torch.cat([self.model.purified_logits(x[i:i + self.max_rows], False)
-                          for i in range(0, x.shape[0], self.max_rows)])
 
     def _attack(self, x, y):
         generator = self._generator(x.device)

@@ -18,6 +18,8 @@ COMMANDS = {
                     "train, resume or export a built-in score prior (--dataset mnist | fashion_mnist)"),
     "attacks": ("benchmarks.commands.attacks", "adaptive attacks and the worst-case table (attacks.json)"),
     "autoattack": ("benchmarks.commands.autoattack", "AutoAttack 'rand' + 'standard' on a purified model, resumable"),
+    "masking-check": ("benchmarks.commands.masking_check", "gradient-masking checks (eps sweep, iterations, EOT, "
+                      "gradient-free and transfer, BPDA vs exact) on one defense"),
     "merge": ("benchmarks.commands.merge", "join the shards (--shard i/N) of attacks, autoattack, robustbench, reproduce"),
     "robustbench": ("benchmarks.commands.robustbench", "RobustBench-style evaluation writing model_info JSON"),
     "leaderboard": ("benchmarks.commands.leaderboard", "render a folder of model_info JSONs as markdown and HTML"),
@@ -29,6 +31,8 @@ COMMANDS = {
     "plots": ("benchmarks.commands.plots", "robustness curves, image grids, score-norm histograms"),
     "check-prior": ("benchmarks.commands.check_prior", "a prior file's format, conventions and denoising self-test"),
     "smoke-times": ("benchmarks.commands.smoke_times", "the wall time of every smoke test and example the docs show"),
+    "certify": ("benchmarks.commands.certify", "certified l_2 accuracy of denoised smoothing (one-shot or a full "
+                "purifier), l_inf by inclusion, and the SmoothAdv bracket"),
     # The validation studies that chose the registry's settings (benchmarks/measured/ holds their results).
     "adp-study": ("benchmarks.studies.adp", "ADP: settings sweep on val, test evaluation in parts, merge, memory"),
     "scoreopt-study": ("benchmarks.studies.scoreopt", "ScoreOpt: tuning on val, test rows, curves, memory"),

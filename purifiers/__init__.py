@@ -2,7 +2,8 @@
 
 Public names: :func:`load_prior` and the prior backends; :class:`PurifierPyTorch` (the shared ART wrapper base) and
 :class:`PurifiedClassifier`; the purifiers ADP, ScoreOpt, COUP, DiffPure (pure torch) and their ART wrappers
-ADPPyTorch, ScoreOptPyTorch, COUPPyTorch, DiffPurePyTorch. The purifiers load lazily on first access.
+ADPPyTorch, ScoreOptPyTorch, COUPPyTorch, DiffPurePyTorch; one-shot denoising for denoised smoothing (OneShotDenoiser,
+OneShotPyTorch). The purifiers load lazily on first access.
 """
 
 import importlib
@@ -15,7 +16,8 @@ from purifiers.priors import (DenoiserPrior, EDMDenoiser, EpsilonPrior, Gaussian
 _LAZY = {"ADP": "purifiers.adp", "ADPPyTorch": "purifiers.adp_pytorch",
          "ScoreOpt": "purifiers.scoreopt", "ScoreOptPyTorch": "purifiers.scoreopt_pytorch",
          "COUP": "purifiers.vpsde", "DiffPure": "purifiers.vpsde",
-         "COUPPyTorch": "purifiers.vpsde_pytorch", "DiffPurePyTorch": "purifiers.vpsde_pytorch"}
+         "COUPPyTorch": "purifiers.vpsde_pytorch", "DiffPurePyTorch": "purifiers.vpsde_pytorch",
+         "OneShotDenoiser": "purifiers.one_shot", "OneShotPyTorch": "purifiers.one_shot"}
 
 __all__ = ["load_prior", "Prior", "GaussianPrior", "EDMDenoiser", "EpsilonPrior", "DenoiserPrior", "VEScorePrior",
            "NCSNv2Prior", "NFECounter",

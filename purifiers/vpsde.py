@@ -125,7 +125,8 @@ def reverse_vp_drift(x: Tensor, t: float, schedule: VPSchedule, score_fn: Callab
 
 def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSchedule,
                      score_fn: Callable[[Tensor, float], Tensor], guidance_fn: Callable[[Tensor], Tensor] | None = None,
-                     guidance_scale: float = 0.0, checkpoint_steps: bool = False) -> Tensor:
+                     guidance_scale: float = 0.0, checkpoint_steps: bool = False,
+                     on_state: Callable[[int, Tensor], Tensor | None] | None = None) -> Tensor:
     """Integrate the guided reverse VP-SDE from ``grid[0]`` to ``grid[-1]`` with the given Brownian increments.
 
     :param x: the state at ``grid[0]`` (any shape; batch first).
@@ -135,6 +136,10 @@ def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSc
         every step. The forward pass runs each step once without a graph (the guidance's own gradient taken without
         ``create_graph``); the backward pass runs it once more with the guidance differentiable, so the classifier's
         Hessian term is kept and each step costs two network forwards in all.
+    :param on_state: ``on_state(k, x_k)`` is called with the state ``x_k`` at ``grid[k]`` after each step
+        (``k = 1 .. N``), part of the graph when one is recorded; it may return the tensor the solver continues with
+        (the same values: an attack's loss on the intermediate states, e.g. DiffAttack's, wraps the state so that its
+        gradient joins the chain at that step), or ``None``.
     """
     if increments.shape != (len(grid) - 1, *x.shape):
         raise ValueError(f"increments have shape {tuple(increments.shape)}; expected {(len(grid) - 1, *x.shape)}.")
@@ -147,6 +152,9 @@ def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSc
         else:
             x = reverse_vp_step(x, times[k], times[k] - times[k + 1], increments[k], schedule, score_fn, guidance_fn,
                                 guidance_scale)
+        if on_state is not None:
+            replaced = on_state(k + 1, x)
+            x = x if replaced is None else replaced
     return x
 
 
@@ -311,16 +319,28 @@ class ReverseVPSDE(nn.Module):
             alpha_bar = float(ddpm.alphas_cumprod[max(0, round(ddpm.num_steps * float(self.t_star)) - 1)])
         return alpha_bar**0.5 * x_pm1 + (1.0 - alpha_bar) ** 0.5 * noise.start
 
-    def purify(self, x: Tensor, noise: SDENoise, num_steps: int | None = None) -> Tensor:
+    def diffusion_coefficients(self, t: float) -> tuple[float, float]:
+        """``(sqrt(a), sqrt(1 - a))`` of the forward diffusion to time ``t``, ``a = alpha_bar(t)`` the VP-SDE's
+        continuous one (DiffPure eq. 2-3; the marginal ``q(x_t | x_0) = N(sqrt(a) x_0, (1 - a) I)``)."""
+        alpha_bar = self.schedule.alpha_bar(float(t))
+        return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+
+    def solver_units(self, x: Tensor) -> Tensor:
+        """[0, 1] images ``x`` in the solver's [-1, 1] units, at the purification's resolution."""
+        return to_pm1(self._resized(x))
+
+    def purify(self, x: Tensor, noise: SDENoise, num_steps: int | None = None,
+               on_state: Callable[[int, Tensor], Tensor | None] | None = None) -> Tensor:
         """Purify [0, 1] images ``x`` with the given noise, on ``num_steps`` steps (default: the fine grid).
 
-        Differentiable in ``x`` when autograd records (steps checkpointed when ``checkpoint_steps``).
+        Differentiable in ``x`` when autograd records (steps checkpointed when ``checkpoint_steps``). ``on_state``:
+        see :func:`solve_reverse_vp` (the states are in the solver's [-1, 1] units, at the purification's resolution).
         """
         grid, increments = noise.on_steps(num_steps or len(noise.grid) - 1)
         differentiable = torch.is_grad_enabled() and x.requires_grad
         out = solve_reverse_vp(self.start_state(self._resized(x), noise), grid, increments, self.schedule,
                                self.vp_score, self.guidance_fn, float(self.guidance_scale),
-                               checkpoint_steps=self.checkpoint_steps and differentiable)
+                               checkpoint_steps=self.checkpoint_steps and differentiable, on_state=on_state)
         return self._resized(to_01(out), x.shape[-2:]).clamp(0.0, 1.0)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

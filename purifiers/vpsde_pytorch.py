@@ -34,7 +34,8 @@ from torch import nn
 
 from purifiers.art_base import AlgorithmSetting, PurifierPyTorch, gradient_mode
 from purifiers.priors.backends import Prior
-from purifiers.vpsde import COUP, DEFAULT_T_END, DiffPure, ReverseVPSDE
+from purifiers.validation import as_network_dtype
+from purifiers.vpsde import COUP, DEFAULT_T_END, DiffPure, ReverseVPSDE, SDENoise
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -77,6 +78,22 @@ class _ReverseVPSDEPyTorch(PurifierPyTorch):
     @gradient_mode("exact")
     def _exact(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.algorithm.purify(x, self.algorithm.draw_noise(x, generator))
+
+    def purify_with_states(self, x: Tensor, on_state) -> tuple[Tensor, SDENoise]:
+        """The ``exact`` mode's purification of an NCHW [0, 1] batch that also calls ``on_state(k, x_k, noise)`` with
+        the reverse SDE's state after each solver step ``k`` and the purification's noise (its return value, if not
+        ``None``, replaces the state: :func:`purifiers.vpsde.solve_reverse_vp`), for attacks whose loss sees the
+        intermediate states (:class:`attacks_adaptive.DiffAttack`). The noise is drawn as :meth:`purify` draws it (the
+        same per-row seeded streams); the input is not validated again (the attack has validated it).
+
+        :return: the purified batch (in the input's dtype) and the noise of the purification (its ``start`` is the
+            forward diffusion's ``eps``, ``None`` when the reverse SDE starts at the input).
+        """
+        self.algorithm.to(x.device)
+        x_net = as_network_dtype(x, self.algorithm.prior)
+        noise = self.algorithm.draw_noise(x_net, self.generator(x.device, x.shape[0]))
+        purified = self.algorithm.purify(x_net, noise, on_state=lambda k, state: on_state(k, state, noise))
+        return purified.to(x.dtype), noise
 
     @gradient_mode("adjoint")
     def _adjoint(self, x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -495,9 +495,10 @@ def test_benchmark_suite_holds_every_attack_of_the_issue():
 
     suite = attack_suite(toy_defended(), 0.1, "linf", PRESETS["cpu"])
     assert set(suite) == {"BlindPGD", "BPDA+EOT", "Joint(score)+EOT", "Joint(full)+EOT", "SPSA", "PGD+EOT[exact]",
-                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]", "DiffHammer[exact]"}
+                          "APGD-CE+EOT[exact]", "APGD-DLR+EOT[exact]", "DiffHammer[exact]", "Square+EOT"}
     assert suite["SPSA"].query == "single" and suite["PGD+EOT[exact]"].gradient == "exact"
-    assert set(attack_suite(tiny_classifier(), 0.1, "linf", PRESETS["cpu"])) == {"PGD", "APGD-CE", "APGD-DLR"}
+    assert (suite["Square+EOT"].steps, suite["Square+EOT"].eot) == PRESETS["cpu"]["square"]
+    assert set(attack_suite(tiny_classifier(), 0.1, "linf", PRESETS["cpu"])) == {"PGD", "APGD-CE", "APGD-DLR", "Square"}
 
 
 def test_attacks_command_runs_a_named_subset_and_rejects_unknown_names(tmp_path):

@@ -120,6 +120,14 @@ CASES = {
                     "is not a PyTorch checkpoint"),
                    (["autoattack", "--defense", "adp", "--prior", "{rgb}", "--n-iter", "1", "--out", "{out}",
                      *TOY[2:]], "1 channels on axis 1, expected 3")],
+    "masking-check": [(["masking-check"], "the following arguments are required: --defense"),
+                      (["masking-check", "--defense", "nosuch"], "unknown defense 'nosuch'"),
+                      (["masking-check", "--defense", "adp", "--n", "0"], "argument --n: must be a positive integer"),
+                      (["masking-check", "--defense", "adp", "--eps", "1.5"], "an l_inf radius on [0, 1] images"),
+                      (["masking-check", "--defense", "adp", "--sweep-eps", "0.5", "2"], "an l_inf radius"),
+                      (["masking-check", "--defense", "adp", "--sweep-eps", "0.1"], "the sweep starts at --eps 0.3"),
+                      (["masking-check", "--defense", "adp", "--preset", "huge"], "invalid choice"),
+                      (["masking-check", "--defense", "adp", "--prior", "{missing}"], "no such file or folder")],
     "merge": [(["merge", "{missing}"], "no such file or folder"),
               (["merge", "{empty}"], "holds no shards")],
     "robustbench": [(["robustbench", "--n", "-1"], "argument --n"),
@@ -160,6 +168,14 @@ CASES = {
                     (["check-prior", "{garbage}", "--device", "cpu"], "is not a PyTorch checkpoint"),
                     (["check-prior", "gaussian", "--data", "{missing}"], "--data"), *NO_CUDA],
     "smoke-times": [(["smoke-times", "--bogus"], "unrecognized arguments")],
+    "certify": [(["certify", "--n", "0"], "argument --n"),
+                (["certify", "--alpha", "0.7"], "argument --alpha: must be in (0, 0.5)"),
+                (["certify", "--sigmas", "-0.5"], "argument --sigmas"),
+                (["certify", "--sigmas", "0.5", "0.5"], "sigmas must be distinct"),
+                (["certify", "--denoiser", "full"], "name one (e.g. --defense adp)"),
+                (["certify", "--defense", "adp"], "leave --defense out"),
+                (["certify", "--defense", "nosuch", "--denoiser", "full"], "unknown defense 'nosuch'"),
+                (["certify", "--prior", "{missing}"], "no such file or folder")],
     "adp-study": [(["adp-study", "sweep", "--n", "-5"], "argument --n"),
                   (["adp-study", "evaluate", "--settings", "{{"], "argument --settings: not valid JSON"),
                   (["adp-study", "tune"], "invalid choice"),
@@ -217,12 +233,13 @@ COUNT_OPTIONS = [["attacks", "--n"], ["autoattack", "--batch-size"], ["autoattac
                  ["speed", "--repeats"], ["quickstart", "--n-clean"], ["train-prior", "--psnr-n"],
                  ["train-classifier", "--epochs"], ["check-prior", "gaussian", "--n"], ["plots", "grid", "--steps"],
                  ["adp-study", "sweep", "--runs"], ["scoreopt-study", "tune", "--n"], ["vpsde-study", "sweep", "--n"],
-                 ["coup-toy", "--runs"]]
+                 ["coup-toy", "--runs"], ["masking-check", "--defense", "none", "--n"]]
 UNIT_OPTIONS = [["attacks", "--eps"], ["autoattack", "--eps"], ["robustbench", "--eps"], ["reproduce", "--eps"],
-                ["plots", "grid", "--eps"], ["plots", "scorenorm", "--eps"], ["vpsde-study", "sweep", "--t-stars"]]
+                ["plots", "grid", "--eps"], ["plots", "scorenorm", "--eps"], ["vpsde-study", "sweep", "--t-stars"],
+                ["masking-check", "--defense", "none", "--eps"]]
 NAME_OPTIONS = [["attacks", "--defenses"], ["autoattack", "--defense"], ["robustbench", "--defense"],
                 ["reproduce", "--defenses"], ["quickstart", "--defenses"], ["estimate", "--defenses"],
-                ["speed", "--defenses"], ["plots", "grid", "--defenses"]]
+                ["speed", "--defenses"], ["plots", "grid", "--defenses"], ["masking-check", "--defense"]]
 PATH_OPTIONS = [["attacks", "--prior"], ["autoattack", "--prior"], ["robustbench", "--attacks-json"],
                 ["reproduce", "--data-dir"], ["quickstart", "--prior"], ["train-classifier", "--data-dir"],
                 ["plots", "grid", "--prior"], ["adp-study", "sweep", "--prior"], ["scoreopt-study", "tune", "--prior"],

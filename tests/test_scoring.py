@@ -219,3 +219,27 @@ def test_runner_scores_every_protocol_and_reads_the_former_name(tmp_path):
     with pytest.raises(ValueError, match="scoring must be one of"):
         aa.run_worst_case(attacks(), x, y, state_dir=str(tmp_path / "other"), defense="toy", scorings=["rob_wor"],
                           verbose=False)
+
+
+def test_only_the_chosen_attacks_record_the_per_iterate_draws(tmp_path):
+    defended = toy_defended()
+    x = toy_images(6, low=0.3, high=0.7)
+    y = clean_labels(defended.classifier, x)
+    run = [aa.BPDAEOT(defended, eps=0.05, steps=2, eot=2),
+           aa.DiffHammer(defended, eps=0.05, steps=2, eot=2, restarts=1, loss="margin")]
+    report = aa.run_worst_case(run, x, y, state_dir=str(tmp_path / "state"), defense="toy", scorings=ALL_SCORINGS,
+                               draws=3, n_eval=4, batch_size=3, verbose=False, iterate_draw_attacks=["DiffHammer"])
+    assert [attack.iterate_draws for attack in run] == [0, 4]
+    by = {(r["attack"], r["scoring"]): r for r in report["rows"]}
+    for scoring in ("all_draws_all_iterates", "min_fraction_over_iterates"):
+        assert ("BPDA+EOT", scoring) not in by and ("DiffHammer", scoring) in by
+        # the worst case of a per-iterate metric is over the attacks that recorded it, and says which
+        assert by["worst-case(DiffHammer)", scoring]["robust_acc"] == by["DiffHammer", scoring]["robust_acc"]
+    assert ("worst-case(BPDA+EOT, DiffHammer)", "majority_vote") in by
+    # CPU seconds of the process beside the wall time (on a shared machine the wall time counts the neighbours too)
+    cpu = [by[a, "majority_vote"]["cpu_seconds"] for a in ("BPDA+EOT", "DiffHammer", "worst-case(BPDA+EOT, DiffHammer)")]
+    assert cpu[0] > 0 and cpu[1] > 0 and cpu[2] == pytest.approx(cpu[0] + cpu[1])
+    assert report["settings"]["iterate_draw_attacks"] == ["DiffHammer"]
+    with pytest.raises(ValueError, match="not among the attacks"):
+        aa.run_worst_case(run, x, y, state_dir=str(tmp_path / "other"), defense="toy", scorings=ALL_SCORINGS,
+                          verbose=False, iterate_draw_attacks=["Square"])

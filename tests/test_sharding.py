@@ -33,9 +33,12 @@ ENTRY_OUTPUTS = ("model_info/mnist/Linf/toy.json", "robustbench_toy.json", "repr
                  "reproduce_mnist.md", "attacks_tiny_make_toy.json", "coup_toy/coup_toy.json")
 
 
+TIMES = ("seconds", "cpu_seconds")
+
+
 def rows(folder, names=OUTPUTS):
-    """Every output without what no two runs share: the rows' wall time (``seconds``), the results files' meta, the
-    COUP toy's wall time; a model_info entry and markdown as they are."""
+    """Every output without what no two runs share: the rows' wall and CPU times (``seconds``, ``cpu_seconds``), the
+    results files' meta, the COUP toy's wall time; a model_info entry and markdown as they are."""
     out = {}
     for name in names:
         with open(os.path.join(folder, name)) as f:
@@ -44,9 +47,9 @@ def rows(folder, names=OUTPUTS):
                 continue
             data = json.load(f)
         if "rows" in data:
-            out[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in data["rows"]]
+            out[name] = [{k: v for k, v in row.items() if k not in TIMES} for row in data["rows"]]
         else:
-            out[name] = {k: v for k, v in data.items() if k != "seconds"}
+            out[name] = {k: v for k, v in data.items() if k not in TIMES}
     return out
 
 

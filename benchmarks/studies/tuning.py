@@ -280,25 +280,41 @@ def _registry_purifier(name: str, settings: dict, images: np.ndarray, prior_path
     return purifier, torch.from_numpy(images)
 
 
+def _registry_diffattack(name: str, settings: dict, images: np.ndarray, labels: np.ndarray, prior_path: str | None):
+    """A picklable factory like :func:`_registry_purifier` whose gradient is one DiffAttack loss gradient (CE +
+    ``L_dev`` over every solver step, one EOT copy) through that purifier and the shipped MNIST classifier."""
+    from attacks_adaptive.diffattack import DiffAttack
+
+    purifier, x = _registry_purifier(name, settings, images, prior_path)
+    attack = DiffAttack(PurifiedClassifier(purifier, load_reference_models("mnist")[0]), eps=0.3, eot=1)
+    y = torch.from_numpy(labels).long()
+    return purifier, x, lambda inp: attack.loss_gradient(inp, y)[0]
+
+
 def exact_gradient_memory(name: str, settings: list[dict], batch: int = 8, prior_path: str | None = None,
-                          verbose: bool = True) -> list[dict]:
+                          verbose: bool = True, diffattack: bool = False) -> list[dict]:
     """Peak memory of one exact gradient of the registry's purifier ``name`` under each of ``settings`` (e.g. the
     step counts T and 4T, with and without ``checkpoint_steps``), each in a fresh process
-    (:func:`benchmarks.harness.profiling.exact_gradient_peak_memory`); one row per setting."""
+    (:func:`benchmarks.harness.profiling.exact_gradient_peak_memory`); one row per setting. ``diffattack``: the
+    gradient of DiffAttack's loss (:func:`_registry_diffattack`) instead of the purification's."""
     from benchmarks.harness.profiling import exact_gradient_peak_memory
 
-    images, rows = load_mnist("val", n=batch)[0], []
+    (images, labels), rows = load_mnist("val", n=batch), []
     for setting in settings:
-        measured = exact_gradient_peak_memory(_registry_purifier, name, setting, images, prior_path)
+        if diffattack:
+            measured = exact_gradient_peak_memory(_registry_diffattack, name, setting, images, labels, prior_path)
+        else:
+            measured = exact_gradient_peak_memory(_registry_purifier, name, setting, images, prior_path)
         if not measured["raised_peak"]:
             raise RuntimeError(f"{name} {setting}: the gradient did not raise the process's peak memory (the warm-up "
                                "had a higher one); use a larger batch.")
-        rows.append(make_row(defense=name, attack=None, gradient="exact", n=batch, seed=0,
-                             seconds=measured["seconds"], settings=setting,
+        rows.append(make_row(defense=name, attack="DiffAttack-CE" if diffattack else None, gradient="exact", n=batch,
+                             seed=0, seconds=measured["seconds"], settings=setting,
                              peak_memory_bytes=measured["peak_above_before"],
                              nfe_per_image={"prior_forward": measured["prior_forward"] / batch,
                                             "prior_backward": measured["prior_backward"] / batch},
-                             note="peak RSS of a fresh process during one forward+backward of the exact gradient, "
+                             note=f"peak RSS of a fresh process during one forward+backward of the exact gradient"
+                                  f"{' of DiffAttack loss (CE + L_dev at every step, eot 1)' if diffattack else ''}, "
                                   "minus its RSS just before (after a no-gradient warm-up); CPU, float32, 1 thread, "
                                   "MALLOC_MMAP_THRESHOLD_=65536"))
         if verbose:

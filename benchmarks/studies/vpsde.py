@@ -292,15 +292,18 @@ def run_gradients(out_dir: str, prior_path: str | None = None, n: int = 4, seed:
 
 
 def run_memory(out_dir: str, prior_path: str | None = None, n: int = 16, t_stars=(0.05, 0.2),
-               verbose: bool = True) -> dict:
+               verbose: bool = True, diffattack: bool = False) -> dict:
     """Peak memory of the exact gradient of COUP and DiffPure at ``t_stars`` (T and 4T Euler steps), each in a fresh
-    process (:func:`benchmarks.studies.tuning.exact_gradient_memory`); ``<out>/vpsde_memory.json``."""
+    process (:func:`benchmarks.studies.tuning.exact_gradient_memory`); ``<out>/vpsde_memory.json``. ``diffattack``:
+    of one DiffAttack loss gradient instead (:class:`attacks_adaptive.DiffAttack`); ``<out>/diffattack_memory.json``."""
     prior_path = prior_path or shipped_prior_path("mnist")
     rows = [row for method in ("coup", "diffpure")
-            for row in exact_gradient_memory(method, [dict(t_star=t) for t in t_stars], n, prior_path, verbose)]
+            for row in exact_gradient_memory(method, [dict(t_star=t) for t in t_stars], n, prior_path, verbose,
+                                             diffattack=diffattack)]
     meta = collect_meta(DATASET_NAMES["mnist"], f"val[:{n}]", prior=prior_path, t_stars=list(t_stars),
                         target="peak at 4T within 1.2x of T; 2 network forwards per Euler step")
-    path = write_results(os.path.join(out_dir, "vpsde_memory.json"), rows, meta)
+    name = "diffattack_memory.json" if diffattack else "vpsde_memory.json"
+    path = write_results(os.path.join(out_dir, name), rows, meta)
     if verbose:
         print(f"wrote {path}")
     return {"rows": rows, "meta": meta}
@@ -372,6 +375,8 @@ def main(argv: list[str]) -> None:
                         help="t* of the lambda sweep (default: the t* selected for COUP at lambda 1)")
     parser.add_argument("--adjoint-dts", type=positive_number, nargs="*", default=[],
                         help="gradients: also the adjoint-vs-exact gap at these Euler steps")
+    parser.add_argument("--diffattack", action="store_true",
+                        help="memory: of one DiffAttack loss gradient (CE + deviated reconstruction) instead")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv[1:])
     set_up_cpu_process(1)
@@ -385,7 +390,7 @@ def main(argv: list[str]) -> None:
                       t_stars=args.t_stars, lambdas=args.lambdas, lambda_t_star=args.lambda_t_star,
                       verbose=not args.quiet, **data)
         elif args.stage == "memory":
-            run_memory(args.out, args.prior, n=args.n or 16, verbose=not args.quiet)
+            run_memory(args.out, args.prior, n=args.n or 16, verbose=not args.quiet, diffattack=args.diffattack)
         elif args.stage == "test":
             run_test(args.out, args.prior, n=args.n or 1000, seed=args.seed, methods=args.methods,
                      verbose=not args.quiet, **data)
