@@ -125,12 +125,14 @@ def run_worst_case(attacks, x, y, *, state_dir: str, defense: str, model=None, s
         raise ValueError(f"shard must be (i, k) with 0 <= i < k, got {shard!r}.")
     manifest = {"settings": {"defense": defense, "n": int(x.shape[0]), "batch_size": batch_size, "draws": draws,
                              "n_eval": n_eval, "seed": seed, "scorings": list(scorings),
-                             **({} if iterate_draw_attacks is None
-                                else {"iterate_draw_attacks": sorted(iterate_draw_attacks)}),
                              "attacks": json.loads(json.dumps({n: a.describe() for n, a in named.items()},
                                                               default=str))},
                 "batches": batches, "clean": scoring_key,
-                "configs": {name: attack.config_key() + scoring_key for name, attack in named.items()}}
+                # whether an attack records the per-iterate draws is part of its config, not of the run's settings:
+                # a later invocation with a subset of the attacks (--attacks) resumes the same folder
+                "configs": {name: attack.config_key() + scoring_key
+                            + (f"iterate_draws={attack.iterate_draws}" if attack.iterate_draws else "")
+                            for name, attack in named.items()}}
     _write_manifest(state_dir, manifest)
     owned = [b for k, b in enumerate(batches) if shard is None or k % shard[1] == shard[0]]
     run = _Run(scoring_model, x, y, scorings, draws, seed, state_dir, verbose, n_eval)
