@@ -313,11 +313,12 @@ class ReverseVPSDE(nn.Module):
         if not self.forward_diffusion:
             return x_pm1
         if self.forward_alpha == "continuous":
-            alpha_bar = self.schedule.alpha_bar(float(self.t_star))
+            signal, noise_scale = self.diffusion_coefficients(float(self.t_star))
         else:
             ddpm = DDPMSchedule()
             alpha_bar = float(ddpm.alphas_cumprod[max(0, round(ddpm.num_steps * float(self.t_star)) - 1)])
-        return alpha_bar**0.5 * x_pm1 + (1.0 - alpha_bar) ** 0.5 * noise.start
+            signal, noise_scale = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        return signal * x_pm1 + noise_scale * noise.start
 
     def diffusion_coefficients(self, t: float) -> tuple[float, float]:
         """``(sqrt(a), sqrt(1 - a))`` of the forward diffusion to time ``t``, ``a = alpha_bar(t)`` the VP-SDE's
