@@ -229,6 +229,13 @@ def test_command_resumes_with_identical_rows_and_refuses_other_settings(tmp_path
         _run(tmp_path, "--alpha", "0.01")
 
 
+def test_estimate_prints_the_cost_and_leaves_no_state(tmp_path, capsys):
+    main(["certify", "--n-images", "2", "--n0", "8", "--n", "32", "--sigmas", "0.5", "--out", str(tmp_path),
+          "--threads", "1", "--estimate"])
+    assert "Estimated cost" in capsys.readouterr().out
+    assert not (tmp_path / "certify_state").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # (d) bad arguments
 

@@ -220,7 +220,6 @@ class _SigmaState:
 
     def __init__(self, folder: str, certify: dict, bracket: dict | None):
         self.folder = folder
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "run.json")
         manifest = json.loads(json.dumps({"certify": certify, "bracket": bracket}))
         if os.path.exists(path):
@@ -232,7 +231,7 @@ class _SigmaState:
                 raise StateError(f"{path} holds a certification with other settings (differs in {differ}); use "
                                  "another --out folder (or delete that one) to run new settings.")
             manifest["bracket"] = manifest["bracket"] or saved.get("bracket")
-        atomic_write(path, lambda f: json.dump(manifest, f, indent=2), mode="w")
+        self._manifest = (path, manifest)  # written with the first image, so that --estimate leaves no trace
         self.keys = {"img": json.dumps(manifest["certify"], sort_keys=True),
                      "bracket": json.dumps(manifest["bracket"], sort_keys=True)}
 
@@ -250,6 +249,10 @@ class _SigmaState:
         return state
 
     def save(self, kind: str, index: int, image_sha: str, **values) -> dict:
+        if self._manifest is not None:
+            path, manifest = self._manifest
+            atomic_write(path, lambda f: json.dump(manifest, f, indent=2), mode="w")
+            self._manifest = None
         state = {"config": self.keys[kind], "image_sha256": image_sha, **values}
         atomic_write(self.path(kind, index), lambda f: json.dump(state, f), mode="w")
         return state
