@@ -118,8 +118,11 @@ def write_worst_case(report: dict, out: str, meta: dict) -> str:
 
 def read_results(path: str) -> dict:
     with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data.get("rows"), list) or not isinstance(data.get("meta"), dict):
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a results file: it is not valid JSON ({err}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not isinstance(data.get("meta"), dict):
         raise ValueError(f"{path} is not a results file (needs a 'rows' list and a 'meta' object).")
     return data
 

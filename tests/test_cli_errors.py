@@ -156,7 +156,7 @@ CASES = {
               (["plots", "grid", "--eps", "1.5"], "argument --eps: must be in (0, 1]"),
               (["plots", "scorenorm", "--steps", "-4"], "argument --steps"),
               (["plots", "curves", "{missing}"], "no such file or folder"),
-              (["plots", "curves", "{garbage_json}", "--out", "{out}/c.png"], "{garbage_json} is not a results file"),
+              (["plots", "curves", "{garbage_json}", "--out", "{out}/c.png"], "{garbage_json} is not a results file: it is not valid JSON"),
               (["plots", "histogram"], "invalid choice")],
     "check-prior": [(["check-prior", "{missing}"], "prior path '{missing}' does not exist"),
                     (["check-prior", "gaussian", "--n", "0"], "argument --n"),
