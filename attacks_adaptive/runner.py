@@ -228,7 +228,8 @@ def _load_parts(state_dir: str, part: str, batches, config: str, keys) -> dict:
 def model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a saved batch depends on besides the attack: the purifier's parameters, the ensemble size, the weights of
     the classifier and the purifier (its prior), its prior's speed options (``torch.compile`` and ``channels_last``
-    change outputs at float rounding, amp at its format's precision) and the examples."""
+    change outputs at float rounding, amp at its format's precision), the ART preprocessing steps chained before and
+    after the purifier (class and ``params``) and the examples."""
     digest = hashlib.sha256()
     modules = [model.classifier] + ([model.purifier.algorithm] if model.purifier is not None else [])
     for module in modules:
@@ -246,7 +247,17 @@ def model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) ->
                  if not getattr(module, "speed_options", SpeedOptions()).is_default]
         if speed:  # absent when every option is off, so states written before speed options existed still resume
             purifier["speed"] = speed
-    return {"purifier": purifier, "runs": model.runs, "sha256": digest.hexdigest()[:16]}
+    fingerprint = {"purifier": purifier, "runs": model.runs, "sha256": digest.hexdigest()[:16]}
+    steps = {where: [_art_step(op) for op in module.ops]
+             for where, module in (("before", model.before), ("after", model.classifier)) if getattr(module, "ops", None)}
+    if steps:  # absent without chained steps, so states written before they were fingerprinted still resume
+        fingerprint["preprocessing"] = steps
+    return fingerprint
+
+
+def _art_step(op) -> dict:
+    """An ART preprocessing step as a fingerprint sees it: its class and the values of its ``params``."""
+    return {"class": type(op).__name__, **{name: repr(getattr(op, name, None)) for name in getattr(op, "params", [])}}
 
 
 def _named_attacks(attacks) -> dict:

@@ -29,6 +29,8 @@ class BlurContrast(PreprocessorPyTorch):
     """``x -> clip(0.5 + gain (blur(x) - 0.5), 0, 1)`` with a 3x3 box blur (replicated edges): affine, with a
     Jacobian that is neither diagonal nor the identity; ``clip=False`` leaves the [0, 1] box."""
 
+    params = ["gain", "clip"]
+
     def __init__(self, gain: float = 1.5, clip: bool = True):
         super().__init__(device_type="cpu", is_fitted=True, apply_fit=False, apply_predict=True)
         self.gain, self.clip = gain, clip
@@ -144,6 +146,20 @@ def test_attacks_run_on_a_step_before_the_purifier(prior64):
                    aa.SquareEOT(classifier, eps=0.05, steps=3, eot=2)):
         x_adv = attack(x, y)
         assert 0 < (x_adv - x).abs().max() <= 0.05 + 1e-6, attack.name
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_the_runners_fingerprint_sees_the_chained_steps(prior64, order):
+    """A saved batch must not be resumed for a chain whose other step changed (the runner's resume key)."""
+    from attacks_adaptive.runner import model_fingerprint
+
+    classifier, _, other, _ = chain(prior64, order)
+    x, y = data()
+    before = model_fingerprint(DefendedModel.from_target(classifier), x, y)
+    where = "after" if order == "purifier first" else "before"
+    assert before["preprocessing"][where][0] == {"class": "BlurContrast", "gain": "1.5", "clip": "True"}
+    other.gain = 1.25
+    assert model_fingerprint(DefendedModel.from_target(classifier), x, y) != before
 
 
 def test_chains_the_adapter_refuses(prior64):
