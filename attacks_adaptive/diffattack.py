@@ -17,10 +17,10 @@ choice is ours and says so.
   steps uniformly per copy and per gradient, the paper's Monte-Carlo estimate (§4.7 samples ``T/3``).
 * ``x_t`` (ours where the paper is silent): the paper's score-based purification draws only ``x_{t*}``; we take the
   marginal of the forward diffusion ``x_t = sqrt(alpha_bar(t)) x_0 + sqrt(1 - alpha_bar(t)) eps``
-  (:meth:`purifiers.vpsde.ReverseVPSDE.diffusion_coefficients`, [-1, 1] units, continuous ``alpha_bar``) with the purification's
-  own forward noise ``eps`` (DiffPure), so that ``x_{t*}`` is the reverse process's start, as on the paper's DDPM
-  chain where ``x'_T = x_T``; COUP's reverse SDE starts at the input and draws no forward noise, so ``eps`` is a fresh
-  ``N(0, I)`` draw per copy from the attack's own stream.
+  (:meth:`purifiers.vpsde.ReverseVPSDE.diffusion_coefficients`, [-1, 1] units, continuous ``alpha_bar``) with the
+  purification's own forward noise ``eps`` (DiffPure), so that ``x_{t*}`` is the reverse process's start, as on the
+  paper's DDPM chain where ``x'_T = x_T``; COUP's reverse SDE starts at the input and draws no forward noise, so ``eps``
+  is a fresh ``N(0, I)`` draw per copy from the attack's own stream.
 * ``x_0`` is the input being purified, i.e. the attack's current iterate: Theorem 1 bounds the deviation between the
   *adversarial* sample's diffused and reconstructed distributions (``q_t``, ``q'_t``), and Algorithm 1 backpropagates
   through the diffusion process too, so the gradient flows through both ``x_t`` and ``x'_t``. ``anchor="clean"`` is
@@ -30,14 +30,16 @@ choice is ours and says so.
   ``defense/diffpure.py``, ``denoising_process``/``gradient``, backpropagates a per-pixel-mean squared difference too,
   weighted by ``alpha_bar(t)`` instead of ``1 / K``.)
 * The segment-wise forwarding-backwarding (§3.3, Algorithm 1): the exact gradient recomputes each solver step in the
-  backward pass (:mod:`purifiers.recompute`, the purifiers' ``checkpoint_steps``): memory holds one state per step
-  and one step's graph at a time, not every step's activations (measured: ``benchmarks/measured/vpsde/
-  diffattack_memory.json``). The deviation at step ``k`` is a function of the stored state ``x'_{t_k}``, computed by an
-  identity in the solver's chain (:class:`_DeviationTap`), so by design it keeps a number per row and step, no image
-  and no network activations. Measured (peak RSS, CPU, ``benchmarks/measured/vpsde/``): at 4T steps 1.25x the memory at
-  T for COUP and 1.28x for DiffPure (16 MNIST images); at 8 images 1.26x / 1.23x, against 1.18x / 1.20x for the
-  purification's exact gradient alone, so the loss adds some growth per step whose source is not found yet (a
-  distance node beside the chain instead of the identity gave 1.35x / 1.33x).
+  backward pass (:mod:`purifiers.recompute`, the purifiers' ``checkpoint_steps``): memory holds one state per step and
+  one step's graph at a time, not every step's activations (measured below). The deviation at step ``k`` is a function
+  of the stored state ``x'_{t_k}``, computed by an identity in the solver's chain (:class:`_DeviationTap`), so by design
+  it keeps a number per row and step, no image and no network activations. Measured (peak RSS of one loss gradient in a
+  fresh process, CPU, 8 MNIST images, ``benchmarks/measured/vpsde/diffattack_memory_n8.json``): at 4T = 200 steps 1.17x
+  the memory at T = 50 for COUP and for DiffPure, against 1.16x for the purification's exact gradient alone
+  (``vpsde_memory_n8.json``). The loss adds 1.0 (COUP) / 2.8 (DiffPure) MiB at T and 0.6 / 0.8 MiB over the 150 further
+  steps, about 5 KiB a step (a fifth of one stored state). With glibc's 64 KiB mmap threshold, below which each 25 KiB
+  state came from the fragmented heap, the same measurement gave 1.23-1.28x; a distance node beside the chain instead of
+  the identity, 1.35x / 1.33x.
 * The outer loop (App. D.1-D.2, Algorithm 2): APGD in AutoAttack's framework with its hyper-parameters (100
   iterations, EOT 20, momentum 0.75, step ``2 eps`` halved at the checkpoints), every sample kept optimised after it is
   misclassified (§3.4): :class:`attacks_adaptive.APGDEOT`'s loop, which this class reuses.

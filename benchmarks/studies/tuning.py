@@ -297,7 +297,7 @@ def exact_gradient_memory(name: str, settings: list[dict], batch: int = 8, prior
     step counts T and 4T, with and without ``checkpoint_steps``), each in a fresh process
     (:func:`benchmarks.harness.profiling.exact_gradient_peak_memory`); one row per setting. ``diffattack``: the
     gradient of DiffAttack's loss (:func:`_registry_diffattack`) instead of the purification's."""
-    from benchmarks.harness.profiling import exact_gradient_peak_memory
+    from benchmarks.harness.profiling import MMAP_THRESHOLD, exact_gradient_peak_memory
 
     (images, labels), rows = load_mnist("val", n=batch), []
     for setting in settings:
@@ -316,7 +316,7 @@ def exact_gradient_memory(name: str, settings: list[dict], batch: int = 8, prior
                              note=f"peak RSS of a fresh process during one forward+backward of the exact gradient"
                                   f"{' of DiffAttack loss (CE + L_dev at every step, eot 1)' if diffattack else ''}, "
                                   "minus its RSS just before (after a no-gradient warm-up); CPU, float32, 1 thread, "
-                                  "MALLOC_MMAP_THRESHOLD_=65536"))
+                                  f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"))
         if verbose:
             print(f"{name} {setting}: +{measured['peak_above_before'] / 2**20:.1f} MiB, {measured['seconds']:.1f} s",
                   flush=True)
