@@ -154,7 +154,8 @@ def _write_manifest(state_dir: str, manifest: dict) -> None:
     manifest = json.loads(json.dumps(manifest))
     if os.path.exists(path):
         saved = read_state_json(path)
-        differ = _manifest_differences(path, saved, manifest)
+        differ = _manifest_differences(path, saved, manifest,
+                                       ran=lambda name: _has_saved_batch(state_dir, name))
         if differ:
             raise StateError(f"{path} holds a run with other settings (differs in {differ}); use a fresh output folder "
                              "(or delete that state folder) to run new settings.")
@@ -164,18 +165,19 @@ def _write_manifest(state_dir: str, manifest: dict) -> None:
     atomic_write(path, lambda f: json.dump(manifest, f, indent=2), mode="w")
 
 
-def _manifest_differences(path: str, saved: dict, manifest: dict) -> list[str]:
+def _manifest_differences(path: str, saved: dict, manifest: dict, ran=lambda name: True) -> list[str]:
     """What a saved manifest and this run's disagree on, as dotted keys: the settings (the attacks' descriptions
     aside: a run may add attacks), the batches, the scoring and scored model (``clean``: the draws, the purifier's
     parameters, a digest of the weights (the prior's included) and of the data), and the config of each attack both
-    name."""
+    name and that has a saved batch (``ran(name)``: an attack named by an earlier run that never finished a batch
+    left nothing to disagree with, and takes this run's config)."""
     try:
         differ = differing_keys({**saved["settings"], "attacks": None}, {**manifest["settings"], "attacks": None},
                                  "settings")
         differ += ["batches"] * (saved["batches"] != manifest["batches"])
         differ += differing_keys(json.loads(saved["clean"]), json.loads(manifest["clean"]), "clean")
         return differ + [f"configs.{name}" for name, config in manifest["configs"].items()
-                         if saved["configs"].get(name, config) != config]
+                         if saved["configs"].get(name, config) != config and ran(name)]
     except (KeyError, TypeError, json.JSONDecodeError) as err:  # a JSON file, but not a manifest of this runner
         raise StateError(f"{path} is not a worst-case run manifest ({type(err).__name__}: {err}); delete its folder "
                          "to start the run over.") from err
@@ -183,6 +185,11 @@ def _manifest_differences(path: str, saved: dict, manifest: dict) -> list[str]:
 
 def _batch_file(state_dir: str, part: str, start: int, stop: int) -> str:
     return os.path.join(state_dir, slug(part), f"b{start:06d}-{stop:06d}.npz")
+
+
+def _has_saved_batch(state_dir: str, part: str) -> bool:
+    folder = os.path.dirname(_batch_file(state_dir, part, 0, 0))
+    return os.path.isdir(folder) and any(name.endswith(".npz") for name in os.listdir(folder))
 
 
 def _missing(state_dir: str, manifest: dict, attacks=None) -> list[str]:

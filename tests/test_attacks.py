@@ -6,7 +6,9 @@ Built against toy randomized purifiers defined here (Gaussian noise + an exact G
 ``exact`` gradient modes; a tiny random EDM prior for the SPSA comparison), so the file runs without the real purifiers.
 """
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -421,6 +423,16 @@ def test_runner_writes_rows_keeps_the_worst_case_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         aa.run_worst_case([aa.BPDAEOT(defended, eps=0.05, steps=4, eot=2)], x, y, state_dir=out, defense="toy", draws=4,
                           batch_size=4, verbose=False)
+    # An attack with no saved batch left nothing to disagree with: it runs under its new settings, which the folder
+    # then holds (a changed attack with saved batches is still refused).
+    shutil.rmtree(os.path.join(out, "SPSA"))
+    spsa = aa.SPSA(defended, eps=0.05, steps=2, queries=16)
+    aa.run_worst_case([spsa], x, y, state_dir=out, defense="toy", draws=4, batch_size=4, verbose=False)
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["configs"]["SPSA"].startswith(spsa.config_key())
+    with pytest.raises(ValueError, match="other settings"):
+        aa.run_worst_case([aa.SPSA(defended, eps=0.05, steps=3, queries=16)], x, y, state_dir=out, defense="toy",
+                          draws=4, batch_size=4, verbose=False)
     # So are a changed purifier setting and changed weights, with the attacks' own settings unchanged.
     defended.purifier.set_params(eot_samples=3)
     with pytest.raises(ValueError, match="other settings"):
