@@ -255,8 +255,8 @@ def model_fingerprint(model: DefendedModel, x: torch.Tensor, y: torch.Tensor) ->
         if speed:  # absent when every option is off, so states written before speed options existed still resume
             purifier["speed"] = speed
     fingerprint = {"purifier": purifier, "runs": model.runs, "sha256": digest.hexdigest()[:16]}
-    steps = {where: [_art_step(op) for op in module.ops]
-             for where, module in (("before", model.before), ("after", model.classifier)) if getattr(module, "ops", None)}
+    chained = (("before", model.before), ("after", model.classifier))
+    steps = {where: [_art_step(op) for op in module.ops] for where, module in chained if getattr(module, "ops", None)}
     if steps:  # absent without chained steps, so states written before they were fingerprinted still resume
         fingerprint["preprocessing"] = steps
     return fingerprint

@@ -123,6 +123,11 @@ def reverse_vp_drift(x: Tensor, t: float, schedule: VPSchedule, score_fn: Callab
     return 0.5 * beta * x + beta * drift_score
 
 
+def _marginal_coefficients(alpha_bar: float) -> tuple[float, float]:
+    """``(sqrt(a), sqrt(1 - a))``, ``a = alpha_bar``: the forward marginal is ``N(sqrt(a) x_0, (1 - a) I)``."""
+    return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+
+
 def solve_reverse_vp(x: Tensor, grid: Tensor, increments: Tensor, schedule: VPSchedule,
                      score_fn: Callable[[Tensor, float], Tensor], guidance_fn: Callable[[Tensor], Tensor] | None = None,
                      guidance_scale: float = 0.0, checkpoint_steps: bool = False,
@@ -316,15 +321,14 @@ class ReverseVPSDE(nn.Module):
             signal, noise_scale = self.diffusion_coefficients(float(self.t_star))
         else:
             ddpm = DDPMSchedule()
-            alpha_bar = float(ddpm.alphas_cumprod[max(0, round(ddpm.num_steps * float(self.t_star)) - 1)])
-            signal, noise_scale = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+            signal, noise_scale = _marginal_coefficients(
+                float(ddpm.alphas_cumprod[max(0, round(ddpm.num_steps * float(self.t_star)) - 1)]))
         return signal * x_pm1 + noise_scale * noise.start
 
     def diffusion_coefficients(self, t: float) -> tuple[float, float]:
         """``(sqrt(a), sqrt(1 - a))`` of the forward diffusion to time ``t``, ``a = alpha_bar(t)`` the VP-SDE's
         continuous one (DiffPure eq. 2-3; the marginal ``q(x_t | x_0) = N(sqrt(a) x_0, (1 - a) I)``)."""
-        alpha_bar = self.schedule.alpha_bar(float(t))
-        return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        return _marginal_coefficients(self.schedule.alpha_bar(float(t)))
 
     def solver_units(self, x: Tensor) -> Tensor:
         """[0, 1] images ``x`` in the solver's [-1, 1] units, at the purification's resolution."""
